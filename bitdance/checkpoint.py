@@ -1,0 +1,362 @@
+"""Reading and writing weights: the official release files and our own safetensors + config.json.
+
+Official files are opened with ``torch.load(weights_only=True)`` and an explicit allow-list
+(``argparse.Namespace``, the training arguments); nothing else is ever unpickled. Architectures are
+read off the tensors' shapes, so any size of official checkpoint loads without a config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import BitDanceConfig, ConfigError, GENERATOR_SIZES, HeadConfig, TokenizerConfig
+
+__all__ = [
+    "CheckpointError",
+    "load_file",
+    "load_into",
+    "infer_tokenizer_config",
+    "infer_head_config",
+    "infer_bitdance_config",
+    "load_tokenizer",
+    "load_head",
+    "load_official_generator",
+    "save_safetensors",
+    "atomic_write",
+    "split_prefix",
+]
+
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A weights file that is missing, unreadable, foreign, or does not fit the model."""
+
+
+# --------------------------------------------------------------------------------------------
+# Raw file access
+# --------------------------------------------------------------------------------------------
+def load_file(path: str | os.PathLike) -> Any:
+    """Load a ``.safetensors`` file (-> dict of tensors) or a PyTorch pickle with the safe loader."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a weights file")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then the JSON header.
+    if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
+        from safetensors.torch import load_file as st_load
+
+        try:
+            return st_load(str(path))
+        except Exception as e:  # SafetensorsError's import path differs across versions
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... depending on damage
+        msg = _first_line(e)
+        if "Unsupported global" in msg or "weights_only" in msg.lower():
+            raise CheckpointError(f"{path}: refusing to unpickle objects outside the allow-list "
+                                  f"(not an official BitDance file?): {msg}") from None
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or foreign file): "
+                              f"{msg}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__
+
+
+def split_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def load_into(module: nn.Module, sd: dict[str, torch.Tensor], *, what: str = "model") -> None:
+    """Strict load with a one-line error naming the first offending keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:3]}{' ...' if len(missing) > 3 else ''} ({len(missing)})")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''} "
+                        f"({len(unexpected)})")
+    if shape:
+        problems.append(f"shape mismatch {shape[:3]}{' ...' if len(shape) > 3 else ''} (file vs model)")
+    if problems:
+        raise CheckpointError(f"{what}: weights do not fit: " + "; ".join(problems))
+    module.load_state_dict(sd, strict=True)
+
+
+def _count(sd, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
+
+
+def _need(sd, key: str, what: str) -> torch.Tensor:
+    if key not in sd:
+        raise CheckpointError(f"{what}: not a BitDance state dict (no {key!r})")
+    return sd[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture inference from tensor shapes
+# --------------------------------------------------------------------------------------------
+def infer_tokenizer_config(sd: dict[str, torch.Tensor], **overrides) -> TokenizerConfig:
+    """TokenizerConfig from ``encoder.*`` / ``decoder.*`` shapes."""
+    what = "tokenizer"
+    ch, cin = _need(sd, "encoder.conv_in.weight", what).shape[:2]
+    levels = _count(sd, r"encoder\.down\.(\d+)\.")
+    nres = _count(sd, r"encoder\.down\.0\.block\.(\d+)\.")
+    mult = tuple(int(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]) // int(ch) for i in range(levels))
+    z = int(_need(sd, "encoder.conv_out.weight", what).shape[0])
+    dec_in = int(_need(sd, "decoder.conv_in.weight", what).shape[1])
+    out_ch = int(_need(sd, "decoder.conv_out.weight", what).shape[0])
+    kw: dict[str, Any] = dict(ch=int(ch), ch_mult=mult, num_res_blocks=nres, z_channels=z, in_channels=int(cin),
+                              out_ch=out_ch, gan_decoder=dec_in == 2 * z)
+    if "groups" not in overrides:
+        # Official tokenizers use 8-bit entropy groups (4 groups for 32 bits).
+        kw["groups"] = max(1, z // 8) if z % 8 == 0 else 1
+    kw.update(overrides)
+    try:
+        return TokenizerConfig(**kw)
+    except ConfigError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+
+
+def infer_head_config(sd: dict[str, torch.Tensor], *, head_dim: int = 64, **overrides) -> HeadConfig:
+    """HeadConfig from a head network's state dict (keys ``time_embed.*``, ``res_blocks.*``, ...)."""
+    what = "diffusion head"
+    W, cin = _need(sd, "input_proj.weight", what).shape
+    transformer = any(".attn." in k for k in sd)
+    kw: dict[str, Any] = dict(
+        variant="transformer" if transformer else "mlp",
+        in_channels=int(cin),
+        cond_channels=int(_need(sd, "cond_embed.weight", what).shape[1]),
+        width=int(W),
+        depth=_count(sd, r"res_blocks\.(\d+)\."),
+        adaln_blocks=_count(sd, r"ada_ln_blocks\.(\d+)\."),
+        head_dim=head_dim,
+    )
+    kw.update(overrides)
+    try:
+        return HeadConfig(**kw)
+    except ConfigError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+
+
+def _args_dict(args: Any) -> dict[str, Any]:
+    if args is None:
+        return {}
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    if isinstance(args, dict):
+        return args
+    return {}
+
+
+def infer_bitdance_config(sd: dict[str, torch.Tensor], *, args: Any = None, n_head: int | None = None,
+                          tokenizer: TokenizerConfig | None = None) -> BitDanceConfig:
+    """BitDanceConfig from an official (or our) generator state dict; ``args`` are the training args."""
+    what = "generator"
+    a = _args_dict(args)
+    dim = int(_need(sd, "emb_norm.weight", what).shape[0])
+    n_layer = _count(sd, r"layers\.(\d+)\.attention\.wqkv")
+    if n_head is None:
+        size = str(a.get("model", "")).split("-")[-1].upper()
+        n_head = GENERATOR_SIZES[size]["n_head"] if size in GENERATOR_SIZES and \
+            GENERATOR_SIZES[size]["dim"] == dim else max(1, dim // 64)  # every released model uses 64-d heads
+    rows, width = _need(sd, "cls_embedding.weight", what).shape
+    P = int(sd["query_token"].shape[1]) + 1 if "query_token" in sd else 1
+    latent_dim = int(_need(sd, "proj_in.w1.weight", what).shape[1])
+    num_tokens = int(_need(sd, "pos_for_diff.weight", what).shape[0])
+    grid = math.isqrt(num_tokens)
+    if grid * grid != num_tokens:
+        raise CheckpointError(f"{what}: pos_for_diff has {num_tokens} rows, not a square token grid")
+    if tokenizer is None:
+        vae = split_prefix(sd, "vae.")
+        tokenizer = infer_tokenizer_config(vae) if vae else TokenizerConfig(z_channels=latent_dim)
+    if tokenizer.z_channels != latent_dim:
+        raise CheckpointError(f"{what}: tokens have {latent_dim} bits but the tokenizer has "
+                              f"{tokenizer.z_channels}")
+    head = split_prefix(sd, "head.net.")
+    head_cfg = infer_head_config(head) if head else None
+    if head_cfg is None:
+        raise CheckpointError(f"{what}: no diffusion head weights (head.net.*)")
+    if (head_cfg.variant == "transformer") != (P > 1):
+        raise CheckpointError(f"{what}: a {head_cfg.variant} head does not fit parallel_num={P}")
+    kw: dict[str, Any] = dict(
+        dim=dim, n_layer=n_layer, n_head=n_head,
+        head_depth=head_cfg.depth, head_width=head_cfg.width, head_adaln_blocks=head_cfg.adaln_blocks,
+        parallel_num=P, image_size=grid * tokenizer.down_factor,
+        num_classes=int(rows) - 1, cls_token_num=int(width) // dim, tokenizer=tokenizer,
+    )
+    # Training hyper-parameters recorded in the official args (names differ slightly).
+    for src, dst in [("diff_batch_mul", "diff_batch_mul"), ("perturb_rate", "perturb_rate"),
+                     ("drop_rate", "drop_rate"), ("time_schedule", "time_schedule"),
+                     ("time_shift", "time_shift"), ("P_mean", "P_mean"), ("P_std", "P_std"),
+                     ("class_dropout_prob", "class_dropout_prob")]:
+        if src in a and a[src] is not None:
+            kw[dst] = a[src]
+    if a.get("parallel_mode") == "standard" and P > 1:
+        raise CheckpointError(f"{what}: parallel_mode='standard' (channel-stacked patches) is not supported; "
+                              "BitDance uses patch-wise raster order")
+    try:
+        return BitDanceConfig(**kw)
+    except ConfigError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Component loaders
+# --------------------------------------------------------------------------------------------
+def _tokenizer_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and ("model" in obj or "ema" in obj):
+        sub = obj.get("ema") or obj.get("model")
+        if isinstance(sub, dict) and any(k.startswith("vae.") for k in sub):
+            obj = split_prefix(sub, "vae.")
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a BitDance tokenizer file")
+    sd = {k: v for k, v in obj.items() if k.startswith(("encoder.", "decoder."))}
+    if not sd:
+        raise CheckpointError(f"{path}: not a BitDance tokenizer file (no encoder.*/decoder.* weights; "
+                              f"first keys {list(obj)[:3]})")
+    return sd
+
+
+def _sidecar_config(path: Path) -> dict[str, Any]:
+    """Official tokenizers ship ``ae_d16c32_config.json`` / ``ae_config.json`` next to the weights."""
+    for cand in (path.with_name(path.stem + "_config.json"), path.with_name("ae_config.json")):
+        if cand.exists():
+            try:
+                return json.loads(cand.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{cand}: invalid JSON ({e})") from None
+    return {}
+
+
+def load_tokenizer(path: str | os.PathLike, *, groups: int | None = None):
+    """Load a tokenizer: official ``.pt`` (``{"state_dict": ...}``), official ``.safetensors``, a
+    training checkpoint holding ``vae.*`` keys, or one of our folders (``config.json``)."""
+    from .tokenizer import BinaryTokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        from .pipeline import load_component
+
+        return load_component(path, "tokenizer")
+    sd = _tokenizer_state(load_file(path), path)
+    overrides: dict[str, Any] = {}
+    side = _sidecar_config(path)
+    if "gan_decoder" in side:
+        overrides["gan_decoder"] = bool(side["gan_decoder"])
+    if groups is not None:
+        overrides["groups"] = groups
+    cfg = infer_tokenizer_config(sd, **overrides)
+    tok = BinaryTokenizer(cfg)
+    load_into(tok, sd, what=f"tokenizer {path.name}")
+    return tok.eval()
+
+
+def load_head(path: str | os.PathLike, *, head_dim: int = 64, **overrides):
+    """Load a diffusion head network (official ``head.safetensors`` / ``vision_head.safetensors``)."""
+    from .head import DiffusionHead
+
+    path = Path(path)
+    obj = load_file(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a diffusion head file")
+    sd = obj
+    for prefix in ("head.net.", "net."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = split_prefix(sd, prefix)
+    cfg = infer_head_config(sd, head_dim=head_dim, **overrides)
+    head = DiffusionHead(cfg)
+    load_into(head.net, sd, what=f"diffusion head {path.name}")
+    return head.eval()
+
+
+def load_official_generator(path: str | os.PathLike, *, use_ema: bool = True, n_head: int | None = None,
+                            tokenizer_groups: int | None = None):
+    """Load an official ImageNet training checkpoint (``{model, ema, epochs, args}``).
+
+    Returns ``(generator, tokenizer_or_None, info)``; ``vae.*`` keys become the tokenizer.
+    """
+    from .tokenizer import BinaryTokenizer
+    from .transformer import BitDance
+
+    path = Path(path)
+    obj = load_file(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a BitDance checkpoint (a {type(obj).__name__}, expected a dict)")
+    if "ema" in obj or "model" in obj:
+        which = "ema" if use_ema and isinstance(obj.get("ema"), dict) else "model"
+        sd = obj.get(which)
+        args = obj.get("args")
+    elif "emb_norm.weight" in obj:  # a bare state dict
+        which, sd, args = "state_dict", obj, None
+    else:
+        raise CheckpointError(f"{path}: not a BitDance generator checkpoint (top-level keys "
+                              f"{sorted(map(str, obj))[:5]})")
+    if not isinstance(sd, dict) or "emb_norm.weight" not in sd:
+        raise CheckpointError(f"{path}: not a BitDance generator checkpoint (no emb_norm.weight in {which!r})")
+    vae = split_prefix(sd, "vae.")
+    tok_cfg = None
+    if vae:
+        tok_cfg = infer_tokenizer_config(vae, **({"groups": tokenizer_groups} if tokenizer_groups else {}))
+    cfg = infer_bitdance_config(sd, args=args, n_head=n_head, tokenizer=tok_cfg)
+    model = BitDance(cfg)
+    load_into(model, {k: v for k, v in sd.items() if not k.startswith("vae.")}, what=f"generator {path.name}")
+    tokenizer = None
+    if vae:
+        tokenizer = BinaryTokenizer(tok_cfg)
+        load_into(tokenizer, vae, what=f"tokenizer in {path.name}")
+        tokenizer.eval()
+    info = {"weights": which, "epochs": obj.get("epochs"), "args": _args_dict(args)}
+    return model.eval(), tokenizer, info
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+def atomic_write(path: str | os.PathLike, write_fn) -> None:
+    """Write via a temporary file in the same directory and rename, so a crash never leaves a
+    half-written file in place of a good one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_safetensors(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))

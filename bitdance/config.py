@@ -1,0 +1,317 @@
+"""Typed configurations and the preset tables (DiT-style size table).
+
+Every model is built from one of these frozen dataclasses. They round-trip through plain dicts
+(``to_dict`` / ``from_dict``) so that our ``config.json`` files stay readable and stable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "TokenizerConfig",
+    "HeadConfig",
+    "BitDanceConfig",
+    "TOKENIZER_PRESETS",
+    "GENERATOR_SIZES",
+    "PARALLEL_VARIANTS",
+    "tokenizer_preset",
+    "bitdance_preset",
+    "list_presets",
+    "ConfigError",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a working model."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+class _DictMixin:
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if dataclasses.is_dataclass(v):
+                v = v.to_dict()
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown config field(s) {unknown}")
+        kwargs = {}
+        for k, v in d.items():
+            if k == "tokenizer" and isinstance(v, dict):
+                v = TokenizerConfig.from_dict(v)
+            elif k == "head" and isinstance(v, dict):
+                v = HeadConfig.from_dict(v)
+            elif isinstance(v, list):
+                v = tuple(v)
+            kwargs[k] = v
+        return cls(**kwargs)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenizerConfig(_DictMixin):
+    """Binary CNN autoencoder. Field names follow the official ``ddconfig``."""
+
+    ch: int = 256
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 4
+    z_channels: int = 32  # bits per token (d)
+    in_channels: int = 3
+    out_ch: int = 3
+    gan_decoder: bool = False  # noise-injecting decoder of the d32 tokenizers
+    # Quantizer / entropy loss: channels split into `groups` groups of z_channels/groups bits.
+    groups: int = 4
+    entropy_temperature: float = 0.01
+    sample_minimization_weight: float = 1.0
+    batch_maximization_weight: float = 1.0
+
+    def __post_init__(self):
+        _check(len(self.ch_mult) >= 1, "TokenizerConfig: ch_mult must have at least one level")
+        for m in self.ch_mult:
+            _check((self.ch * m) % 32 == 0, f"TokenizerConfig: ch*ch_mult={self.ch * m} must be divisible "
+                   "by 32 (GroupNorm uses 32 groups)")
+        _check(self.num_res_blocks >= 1, "TokenizerConfig: num_res_blocks must be >= 1")
+        _check(self.z_channels >= 1, "TokenizerConfig: z_channels must be >= 1")
+        _check(self.groups >= 1 and self.z_channels % self.groups == 0,
+               f"TokenizerConfig: z_channels={self.z_channels} is not divisible by groups={self.groups}")
+        _check(self.bits_per_group <= 16,
+               f"TokenizerConfig: {self.bits_per_group} bits per entropy group would need "
+               f"2^{self.bits_per_group} codes per group; use more groups (at most 16 bits per group)")
+
+    @property
+    def down_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def bits_per_group(self) -> int:
+        return self.z_channels // self.groups
+
+    @property
+    def ddconfig(self) -> dict[str, Any]:
+        """The official ``ddconfig`` dict (for writing official-format files)."""
+        return {
+            "double_z": False,
+            "z_channels": self.z_channels,
+            "in_channels": self.in_channels,
+            "out_ch": self.out_ch,
+            "ch": self.ch,
+            "ch_mult": list(self.ch_mult),
+            "num_res_blocks": self.num_res_blocks,
+        }
+
+    @classmethod
+    def from_ddconfig(cls, ddconfig: dict[str, Any], **extra) -> "TokenizerConfig":
+        keep = {k: ddconfig[k] for k in ("ch", "num_res_blocks", "z_channels", "in_channels", "out_ch")
+                if k in ddconfig}
+        if "ch_mult" in ddconfig:
+            keep["ch_mult"] = tuple(ddconfig["ch_mult"])
+        if ddconfig.get("double_z"):
+            raise ConfigError("TokenizerConfig: double_z=True (a KL-VAE) is not a binary tokenizer")
+        keep.update(extra)
+        return cls(**keep)
+
+
+# Released tokenizers (BitDance-Tokenizer). Loading a file always takes the architecture from
+# the file itself; these presets are for building/training new tokenizers of the same shape.
+TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
+    "d16c32": TokenizerConfig(ch=256, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=4, z_channels=32, groups=4),
+    "d32c128": TokenizerConfig(ch=256, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=4, z_channels=128,
+                               groups=16, gan_decoder=True),
+    "d32c256": TokenizerConfig(ch=256, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=4, z_channels=256,
+                               groups=32, gan_decoder=True),
+    # Small tokenizers for laptops, tests and the demo.
+    "tiny-d4c16": TokenizerConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16, groups=2),
+    "tiny-d16c16": TokenizerConfig(ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=1, z_channels=16, groups=2),
+}
+
+
+def tokenizer_preset(name: str, **overrides) -> TokenizerConfig:
+    key = name.lower().removeprefix("ae_")
+    if key not in TOKENIZER_PRESETS:
+        raise ConfigError(f"unknown tokenizer preset {name!r}; choose one of {sorted(TOKENIZER_PRESETS)}")
+    cfg = TOKENIZER_PRESETS[key]
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Binary diffusion head
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadConfig(_DictMixin):
+    """Binary diffusion head: samples the d bits of P tokens jointly with rectified flow."""
+
+    variant: Literal["mlp", "transformer"] = "mlp"
+    in_channels: int = 32  # bits per token
+    cond_channels: int = 768  # width of the AR transformer's condition
+    width: int = 768  # model_channels
+    depth: int = 6  # residual / transformer blocks
+    adaln_blocks: int = 2  # adaLN linears shared by consecutive blocks
+    head_dim: int = 64  # attention head size of the transformer variant
+    parallel_num: int = 1  # tokens modelled jointly (P)
+    output_activation: Literal["none", "tanh"] = "none"  # "tanh": 2*sigmoid(x)-1 (text-to-image head)
+    # Training-time distribution of the flow time t in [0, 1] (0 = noise, 1 = data).
+    time_schedule: Literal["logit_normal", "uniform"] = "logit_normal"
+    time_shift: float = 1.0
+    P_mean: float = -0.8
+    P_std: float = 0.8
+
+    def __post_init__(self):
+        _check(self.variant in ("mlp", "transformer"), f"HeadConfig: unknown variant {self.variant!r}")
+        _check(self.depth >= 1 and self.adaln_blocks >= 1, "HeadConfig: depth and adaln_blocks must be >= 1")
+        switch = max(1, self.depth // self.adaln_blocks)
+        _check(self.depth % switch == 0 and self.depth // switch <= self.adaln_blocks,
+               f"HeadConfig: depth={self.depth} must be divisible by adaln_blocks={self.adaln_blocks}")
+        if self.variant == "transformer":
+            _check(self.width % self.head_dim == 0,
+                   f"HeadConfig: width={self.width} is not divisible by head_dim={self.head_dim}")
+        _check(self.time_schedule in ("logit_normal", "uniform"),
+               f"HeadConfig: unknown time_schedule {self.time_schedule!r}")
+        _check(self.time_shift > 0, "HeadConfig: time_shift must be > 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Class-conditional BitDance generator
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BitDanceConfig(_DictMixin):
+    """Class-conditional next-patch BitDance model (AR transformer + binary diffusion head)."""
+
+    dim: int = 768
+    n_layer: int = 24
+    n_head: int = 12
+    head_depth: int = 6  # official: diff_layers
+    head_width: int = 768  # official: diff_dim
+    head_adaln_blocks: int = 2  # official: diff_adanln_layers
+    parallel_num: int = 1  # P tokens per AR step: 1, 4, 16, 64 (a p x p patch, p = sqrt(P))
+    image_size: int = 256
+    num_classes: int = 1000
+    cls_token_num: int = 64
+    # Training recipe that lives with the model.
+    diff_batch_mul: int = 4
+    class_dropout_prob: float = 0.1
+    perturb_rate: float = 0.0  # bit-flip perturbation of input tokens (expected flip rate = rate / 2)
+    drop_rate: float = 0.0
+    time_schedule: Literal["logit_normal", "uniform"] = "logit_normal"
+    time_shift: float = 1.0
+    P_mean: float = -0.8
+    P_std: float = 0.8
+    # Ablations of the paper (Tab. 14): token order and attention inside a block.
+    order: Literal["patch", "raster"] = "patch"
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TOKENIZER_PRESETS["d16c32"])
+
+    def __post_init__(self):
+        _check(self.dim % self.n_head == 0, f"BitDanceConfig: dim={self.dim} not divisible by n_head={self.n_head}")
+        _check((self.dim // self.n_head) % 4 == 0,
+               f"BitDanceConfig: head size {self.dim // self.n_head} must be divisible by 4 (2D RoPE)")
+        p = math.isqrt(self.parallel_num)
+        _check(self.parallel_num >= 1 and p * p == self.parallel_num,
+               f"BitDanceConfig: parallel_num={self.parallel_num} must be a square (1, 4, 16, 64)")
+        f = self.tokenizer.down_factor
+        _check(self.image_size % f == 0,
+               f"BitDanceConfig: image_size={self.image_size} is not divisible by the tokenizer's "
+               f"down factor {f}")
+        g = self.image_size // f
+        _check(g % p == 0, f"BitDanceConfig: the {g}x{g} token grid cannot be cut into {p}x{p} patches "
+               f"(parallel_num={self.parallel_num})")
+        _check(self.order in ("patch", "raster"), f"BitDanceConfig: unknown order {self.order!r}")
+        _check(self.cls_token_num >= 1 and self.num_classes >= 1,
+               "BitDanceConfig: cls_token_num and num_classes must be >= 1")
+        _check(0.0 <= self.perturb_rate <= 1.0, "BitDanceConfig: perturb_rate must be in [0, 1]")
+        self.head  # validates the head as well
+
+    # derived quantities ------------------------------------------------------------------
+    @property
+    def latent_dim(self) -> int:
+        return self.tokenizer.z_channels
+
+    @property
+    def down_size(self) -> int:
+        return self.tokenizer.down_factor
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.down_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def patch_size(self) -> int:
+        return math.isqrt(self.parallel_num)
+
+    @property
+    def num_steps(self) -> int:
+        """Autoregressive steps to generate one image."""
+        return self.num_tokens // self.parallel_num
+
+    @property
+    def head(self) -> HeadConfig:
+        return HeadConfig(
+            variant="mlp" if self.parallel_num == 1 else "transformer",
+            in_channels=self.latent_dim,
+            cond_channels=self.dim,
+            width=self.head_width,
+            depth=self.head_depth,
+            adaln_blocks=self.head_adaln_blocks,
+            parallel_num=self.parallel_num,
+            time_schedule=self.time_schedule,
+            time_shift=self.time_shift,
+            P_mean=self.P_mean,
+            P_std=self.P_std,
+        )
+
+
+# (dim, n_layer, n_head, head_depth, head_width, head_adaln_blocks) -- the paper's B / L / H.
+GENERATOR_SIZES: dict[str, dict[str, int]] = {
+    "B": dict(dim=768, n_layer=24, n_head=12, head_depth=6, head_width=768, head_adaln_blocks=2),
+    "L": dict(dim=1024, n_layer=32, n_head=16, head_depth=8, head_width=1024, head_adaln_blocks=2),
+    "H": dict(dim=1280, n_layer=40, n_head=20, head_depth=12, head_width=1280, head_adaln_blocks=3),
+    # Small sizes for CPUs, tests and the demo (not from the paper).
+    "S": dict(dim=384, n_layer=12, n_head=6, head_depth=4, head_width=384, head_adaln_blocks=2),
+    "T": dict(dim=128, n_layer=2, n_head=2, head_depth=2, head_width=128, head_adaln_blocks=2),
+}
+PARALLEL_VARIANTS = {"1x": 1, "4x": 4, "16x": 16, "64x": 64}
+
+
+def list_presets() -> list[str]:
+    return [f"BitDance-{s}-{v}" for s in GENERATOR_SIZES for v in PARALLEL_VARIANTS]
+
+
+def bitdance_preset(name: str, **overrides) -> BitDanceConfig:
+    """``BitDance-{B,L,H,S,T}-{1x,4x,16x,64x}`` (ImageNet 256 defaults), with optional overrides."""
+    parts = name.replace("_", "-").split("-")
+    if len(parts) != 3 or parts[0].lower() != "bitdance" or parts[1].upper() not in GENERATOR_SIZES \
+            or parts[2].lower() not in PARALLEL_VARIANTS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {list_presets()}")
+    size = dict(GENERATOR_SIZES[parts[1].upper()])
+    kwargs: dict[str, Any] = dict(size, parallel_num=PARALLEL_VARIANTS[parts[2].lower()])
+    if isinstance(overrides.get("tokenizer"), str):
+        overrides["tokenizer"] = tokenizer_preset(overrides["tokenizer"])
+    kwargs.update(overrides)
+    try:
+        return BitDanceConfig(**kwargs)
+    except TypeError as e:  # unknown override name
+        raise ConfigError(f"preset {name!r}: {e}") from None

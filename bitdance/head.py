@@ -1,0 +1,233 @@
+"""Binary diffusion head.
+
+Instead of a softmax over 2^d codes, a small network models the d bits of a token (or the P tokens of
+a patch, jointly) with rectified flow: x-prediction trained with the velocity loss, sampled by
+:class:`~bitdance.sampler.FlowSampler`, then projected onto the hypercube with ``sign``.
+
+Two networks share one interface ``net(x_t, t, cond) -> x_pred``:
+- :class:`MLPHeadNet`, one token at a time (the 1x models);
+- :class:`TransformerHeadNet`, attention over the P tokens of a patch (next-patch models).
+Parameter names follow the official checkpoints (``head.net.*``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import HeadConfig
+from .sampler import FlowSampler, time_shift
+
+__all__ = ["DiffusionHead", "MLPHeadNet", "TransformerHeadNet", "timestep_embedding", "build_head_net"]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of 1000*t laid out [cos | sin]; t has any shape, output (*t.shape, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (1000.0 * t.float())[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class _SwiGLU(nn.Module):
+    """Base for blocks with a SwiGLU MLP stored flat as ``w1`` / ``w2`` (official key layout);
+    hidden size int(1.5 * width)."""
+
+    def _init_mlp(self, width: int):
+        hidden = int(width * 1.5)
+        self.w1 = nn.Linear(width, 2 * hidden)
+        self.w2 = nn.Linear(hidden, width)
+
+    def mlp(self, x):
+        a, b = self.w1(x).chunk(2, dim=-1)
+        return self.w2(F.silu(a) * b)
+
+
+def _modulate(x, scale, shift):
+    return x * (1 + scale) + shift
+
+
+class MLPBlock(_SwiGLU):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self._init_mlp(width)
+
+    def forward(self, x, scale, shift, gate):
+        return x + gate * self.mlp(_modulate(self.norm(x), scale, shift))
+
+
+class HeadAttention(nn.Module):
+    """Full (unmasked) attention over the P tokens of one patch, with biases."""
+
+    def __init__(self, width: int, head_dim: int):
+        super().__init__()
+        self.n_head = width // head_dim
+        self.wqkv = nn.Linear(width, 3 * width)
+        self.wo = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, P, W = x.shape
+        q, k, v = self.wqkv(x).view(B, P, 3, self.n_head, W // self.n_head).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.wo(o.transpose(1, 2).reshape(B, P, W))
+
+
+class TransformerBlock(_SwiGLU):
+    def __init__(self, width: int, head_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = HeadAttention(width, head_dim)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self._init_mlp(width)
+
+    def forward(self, x, scale1, shift1, gate1, scale2, shift2, gate2):
+        x = x + gate1 * self.attn(_modulate(self.norm1(x), scale1, shift1))
+        return x + gate2 * self.mlp(_modulate(self.norm2(x), scale2, shift2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, out: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
+        self.ada_ln_modulation = nn.Linear(width, 2 * width)
+        self.linear = nn.Linear(width, out)
+
+    def forward(self, x, y):
+        scale, shift = self.ada_ln_modulation(y).chunk(2, dim=-1)
+        return self.linear(_modulate(self.norm_final(x), scale, shift))
+
+
+class _HeadNet(nn.Module):
+    """Shared skeleton: time + condition embedding, adaLN shared by consecutive blocks, final layer."""
+
+    n_mod: int  # modulation vectors per adaLN linear
+
+    def __init__(self, cfg: HeadConfig, blocks: list[nn.Module]):
+        super().__init__()
+        self.config = cfg
+        W = cfg.width
+        self.time_embed = TimestepEmbedder(W)
+        self.cond_embed = nn.Linear(cfg.cond_channels, W)
+        self.input_proj = nn.Linear(cfg.in_channels, W)
+        self.res_blocks = nn.ModuleList(blocks)
+        self.ada_ln_blocks = nn.ModuleList([nn.Linear(W, self.n_mod * W) for _ in range(cfg.adaln_blocks)])
+        self.switch = max(1, cfg.depth // cfg.adaln_blocks)
+        self.final_layer = FinalLayer(W, cfg.in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        # Zero adaLN and output: every block starts as the identity and the head predicts 0.
+        for lin in [*self.ada_ln_blocks, self.final_layer.ada_ln_modulation, self.final_layer.linear]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def embed_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        """Condition embedding; constant across the flow steps of one AR step, so samplers hoist it."""
+        return self.cond_embed(cond)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x_pred for x_t (N, [P,] C), t (N,) or 0-d, and an embedded condition c from :meth:`embed_cond`."""
+        squeeze = self.config.variant == "transformer" and x.dim() == 2
+        if squeeze:
+            x, c = x.unsqueeze(1), c.unsqueeze(1)
+        h = self.input_proj(x.to(self.input_proj.weight.dtype))
+        te = self.time_embed(t)
+        if t.dim() == 1:  # per-row times broadcast over the token axis
+            te = te.view(te.shape[0], *([1] * (h.dim() - 2)), te.shape[-1])
+        y = F.silu(te + c)
+        mods = None
+        for i, block in enumerate(self.res_blocks):
+            if i % self.switch == 0:
+                mods = self.ada_ln_blocks[i // self.switch](y).chunk(self.n_mod, dim=-1)
+            h = block(h, *mods)
+        out = self.final_layer(h, y)
+        if self.config.output_activation == "tanh":
+            out = 2 * torch.sigmoid(out) - 1
+        return out.squeeze(1) if squeeze else out
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.denoise(x, t, self.embed_cond(cond))
+
+
+class MLPHeadNet(_HeadNet):
+    n_mod = 3
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__(cfg, [MLPBlock(cfg.width) for _ in range(cfg.depth)])
+
+
+class TransformerHeadNet(_HeadNet):
+    n_mod = 6
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__(cfg, [TransformerBlock(cfg.width, cfg.head_dim) for _ in range(cfg.depth)])
+
+
+def build_head_net(cfg: HeadConfig) -> _HeadNet:
+    return MLPHeadNet(cfg) if cfg.variant == "mlp" else TransformerHeadNet(cfg)
+
+
+class DiffusionHead(nn.Module):
+    """Training loss and sampling around a head network (``self.net``)."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        self.net = build_head_net(config)
+
+    def sample_time(self, n: int, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        cfg = self.config
+        if cfg.time_schedule == "logit_normal":
+            z = torch.randn(n, generator=generator, device=device)
+            t = (z * cfg.P_std + cfg.P_mean).sigmoid()
+        else:
+            t = torch.rand(n, generator=generator, device=device)
+        return time_shift(t, cfg.time_shift) if cfg.time_shift != 1.0 else t
+
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, *,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Velocity-matching loss for clean tokens ``target`` (N, [P,] C) under ``cond`` (N, [P,] D)."""
+        n = target.shape[0]
+        target = target.float()
+        t = self.sample_time(n, device=target.device, generator=generator)
+        noise = torch.randn(target.shape, generator=generator, device=target.device)
+        ti = t.view(n, *([1] * (target.dim() - 1)))
+        x_t = (1 - ti) * noise + ti * target
+        denom = (1 - ti).clamp_min(0.05)
+        v = (target - x_t) / denom
+        x_pred = self.net(x_t, t, cond)
+        v_pred = (x_pred.float() - x_t) / denom
+        return ((v - v_pred) ** 2).mean()
+
+    forward = loss
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, *, sampler: FlowSampler, guidance_scale: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continuous samples (before ``sign``). With guidance, ``cond`` holds conditional rows then
+        unconditional rows and the result has half as many rows."""
+        c = self.net.embed_cond(cond)
+        rows = cond.shape[0] // 2 if guidance_scale > 1.0 else cond.shape[0]
+        shape = (rows, *cond.shape[1:-1], self.config.in_channels)
+        return sampler.sample(lambda x, t: self.net.denoise(x, t, c), shape,
+                              guidance_scale=guidance_scale, generator=generator, device=cond.device)
