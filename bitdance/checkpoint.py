@@ -34,6 +34,8 @@ __all__ = [
     "save_safetensors",
     "atomic_write",
     "split_prefix",
+    "save_official_generator",
+    "save_official_tokenizer",
 ]
 
 SAFE_GLOBALS = [argparse.Namespace]
@@ -66,13 +68,16 @@ def load_file(path: str | os.PathLike) -> Any:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... depending on damage
-        msg = _first_line(e)
-        if "Unsupported global" in msg or "weights_only" in msg.lower():
-            raise CheckpointError(f"{path}: refusing to unpickle objects outside the allow-list "
-                                  f"(not an official BitDance file?): {msg}") from None
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt or foreign file): "
-                              f"{msg}") from None
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, OSError... depending on damage
+        full = str(e)
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", full)
+        if glob:
+            raise CheckpointError(f"{path}: refusing to unpickle {glob.group(1)} (only tensors, containers and "
+                                  "argparse.Namespace are allowed; not a BitDance checkpoint?)") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", full)
+        msg = detail.group(1).strip() if detail else _first_line(e)
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt, truncated or foreign "
+                              f"file): {msg}") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -360,3 +365,39 @@ def save_safetensors(sd: dict[str, torch.Tensor], path: str | os.PathLike, metad
 
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
+
+
+def save_official_generator(path: str | os.PathLike, model: nn.Module, tokenizer: nn.Module | None = None, *,
+                            ema: nn.Module | None = None, epochs: int = 0) -> None:
+    """Write a generator in the official training-checkpoint layout (``{model, ema, epochs, args}``,
+    ``vae.*`` = tokenizer), e.g. to use our models with the reference code."""
+    cfg = model.config
+
+    def state(m):
+        sd = {k: v.detach().cpu() for k, v in m.state_dict().items()}
+        if tokenizer is not None:
+            sd.update({f"vae.{k}": v.detach().cpu() for k, v in tokenizer.state_dict().items()})
+        return sd
+
+    args = argparse.Namespace(
+        model="custom", image_size=cfg.image_size, down_size=cfg.down_size, latent_dim=cfg.latent_dim,
+        cls_token_num=cfg.cls_token_num, num_classes=cfg.num_classes, parallel_num=cfg.parallel_num,
+        diff_batch_mul=cfg.diff_batch_mul, perturb_rate=cfg.perturb_rate, drop_rate=cfg.drop_rate,
+        time_schedule=cfg.time_schedule, time_shift=cfg.time_shift, P_mean=cfg.P_mean, P_std=cfg.P_std,
+        parallel_mode="patch")
+    obj = {"model": state(model), "ema": state(ema if ema is not None else model), "epochs": epochs, "args": args}
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_official_tokenizer(path: str | os.PathLike, tokenizer: nn.Module) -> None:
+    """Official tokenizer layout: ``.pt`` -> ``{"state_dict": ...}``; ``.safetensors`` -> flat weights
+    plus ``<stem>_config.json`` with ``{"ddconfig": ..., "gan_decoder": ...}``."""
+    path = Path(path)
+    sd = {k: v.detach().cpu() for k, v in tokenizer.state_dict().items()}
+    if path.suffix == ".safetensors":
+        save_safetensors(sd, path)
+        side = {"ddconfig": tokenizer.config.ddconfig, "gan_decoder": tokenizer.config.gan_decoder}
+        atomic_write(path.with_name(path.stem + "_config.json"),
+                     lambda tmp: Path(tmp).write_text(json.dumps(side, indent=2)))
+    else:
+        atomic_write(path, lambda tmp: torch.save({"state_dict": sd}, tmp))

@@ -123,7 +123,8 @@ class BitDancePipeline:
             if tokenizer is not None:
                 tok = load_tokenizer(tokenizer)
             if tok is None:
-                raise CheckpointError(f"{path}: holds no tokenizer weights (vae.*); pass tokenizer=...")
+                raise CheckpointError(f"{path}: holds no tokenizer weights (vae.*); give a tokenizer file "
+                                      "(tokenizer=... in Python, --tokenizer on the command line)")
             meta = {"source": str(path), **{k: v for k, v in info.items() if k != "args"}}
         pipe = cls(gen, tok, meta=meta)
         return pipe.to(device=device, dtype=dtype)

