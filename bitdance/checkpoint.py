@@ -123,13 +123,13 @@ def _need(sd, key: str, what: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Architecture inference from tensor shapes
 # --------------------------------------------------------------------------------------------
-def infer_tokenizer_config(sd: dict[str, torch.Tensor], **overrides) -> TokenizerConfig:
+def infer_tokenizer_config(sd: dict[str, torch.Tensor], *, what: str = "tokenizer", **overrides) -> TokenizerConfig:
     """TokenizerConfig from ``encoder.*`` / ``decoder.*`` shapes."""
-    what = "tokenizer"
     ch, cin = _need(sd, "encoder.conv_in.weight", what).shape[:2]
     levels = _count(sd, r"encoder\.down\.(\d+)\.")
     nres = _count(sd, r"encoder\.down\.0\.block\.(\d+)\.")
-    mult = tuple(int(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]) // int(ch) for i in range(levels))
+    mult = tuple(int(_need(sd, f"encoder.down.{i}.block.0.conv2.weight", what).shape[0]) // int(ch)
+                 for i in range(levels))
     z = int(_need(sd, "encoder.conv_out.weight", what).shape[0])
     dec_in = int(_need(sd, "decoder.conv_in.weight", what).shape[1])
     out_ch = int(_need(sd, "decoder.conv_out.weight", what).shape[0])
@@ -183,6 +183,8 @@ def infer_bitdance_config(sd: dict[str, torch.Tensor], *, args: Any = None, n_he
     a = _args_dict(args)
     dim = int(_need(sd, "emb_norm.weight", what).shape[0])
     n_layer = _count(sd, r"layers\.(\d+)\.attention\.wqkv")
+    if n_head is None and a.get("n_head"):
+        n_head = int(a["n_head"])
     if n_head is None:
         size = str(a.get("model", "")).split("-")[-1].upper()
         n_head = GENERATOR_SIZES[size]["n_head"] if size in GENERATOR_SIZES and \
@@ -196,7 +198,12 @@ def infer_bitdance_config(sd: dict[str, torch.Tensor], *, args: Any = None, n_he
         raise CheckpointError(f"{what}: pos_for_diff has {num_tokens} rows, not a square token grid")
     if tokenizer is None:
         vae = split_prefix(sd, "vae.")
-        tokenizer = infer_tokenizer_config(vae) if vae else TokenizerConfig(z_channels=latent_dim)
+        if vae:
+            tokenizer = infer_tokenizer_config(vae)
+        else:  # generator-only file: the down factor is all the generator needs of its tokenizer
+            levels = int(math.log2(int(a.get("down_size", 16)))) + 1
+            tokenizer = TokenizerConfig(z_channels=latent_dim, groups=max(1, latent_dim // 8)
+                                        if latent_dim % 8 == 0 else 1, ch_mult=(1,) * levels)
     if tokenizer.z_channels != latent_dim:
         raise CheckpointError(f"{what}: tokens have {latent_dim} bits but the tokenizer has "
                               f"{tokenizer.z_channels}")
@@ -216,7 +223,7 @@ def infer_bitdance_config(sd: dict[str, torch.Tensor], *, args: Any = None, n_he
     for src, dst in [("diff_batch_mul", "diff_batch_mul"), ("perturb_rate", "perturb_rate"),
                      ("drop_rate", "drop_rate"), ("time_schedule", "time_schedule"),
                      ("time_shift", "time_shift"), ("P_mean", "P_mean"), ("P_std", "P_std"),
-                     ("class_dropout_prob", "class_dropout_prob")]:
+                     ("class_dropout_prob", "class_dropout_prob"), ("order", "order")]:
         if src in a and a[src] is not None:
             kw[dst] = a[src]
     if a.get("parallel_mode") == "standard" and P > 1:
@@ -275,7 +282,7 @@ def load_tokenizer(path: str | os.PathLike, *, groups: int | None = None):
         overrides["gan_decoder"] = bool(side["gan_decoder"])
     if groups is not None:
         overrides["groups"] = groups
-    cfg = infer_tokenizer_config(sd, **overrides)
+    cfg = infer_tokenizer_config(sd, what=f"tokenizer {path}", **overrides)
     tok = BinaryTokenizer(cfg)
     load_into(tok, sd, what=f"tokenizer {path.name}")
     return tok.eval()
@@ -300,10 +307,11 @@ def load_head(path: str | os.PathLike, *, head_dim: int = 64, **overrides):
 
 
 def load_official_generator(path: str | os.PathLike, *, use_ema: bool = True, n_head: int | None = None,
-                            tokenizer_groups: int | None = None):
+                            tokenizer_groups: int | None = None, tokenizer: TokenizerConfig | None = None):
     """Load an official ImageNet training checkpoint (``{model, ema, epochs, args}``).
 
-    Returns ``(generator, tokenizer_or_None, info)``; ``vae.*`` keys become the tokenizer.
+    Returns ``(generator, tokenizer_or_None, info)``; ``vae.*`` keys become the tokenizer. Pass the
+    config of a separately loaded ``tokenizer`` for files without ``vae.*`` keys.
     """
     from .tokenizer import BinaryTokenizer
     from .transformer import BitDance
@@ -324,7 +332,7 @@ def load_official_generator(path: str | os.PathLike, *, use_ema: bool = True, n_
     if not isinstance(sd, dict) or "emb_norm.weight" not in sd:
         raise CheckpointError(f"{path}: not a BitDance generator checkpoint (no emb_norm.weight in {which!r})")
     vae = split_prefix(sd, "vae.")
-    tok_cfg = None
+    tok_cfg = tokenizer
     if vae:
         tok_cfg = infer_tokenizer_config(vae, **({"groups": tokenizer_groups} if tokenizer_groups else {}))
     cfg = infer_bitdance_config(sd, args=args, n_head=n_head, tokenizer=tok_cfg)
@@ -351,6 +359,7 @@ def atomic_write(path: str | os.PathLike, write_fn) -> None:
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; keep the usual permissions
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -358,6 +367,12 @@ def atomic_write(path: str | os.PathLike, write_fn) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_safetensors(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
@@ -384,7 +399,7 @@ def save_official_generator(path: str | os.PathLike, model: nn.Module, tokenizer
         cls_token_num=cfg.cls_token_num, num_classes=cfg.num_classes, parallel_num=cfg.parallel_num,
         diff_batch_mul=cfg.diff_batch_mul, perturb_rate=cfg.perturb_rate, drop_rate=cfg.drop_rate,
         time_schedule=cfg.time_schedule, time_shift=cfg.time_shift, P_mean=cfg.P_mean, P_std=cfg.P_std,
-        parallel_mode="patch")
+        parallel_mode="patch", n_head=cfg.n_head, class_dropout_prob=cfg.class_dropout_prob, order=cfg.order)
     obj = {"model": state(model), "ema": state(ema if ema is not None else model), "epochs": epochs, "args": args}
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,14 +27,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import (CheckpointError, atomic_write, load_file, load_into, load_official_generator,
+from .checkpoint import (CheckpointError, _umask, load_file, load_into, load_official_generator,
                          load_tokenizer, save_safetensors)
 from .config import BitDanceConfig, ConfigError, TokenizerConfig
 from .sampler import FlowSampler
 from .tokenizer import BinaryTokenizer
 from .transformer import BitDance
 
-__all__ = ["BitDancePipeline", "PipelineOutput", "load_component", "to_uint8", "make_grid"]
+__all__ = ["BitDancePipeline", "PipelineOutput", "load_component", "save_tokenizer_folder", "to_uint8", "make_grid"]
 
 FORMAT = "bitdance"
 
@@ -90,6 +92,35 @@ def load_component(folder: str | os.PathLike, name: str) -> torch.nn.Module:
     return module.eval()
 
 
+def _write_folder(folder: str | os.PathLike, config: dict, modules: dict[str, torch.nn.Module]) -> None:
+    """Write ``config.json`` and ``<name>.safetensors`` into a fresh sibling folder, then swap it in."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name, module in modules.items():
+            save_safetensors(module.state_dict(), tmp / f"{name}.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        os.chmod(tmp, 0o777 & ~_umask())
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_tokenizer_folder(tokenizer: BinaryTokenizer, folder: str | os.PathLike, *, meta: dict | None = None) -> None:
+    """A tokenizer in our format: config.json (kind "tokenizer") + tokenizer.safetensors."""
+    cfg = {"format": FORMAT, "bitdance_version": __version__, "kind": "tokenizer",
+           "tokenizer": tokenizer.config.to_dict(), "meta": dict(meta or {})}
+    _write_folder(folder, cfg, {"tokenizer": tokenizer})
+
+
 class BitDancePipeline:
     """Class-conditional BitDance: generator + tokenizer."""
 
@@ -119,9 +150,10 @@ class BitDancePipeline:
             tok = load_tokenizer(tokenizer) if tokenizer else load_component(path, "tokenizer")
             meta = cfg.get("meta", {})
         else:
-            gen, tok, info = load_official_generator(path, use_ema=use_ema)
-            if tokenizer is not None:
-                tok = load_tokenizer(tokenizer)
+            separate = load_tokenizer(tokenizer) if tokenizer is not None else None
+            gen, tok, info = load_official_generator(
+                path, use_ema=use_ema, tokenizer=separate.config if separate is not None else None)
+            tok = separate if separate is not None else tok
             if tok is None:
                 raise CheckpointError(f"{path}: holds no tokenizer weights (vae.*); give a tokenizer file "
                                       "(tokenizer=... in Python, --tokenizer on the command line)")
@@ -130,16 +162,12 @@ class BitDancePipeline:
         return pipe.to(device=device, dtype=dtype)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write config.json + safetensors; each file is replaced atomically."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_safetensors(self.generator.state_dict(), folder / "generator.safetensors")
-        save_safetensors(self.tokenizer.state_dict(), folder / "tokenizer.safetensors")
+        """Write config.json + safetensors. The folder is replaced as a whole: a failure midway
+        leaves the previous contents untouched."""
         cfg = {"format": FORMAT, "bitdance_version": __version__, "kind": "class_conditional",
                "generator": self.generator.config.to_dict(), "tokenizer": self.tokenizer.config.to_dict(),
                "meta": self.meta}
-        text = json.dumps(cfg, indent=2)
-        atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+        _write_folder(folder, cfg, {"generator": self.generator, "tokenizer": self.tokenizer})
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BitDancePipeline":
         self.generator.to(device=device, dtype=dtype)
