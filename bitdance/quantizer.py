@@ -80,13 +80,14 @@ class BinaryQuantizer(nn.Module):
     def entropy(self, x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-sample entropy, codebook entropy) of channels-last features x (..., bits)."""
         xg = x.reshape(-1, self.groups, self.bits_per_group).float()
-        logits = 2.0 * xg @ self.codebook.t()  # (N, g, 2^k); = -||x - code||^2 up to a constant
-        logits = logits / self.temperature
-        probs = logits.softmax(-1)
-        # The eps sits inside log_softmax (a constant shift, i.e. no-op) as in the reference code.
-        per_sample = -(probs * F.log_softmax(logits + eps, -1)).sum(-1).mean()
-        avg = probs.reshape(-1, probs.shape[-1]).mean(0)  # one distribution over tokens and groups
-        codebook = -(avg * torch.log(avg + eps)).sum()
+        # A temperature of 0.01 amplifies rounding errors 100x: keep this in fp32 under autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = 2.0 * xg @ self.codebook.t() / self.temperature  # (N, g, 2^k)
+            probs = logits.softmax(-1)
+            # The eps inside log_softmax is a constant shift (a no-op), kept as in the reference code.
+            per_sample = -(probs * F.log_softmax(logits + eps, -1)).sum(-1).mean()
+            avg = probs.reshape(-1, probs.shape[-1]).mean(0)  # one distribution over tokens and groups
+            codebook = -(avg * torch.log(avg + eps)).sum()
         return per_sample, codebook
 
     def forward(self, x: torch.Tensor, *, return_loss: bool | None = None) -> QuantizerOutput:

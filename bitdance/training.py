@@ -1,0 +1,768 @@
+"""Training of binary tokenizers and class-conditional BitDance generators.
+
+One script for one CPU process or many devices::
+
+    python -m bitdance.training tokenizer --data mnist --out runs/tok
+    python -m bitdance.training generator --data mnist --tokenizer runs/tok/tokenizer --out runs/gen
+    torchrun --nproc_per_node 8 -m bitdance.training generator ... [--fsdp]
+
+(``bitdance train-tokenizer`` / ``bitdance train`` are the same entry points.)
+
+Determinism is by construction: the data order and every random draw of a step (bit flips, label
+drop, flow times and noise, dropout) are pure functions of (seed, step, micro-batch). The global
+batch is cut into micro-batches that are spread over the ranks, so a run on W processes computes
+the same step as one process on the same global batch, and a resumed run continues exactly where
+the killed one stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import atomic_write, load_file
+from .config import BitDanceConfig, TokenizerConfig, bitdance_preset, tokenizer_preset
+
+__all__ = ["TrainConfig", "TrainingError", "train", "main", "bf16_supported"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, incompatible resume, bad setup)."""
+
+
+@dataclass
+class TrainConfig:
+    task: str = "generator"  # "tokenizer" | "generator"
+    out: str = "runs/bitdance"
+    data: str = "mnist"  # dataset name (mnist, fashion-mnist, twemoji) or an image-folder path
+    split: str | None = "train"
+    image_size: int = 0  # 0 = the dataset's default
+    model: str = ""  # generator preset (BitDance-T-4x) / tokenizer preset (tiny-d4c16)
+    model_overrides: dict = field(default_factory=dict)  # e.g. {"dim": 256, "n_layer": 4}
+    tokenizer: str = ""  # generator task: trained tokenizer (folder or file)
+    steps: int = 1000
+    batch_size: int = 64  # global batch
+    micro_batch_size: int = 0  # 0 = batch_size / world_size
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): useful EMA in short runs
+    precision: str = "auto"  # auto | bf16 | fp32
+    seed: int = 0
+    device: str = ""  # "" = cuda if available else cpu
+    fsdp: bool = False  # shard parameters (torch FSDP2) instead of replicating them (DDP)
+    log_every: int = 10
+    ckpt_every: int = 200
+    sample_every: int = 0  # 0 = only at the end
+    max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
+    resume: bool = False
+    cache_latents: bool = True  # generator: encode the dataset once with the frozen tokenizer
+    progress: bool = True
+    # tokenizer losses
+    rec_loss: str = "l1"  # l1 | l2
+    entropy_weight: float = 0.1
+    commit_weight: float = 0.25
+    perceptual: str = "none"  # none | inception
+    perceptual_weight: float = 1.0
+    gan_weight: float = 0.0  # 0 disables the PatchGAN discriminator
+    disc_start: int = 2000
+    disc_lr: float = 1e-4
+
+    def __post_init__(self):
+        if self.task not in ("tokenizer", "generator"):
+            raise TrainingError(f"task must be 'tokenizer' or 'generator', got {self.task!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise TrainingError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise TrainingError("steps and batch_size must be >= 1")
+        if self.rec_loss not in ("l1", "l2"):
+            raise TrainingError(f"rec_loss must be l1 or l2, got {self.rec_loss!r}")
+        if self.task == "generator" and not self.tokenizer:
+            raise TrainingError("generator training needs a trained tokenizer: --tokenizer PATH "
+                                "(train one with 'bitdance train-tokenizer')")
+
+    @property
+    def model_name(self) -> str:
+        return self.model or ("tiny-d4c16" if self.task == "tokenizer" else "BitDance-T-4x")
+
+
+# --------------------------------------------------------------------------------------------
+# Small utilities
+# --------------------------------------------------------------------------------------------
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def _seed_for(*parts: int) -> int:
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 62) - 1)
+
+
+def global_batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch at ``step``: a stream of per-epoch permutations (stateless)."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed_for(seed, epoch)))
+        take = min(batch_size - len(out), n - offset)
+        out.extend(perm[offset: offset + take].tolist())
+    return torch.tensor(out)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+class Dist:
+    """The process group as seen by this process (world size 1 without torchrun)."""
+
+    def __init__(self, device: str = ""):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device:
+            self.device = torch.device(device)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.enabled:
+            dist.all_reduce(t)
+            t /= self.world
+        return t.tolist()
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# Exponential moving average that works for plain, DDP and FSDP-sharded parameters
+# --------------------------------------------------------------------------------------------
+class EMA:
+    def __init__(self, module: nn.Module, decay: float, warmup: bool):
+        self.decay, self.warmup = decay, warmup
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone().float() for n, p in module.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+        params = [p.detach().float() for n, p in module.named_parameters() if p.requires_grad]
+        torch._foreach_lerp_(self.shadow, params, 1.0 - d)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: _full(t).cpu() for n, t in zip(self.names, self.shadow)}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if n not in sd]
+        if missing:
+            raise TrainingError(f"EMA state lacks {missing[:3]}")
+        for n, t in zip(self.names, self.shadow):
+            _copy_into(t, sd[n])
+
+    def copy_to(self, module: nn.Module) -> None:
+        """Write the EMA weights into a (plain) module with the same parameter names."""
+        sd = self.state_dict()
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                if n in sd:
+                    p.copy_(sd[n].to(p.dtype))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _copy_into(dst: torch.Tensor, full: torch.Tensor) -> None:
+    if hasattr(dst, "to_local") and hasattr(dst, "placements"):  # an FSDP shard: take our slice
+        from torch.distributed.tensor import distribute_tensor
+
+        dst.copy_(distribute_tensor(full.to(dst.device, dst.dtype), dst.device_mesh, dst.placements))
+    else:
+        dst.copy_(full.to(dst.device, dst.dtype))
+
+
+def _strip(name: str) -> str:
+    return name.removeprefix("module.").replace("._orig_mod", "")
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def _load_data(cfg: TrainConfig):
+    from .data import load_dataset
+
+    return load_dataset(cfg.data, image_size=cfg.image_size or None, split=cfg.split)
+
+
+def _fetch(ds, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(ds, "batch"):
+        return ds.batch(idx)
+    items = [ds[int(i)] for i in idx]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+@torch.no_grad()
+def encode_dataset(tokenizer, ds, device, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """All latents of a dataset as int8 in {-1, +1} (B, d, h, w)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    it = range(0, len(ds), batch_size)
+    for s in tqdm(it, desc="encoding dataset", disable=not progress, leave=False):
+        x, _ = _fetch(ds, torch.arange(s, min(s + batch_size, len(ds))))
+        out.append(tokenizer.encode(x.to(device)).to(torch.int8).cpu())
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks: what a step computes on one micro-batch
+# --------------------------------------------------------------------------------------------
+class GeneratorTask:
+    def __init__(self, cfg: TrainConfig, d: Dist, log: Callable[[str], None]):
+        from .checkpoint import load_tokenizer
+
+        self.cfg = cfg
+        self.data = _load_data(cfg)
+        self.tokenizer = load_tokenizer(cfg.tokenizer).to(d.device).eval()
+        for p in self.tokenizer.parameters():
+            p.requires_grad_(False)
+        tcfg = self.tokenizer.config
+        size = cfg.image_size or self.data.image_size
+        overrides = dict(cfg.model_overrides)
+        overrides.setdefault("num_classes", self.data.num_classes)
+        self.model_config: BitDanceConfig = bitdance_preset(cfg.model_name, image_size=size, tokenizer=tcfg,
+                                                            **overrides)
+        from .transformer import BitDance
+
+        self.model = BitDance(self.model_config).to(d.device)
+        self.latents = None
+        if cfg.cache_latents:
+            self.latents = self._cached_latents(d, log)
+
+    def _cached_latents(self, d: Dist, log) -> torch.Tensor:
+        tok_sd = self.tokenizer.state_dict()
+        digest = hashlib.sha256()
+        for k in sorted(tok_sd):
+            digest.update(k.encode())
+            digest.update(tok_sd[k].detach().cpu().float().numpy().tobytes())
+        digest.update(f"{self.cfg.data}|{self.cfg.split}|{self.model_config.image_size}|{len(self.data)}".encode())
+        path = Path(self.cfg.out) / f"latents-{digest.hexdigest()[:16]}.pt"
+        if path.exists():
+            try:
+                lat = load_file(path)
+                if isinstance(lat, torch.Tensor) and lat.shape[0] == len(self.data):
+                    return lat
+            except Exception:
+                pass
+        log(f"encoding {len(self.data)} images with the frozen tokenizer (cached in {path.name})")
+        lat = encode_dataset(self.tokenizer, self.data, d.device, progress=self.cfg.progress and d.main)
+        if d.main:
+            atomic_write(path, lambda tmp: torch.save(lat, tmp))
+        return lat
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def loss(self, model, idx: torch.Tensor, device, g: torch.Generator):
+        if self.latents is not None:
+            lat = self.latents[idx].to(device=device, dtype=torch.float32)
+            labels = self._labels(idx)
+        else:
+            x, labels = _fetch(self.data, idx)
+            with torch.no_grad():
+                lat = self.tokenizer.encode(x.to(device))
+        loss = model(lat, labels.to(device), generator=g)
+        return loss, {"loss": loss.detach()}
+
+    def _labels(self, idx):
+        if not hasattr(self, "_all_labels"):
+            if hasattr(self.data, "labels"):
+                self._all_labels = torch.as_tensor(self.data.labels).long()
+            else:
+                self._all_labels = torch.tensor([self.data[i][1] for i in range(len(self.data))])
+        return self._all_labels[idx]
+
+
+class TokenizerTask:
+    def __init__(self, cfg: TrainConfig, d: Dist, log):
+        from .tokenizer import BinaryTokenizer
+
+        self.cfg = cfg
+        self.data = _load_data(cfg)
+        self.model_config: TokenizerConfig = tokenizer_preset(cfg.model_name, **cfg.model_overrides)
+        size = cfg.image_size or self.data.image_size
+        if size % self.model_config.down_factor:
+            raise TrainingError(f"image size {size} is not divisible by the tokenizer's down factor "
+                                f"{self.model_config.down_factor}")
+        self.model = BinaryTokenizer(self.model_config).to(d.device)
+        self.perceptual = None
+        if cfg.perceptual != "none" and cfg.perceptual_weight > 0:
+            from .losses import PerceptualLoss
+
+            self.perceptual = PerceptualLoss(network=cfg.perceptual).to(d.device)
+        self.disc = None
+        if cfg.gan_weight > 0:
+            from .losses import PatchDiscriminator
+
+            self.disc = PatchDiscriminator(in_channels=self.model_config.out_ch).to(d.device)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def loss(self, model, idx, device, g):
+        cfg = self.cfg
+        x, _ = _fetch(self.data, idx)
+        x = x.to(device)
+        out = model(x, generator=g)
+        rec = out.reconstruction.float()
+        rec_loss = (rec - x).abs().mean() if cfg.rec_loss == "l1" else ((rec - x) ** 2).mean()
+        q = out.quant
+        loss = rec_loss + cfg.entropy_weight * q.entropy_loss + cfg.commit_weight * q.commitment
+        logs = {"loss": loss.detach(), "rec_loss": rec_loss.detach(), "entropy": q.entropy_loss.detach(),
+                "commitment": q.commitment.detach(), "sample_entropy": q.per_sample_entropy.detach(),
+                "codebook_entropy": q.codebook_entropy.detach()}
+        if self.perceptual is not None:
+            p = self.perceptual(rec, x)
+            loss = loss + cfg.perceptual_weight * p
+            logs["perceptual"] = p.detach()
+        self._last = (x, out.reconstruction)
+        return loss, logs
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.d = Dist(cfg.device)
+        self.out = Path(cfg.out)
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.d.barrier()
+        torch.manual_seed(cfg.seed)
+        self.task = (TokenizerTask if cfg.task == "tokenizer" else GeneratorTask)(cfg, self.d, self.log)
+        self.model = self.task.model
+        self.amp = self._precision()
+        self.micro = cfg.micro_batch_size or max(1, cfg.batch_size // self.d.world)
+        if cfg.batch_size % self.micro or (cfg.batch_size // self.micro) % self.d.world:
+            raise TrainingError(f"global batch {cfg.batch_size} must split into micro-batches of "
+                                f"{self.micro} shared evenly by {self.d.world} processes")
+        self.n_micro = cfg.batch_size // self.micro
+        self.ddp_model = self._wrap(self.model)
+        self.opt = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+        self.disc_opt = None
+        if getattr(self.task, "disc", None) is not None:
+            self.disc_opt = torch.optim.Adam(self.task.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.tb = None
+        if self.d.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tb"))
+            except Exception:  # tensorboard is optional: metrics.jsonl is always written
+                self.tb = None
+        if cfg.resume:
+            self._resume()
+
+    # setup -----------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.d.main:
+            print(f"[bitdance] {msg}", file=sys.stderr, flush=True)
+
+    def _precision(self):
+        dev = self.d.device
+        want = self.cfg.precision
+        if want == "fp32" or (want == "auto" and not bf16_supported(dev)):
+            if want == "auto":
+                self.log(f"bf16 not supported natively on this {dev.type}; training in fp32")
+            return nullcontext
+        if want == "bf16" and not bf16_supported(dev):
+            self.log(f"warning: bf16 requested but this {dev.type} has no native bf16; it will be slow")
+        return lambda: torch.autocast(dev.type, dtype=torch.bfloat16)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if not self.d.enabled:
+            return model
+        if self.cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in getattr(model, "layers", []):
+                fully_shard(block)
+            fully_shard(model)
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.d.device.index] if self.d.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+
+    def _param_groups(self):
+        model = self.model
+        no_decay = model.no_weight_decay_names() if hasattr(model, "no_weight_decay_names") else {
+            n for n, p in model.named_parameters() if p.dim() < 2}
+        decay, other = [], []
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                (other if n in no_decay else decay).append(p)
+        return [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+    # checkpointing ---------------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def _model_state(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_state_dict(self.model, self.opt, options=opts)
+
+    def save_checkpoint(self) -> None:
+        msd, osd = self._model_state()
+        ema = self.ema.state_dict() if self.ema else None
+        if not self.d.main:
+            return
+        obj = {
+            "format": "bitdance-train", "version": 1, "task": self.cfg.task, "step": self.step,
+            "train_config": dataclasses.asdict(self.cfg), "model_config": self.task.model_config.to_dict(),
+            "model": msd, "ema": ema, "optimizer": osd, "scheduler": self.sched.state_dict(),
+            "history": self.history,
+        }
+        if self.disc_opt is not None:
+            obj["disc"] = self.task.disc.state_dict()
+            obj["disc_optimizer"] = self.disc_opt.state_dict()
+        atomic_write(self.ckpt_path, lambda tmp: torch.save(obj, tmp))
+        self.export()
+
+    def _resume(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        if not self.ckpt_path.exists():
+            self.log(f"no checkpoint at {self.ckpt_path}; starting from scratch")
+            return
+        obj = load_file(self.ckpt_path)
+        if not isinstance(obj, dict) or obj.get("format") != "bitdance-train":
+            raise TrainingError(f"{self.ckpt_path}: not a bitdance training checkpoint")
+        if obj["task"] != self.cfg.task or obj["model_config"] != self.task.model_config.to_dict():
+            raise TrainingError(f"{self.ckpt_path}: was trained with a different task/model config; "
+                                "use another --out or the same settings")
+        set_state_dict(self.model, self.opt, model_state_dict=obj["model"], optim_state_dict=obj["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        self.sched.load_state_dict(obj["scheduler"])
+        if self.ema is not None and obj.get("ema") is not None:
+            self.ema.load_state_dict(obj["ema"])
+        if self.disc_opt is not None and "disc" in obj:
+            self.task.disc.load_state_dict(obj["disc"])
+            self.disc_opt.load_state_dict(obj["disc_optimizer"])
+        self.step = int(obj["step"])
+        self.history = list(obj.get("history", []))
+        self.log(f"resumed from {self.ckpt_path} at step {self.step}")
+
+    def export(self) -> None:
+        """Write the EMA (else raw) weights as a ready-to-use folder: out/tokenizer or out/model."""
+        if not self.d.main:
+            return
+        from .pipeline import BitDancePipeline, save_tokenizer_folder
+
+        net = self._inference_copy()
+        if self.cfg.task == "tokenizer":
+            save_tokenizer_folder(net, self.out / "tokenizer", meta={"step": self.step})
+        else:
+            BitDancePipeline(net, self.task.tokenizer, meta={"step": self.step}).save_pretrained(self.out / "model")
+
+    def _inference_copy(self) -> nn.Module:
+        """A plain (unwrapped, unsharded) module holding the EMA weights."""
+        cls = type(self.model)
+        net = cls(self.task.model_config).to(self.d.device)
+        msd, _ = self._model_state()
+        net.load_state_dict({_strip(k): v for k, v in msd.items()})
+        if self.ema is not None:
+            self.ema.copy_to(net)
+        return net.eval()
+
+    # the step --------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg, d = self.cfg, self.d
+        idx = global_batch_indices(self.step, cfg.batch_size, len(self.task.data), cfg.seed)
+        mine = [i for i in range(self.n_micro) if i % d.world == d.rank]
+        scale = d.world / self.n_micro  # DDP averages over ranks -> the mean over micro-batches
+        self.ddp_model.train()
+        self.opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for j, i in enumerate(mine):
+            g = torch.Generator(device=d.device).manual_seed(_seed_for(cfg.seed, self.step, i))
+            torch.manual_seed(_seed_for(cfg.seed, self.step, i, 1))  # dropout
+            sync = j == len(mine) - 1
+            ctx = self.ddp_model.no_sync() if (d.enabled and not sync and hasattr(self.ddp_model, "no_sync")) \
+                else nullcontext()
+            with ctx:
+                with self.amp():
+                    loss, logs = self.task.loss(self.ddp_model, idx[i * self.micro:(i + 1) * self.micro],
+                                                d.device, g)
+                if not torch.isfinite(loss):
+                    sums["loss"] = float("nan")
+                    break
+                self._gan_terms(loss * scale, logs).backward()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * scale / d.world
+        values = d.mean([sums.get(k, float("nan")) * d.world for k in sorted(sums)])
+        metrics = dict(zip(sorted(sums), values))
+        if not all(math.isfinite(v) for v in metrics.values()):
+            self._stop("loss", metrics)
+        if cfg.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        else:
+            gnorm = torch.linalg.vector_norm(torch.stack([
+                torch.linalg.vector_norm(p.grad) for p in self.model.parameters() if p.grad is not None]))
+        metrics["grad_norm"] = float(_full(gnorm)) if isinstance(gnorm, torch.Tensor) else float(gnorm)
+        if not math.isfinite(metrics["grad_norm"]):  # stepping would poison the weights
+            self._stop("gradients", metrics)
+        self.opt.step()
+        self.sched.step()
+        if self.disc_opt is not None:
+            self._disc_step(metrics)
+        if self.ema is not None:
+            self.ema.update(self.model, self.step)
+        metrics["lr"] = self.sched.get_last_lr()[0]
+        self.step += 1
+        return metrics
+
+    def _stop(self, what: str, metrics: dict) -> None:
+        last = f"step {self._last_ckpt_step}" if getattr(self, "_last_ckpt_step", None) is not None \
+            else "none written yet"
+        raise TrainingError(f"non-finite {what} at step {self.step} ({metrics}); stopping. Last good "
+                            f"checkpoint: {self.ckpt_path} ({last}); lower --lr or use --precision fp32")
+
+    # GAN (tokenizer task only) -----------------------------------------------------------------
+    def _gan_terms(self, loss: torch.Tensor, logs: dict) -> torch.Tensor:
+        disc = getattr(self.task, "disc", None)
+        if disc is None or self.step < self.cfg.disc_start:
+            return loss
+        from .losses import adaptive_weight, generator_adv_loss
+
+        x, rec = self.task._last
+        for p in disc.parameters():
+            p.requires_grad_(False)
+        g_loss = generator_adv_loss(disc(rec))
+        for p in disc.parameters():
+            p.requires_grad_(True)
+        last = self.model.decoder.conv_out.weight
+        w = adaptive_weight(logs["rec_loss"].new_tensor(0) + loss, g_loss, last) * self.cfg.gan_weight
+        logs["g_adv"] = g_loss.detach()
+        logs["adv_weight"] = torch.as_tensor(w).detach()
+        return loss + w * g_loss
+
+    def _disc_step(self, metrics):
+        if self.step < self.cfg.disc_start:
+            return
+        from .losses import hinge_d_loss
+
+        x, rec = self.task._last
+        self.disc_opt.zero_grad(set_to_none=True)
+        d_loss = hinge_d_loss(self.task.disc(x), self.task.disc(rec.detach()))
+        d_loss.backward()
+        self.disc_opt.step()
+        metrics["d_loss"] = float(d_loss)
+
+    # sampling / reporting --------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_grid(self, path: Path) -> None:
+        from PIL import Image
+
+        from .pipeline import make_grid, to_uint8
+
+        if not self.d.main:
+            return
+        net = self._inference_copy()
+        if self.cfg.task == "tokenizer":
+            x, _ = _fetch(self.task.data, torch.arange(min(16, len(self.task.data))))
+            rec = net.decode(net.encode(x.to(self.d.device)))
+            arr = np.concatenate([to_uint8(x).numpy(), to_uint8(rec).numpy()])
+            grid = make_grid(arr, len(x))
+        else:
+            arr = generate_class_grid(net, self.task.tokenizer, rows=min(10, self.task.model_config.num_classes),
+                                      cols=8, seed=self.cfg.seed, device=self.d.device)
+            grid = make_grid(arr, 8)
+        atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+
+    def _record(self, metrics: dict[str, float], dt: float, imgs: int) -> None:
+        row = {"step": self.step, **{k: round(v, 6) for k, v in metrics.items()},
+               "img_per_s": round(imgs / max(dt, 1e-9), 2)}
+        self.history.append(row)
+        if self.d.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for k, v in metrics.items():
+                    self.tb.add_scalar(f"train/{k}", v, self.step)
+
+    def fit(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        self._last_ckpt_step = self.step if self.ckpt_path.exists() else None
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.d.main),
+                   desc=f"train {cfg.task}", dynamic_ncols=True)
+        t_log, n_log = time.perf_counter(), 0
+        stopped_early = False
+        while self.step < cfg.steps:
+            metrics = self.train_step()
+            n_log += cfg.batch_size
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                dt = time.perf_counter() - t_log
+                self._record(metrics, dt, n_log)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{n_log / max(dt, 1e-9):.1f}")
+                t_log, n_log = time.perf_counter(), 0
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+                self._last_ckpt_step = self.step
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self.sample_grid(self.out / f"samples_{self.step:07d}.png")
+            if cfg.max_minutes and time.perf_counter() - t_start > 60 * cfg.max_minutes:
+                stopped_early = self.step < cfg.steps
+                break
+        bar.close()
+        self.save_checkpoint()
+        self.sample_grid(self.out / ("reconstructions.png" if cfg.task == "tokenizer" else "samples.png"))
+        self.d.barrier()
+        return {"steps": self.step, "seconds": time.perf_counter() - t_start, "stopped_early": stopped_early,
+                "final": self.history[-1] if self.history else {}}
+
+
+@torch.no_grad()
+def generate_class_grid(model, tokenizer, *, rows: int, cols: int, seed: int = 0, device=None,
+                        num_steps: int = 25, guidance_scale: float = 2.0) -> np.ndarray:
+    """Samples for classes 0..rows-1, ``cols`` each (row-major), as (rows*cols, H, W, 3) uint8."""
+    from .pipeline import to_uint8
+    from .sampler import FlowSampler
+
+    labels = torch.arange(rows, device=device).repeat_interleave(cols)
+    g = torch.Generator(device=device).manual_seed(seed)
+    lat = model.generate(labels, sampler=FlowSampler(num_steps=num_steps), guidance_scale=guidance_scale,
+                         generator=g)
+    return to_uint8(tokenizer.decode(lat.to(next(tokenizer.parameters()).dtype), generator=g)).numpy()
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one training job (tokenizer or generator); returns a summary."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.tb is not None:
+            trainer.tb.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (shared with `bitdance train` / `bitdance train-tokenizer`)
+# --------------------------------------------------------------------------------------------
+_HELP = {
+    "out": "output folder: checkpoint.pt, metrics.jsonl, samples, exported model",
+    "data": "mnist | fashion-mnist | twemoji | path to an image folder (one sub-folder per class)",
+    "model": "generator preset (BitDance-T-4x) or tokenizer preset (tiny-d4c16)",
+    "model_overrides": "JSON dict of config overrides, e.g. '{\"dim\": 256}'",
+    "tokenizer": "trained tokenizer folder/file (generator task)",
+    "batch_size": "global batch size", "resume": "continue from OUT/checkpoint.pt",
+    "max_minutes": "stop after this many minutes (0 = no limit)", "fsdp": "shard parameters with FSDP",
+}
+
+
+def add_train_args(p: argparse.ArgumentParser, task: str | None = None) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "task" and task is not None:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+        flag = "--" + f.name.replace("_", "-")
+        helptext = _HELP.get(f.name, "")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        elif isinstance(default, dict):
+            p.add_argument(flag, type=json.loads, default=default, help=helptext)
+        elif f.name == "split":
+            p.add_argument(flag, default=default, help="dataset split (train/test/none)")
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=helptext)
+
+
+def config_from_args(args: argparse.Namespace, task: str | None = None) -> TrainConfig:
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if task is not None:
+        kw["task"] = task
+    if kw.get("split") in ("none", "None", ""):
+        kw["split"] = None
+    return TrainConfig(**kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bitdance.training", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=["tokenizer", "generator"])
+    add_train_args(p, task="positional")
+    args = p.parse_args(argv)
+    try:
+        summary = train(config_from_args(args, args.task))
+    except (TrainingError, ValueError) as e:
+        print(f"bitdance training: error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
