@@ -173,6 +173,25 @@ def cmd_convert(args) -> None:
     print(f"converted {src} -> {dst}")
 
 
+def cmd_train(args, task: str) -> None:
+    from .training import config_from_args, train
+
+    summary = train(config_from_args(args, task))
+    print(json.dumps(summary))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    report = run_demo(args.out, minutes=args.minutes, seed=args.seed, data=args.data)
+    out = Path(args.out)
+    print(f"tokenizer: PSNR {report['tokenizer']['test_psnr_db']:.2f} dB on {report['tokenizer']['test_images']} "
+          f"held-out images; generator: final loss {report['generator']['final_loss']:.4f} after "
+          f"{report['generator']['steps']} steps; total {report['timings_s']['total_s'] / 60:.1f} min")
+    for name in ("samples.png", "reconstructions.png", "loss_curves.png", "report.json"):
+        print(f"wrote {out / name}")
+
+
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -208,6 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-kv-cache", action="store_true", help="recompute the sequence each step (slow, for checks)")
     s.set_defaults(fn=cmd_sample)
 
+    from .training import add_train_args
+
+    s = sub.add_parser("demo", help="train a small tokenizer + 4x model on MNIST-5k on CPU and sample digits",
+                       formatter_class=fmt)
+    s.add_argument("--out", default="bitdance-demo", help="output folder")
+    s.add_argument("--minutes", type=float, default=12.0, help="time budget; more minutes, better digits")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data", default="mnist", help="dataset (mnist, fashion-mnist) at 32x32")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("train-tokenizer", help="train a binary tokenizer (one process, or under torchrun)",
+                       formatter_class=fmt)
+    add_train_args(s, task="tokenizer")
+    s.set_defaults(fn=lambda a: cmd_train(a, "tokenizer"))
+
+    s = sub.add_parser("train", help="train a class-conditional BitDance generator on a trained tokenizer",
+                       formatter_class=fmt)
+    add_train_args(s, task="generator")
+    s.set_defaults(fn=lambda a: cmd_train(a, "generator"))
+
     s = sub.add_parser("convert", help="official checkpoint (+tokenizer) -> bitdance folder, or back to .pt",
                        formatter_class=fmt)
     s.add_argument("src", help="official .pt or a bitdance folder")
@@ -230,10 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .training import TrainingError
 
     try:
         args.fn(args)
-    except (CheckpointError, ConfigError, CLIError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, CLIError, TrainingError, ValueError, FileNotFoundError) as e:
         print(f"bitdance {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -208,14 +208,6 @@ class EMA:
         for n, t in zip(self.names, self.shadow):
             _copy_into(t, sd[n])
 
-    def copy_to(self, module: nn.Module) -> None:
-        """Write the EMA weights into a (plain) module with the same parameter names."""
-        sd = self.state_dict()
-        with torch.no_grad():
-            for n, p in module.named_parameters():
-                if n in sd:
-                    p.copy_(sd[n].to(p.dtype))
-
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -464,15 +456,20 @@ class Trainer:
     def ckpt_path(self) -> Path:
         return self.out / "checkpoint.pt"
 
-    def _model_state(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    def gather(self, optimizer: bool = True) -> tuple[dict, dict | None, dict | None]:
+        """Full (unsharded, CPU) model, optimizer and EMA states. Collective: every rank calls it."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_state_dict)
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_state_dict(self.model, self.opt, options=opts)
+        if optimizer:
+            msd, osd = get_state_dict(self.model, self.opt, options=opts)
+        else:
+            msd, osd = get_model_state_dict(self.model, options=opts), None
+        return msd, osd, (self.ema.state_dict() if self.ema else None)
 
     def save_checkpoint(self) -> None:
-        msd, osd = self._model_state()
-        ema = self.ema.state_dict() if self.ema else None
+        msd, osd, ema = self.gather()
         if not self.d.main:
             return
         obj = {
@@ -485,7 +482,7 @@ class Trainer:
             obj["disc"] = self.task.disc.state_dict()
             obj["disc_optimizer"] = self.disc_opt.state_dict()
         atomic_write(self.ckpt_path, lambda tmp: torch.save(obj, tmp))
-        self.export()
+        self.export(self.inference_copy(msd, ema))
 
     def _resume(self) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -511,26 +508,27 @@ class Trainer:
         self.history = list(obj.get("history", []))
         self.log(f"resumed from {self.ckpt_path} at step {self.step}")
 
-    def export(self) -> None:
-        """Write the EMA (else raw) weights as a ready-to-use folder: out/tokenizer or out/model."""
-        if not self.d.main:
-            return
+    def export(self, net: nn.Module) -> None:
+        """Write weights as a ready-to-use folder: out/tokenizer or out/model (rank 0)."""
         from .pipeline import BitDancePipeline, save_tokenizer_folder
 
-        net = self._inference_copy()
         if self.cfg.task == "tokenizer":
             save_tokenizer_folder(net, self.out / "tokenizer", meta={"step": self.step})
         else:
             BitDancePipeline(net, self.task.tokenizer, meta={"step": self.step}).save_pretrained(self.out / "model")
 
-    def _inference_copy(self) -> nn.Module:
-        """A plain (unwrapped, unsharded) module holding the EMA weights."""
-        cls = type(self.model)
-        net = cls(self.task.model_config).to(self.d.device)
-        msd, _ = self._model_state()
+    def inference_copy(self, msd: dict | None = None, ema: dict | None = None) -> nn.Module:
+        """A plain (unwrapped, unsharded) module with the EMA weights (raw ones without EMA).
+        Without ``msd``/``ema`` it gathers them, which is collective under FSDP."""
+        if msd is None:
+            msd, _, ema = self.gather(optimizer=False)
+        net = type(self.model)(self.task.model_config).to(self.d.device)
         net.load_state_dict({_strip(k): v for k, v in msd.items()})
-        if self.ema is not None:
-            self.ema.copy_to(net)
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in net.named_parameters():
+                    if n in ema:
+                        p.copy_(ema[n].to(p.dtype))
         return net.eval()
 
     # the step --------------------------------------------------------------------------------
@@ -624,9 +622,10 @@ class Trainer:
 
         from .pipeline import make_grid, to_uint8
 
+        msd, _, ema = self.gather(optimizer=False)
         if not self.d.main:
             return
-        net = self._inference_copy()
+        net = self.inference_copy(msd, ema)
         if self.cfg.task == "tokenizer":
             x, _ = _fetch(self.task.data, torch.arange(min(16, len(self.task.data))))
             rec = net.decode(net.encode(x.to(self.d.device)))
@@ -728,7 +727,7 @@ def add_train_args(p: argparse.ArgumentParser, task: str | None = None) -> None:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
         flag = "--" + f.name.replace("_", "-")
-        helptext = _HELP.get(f.name, "")
+        helptext = _HELP.get(f.name, " ")  # non-empty so that --help shows the default
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
         elif isinstance(default, dict):

@@ -173,3 +173,19 @@ def test_bad_setups_are_clear(workdir, tmp_path):
         train(TrainConfig(task="tokenizer", data=str(tmp_path / "nowhere"), out=str(tmp_path / "o"), steps=1))
     with pytest.raises(TrainingError, match="micro-batches"):
         train(gen_config(workdir, tmp_path / "m", 1, batch_size=6, micro_batch_size=4))
+
+
+def test_fsdp_two_processes_match_ddp(workdir, tmp_path):
+    """Sharded training (FSDP2 on gloo) computes the same step as replicated training."""
+    def launch(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29530 + len(extra)), "-m", "bitdance.training", *gen_args(workdir, out, 2), *extra]
+        r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    launch(tmp_path / "ddp")
+    launch(tmp_path / "fsdp", "--fsdp")
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    BitDancePipeline.from_pretrained(tmp_path / "fsdp" / "model")
