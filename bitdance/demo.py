@@ -22,7 +22,7 @@ from .training import TrainConfig, Trainer, generate_class_grid
 __all__ = ["run_demo", "plot_curves"]
 
 # Shares of the time budget; the rest is data loading, encoding, sampling and evaluation.
-TOKENIZER_SHARE, GENERATOR_SHARE = 0.25, 0.62
+TOKENIZER_SHARE, GENERATOR_SHARE = 0.25, 0.68
 GENERATOR_MODEL = {"dim": 256, "n_layer": 4, "n_head": 4, "head_width": 256, "head_depth": 3,
                    "head_adaln_blocks": 3, "cls_token_num": 4, "perturb_rate": 0.1}
 
