@@ -387,6 +387,9 @@ def save_official_generator(path: str | os.PathLike, model: nn.Module, tokenizer
     """Write a generator in the official training-checkpoint layout (``{model, ema, epochs, args}``,
     ``vae.*`` = tokenizer), e.g. to use our models with the reference code."""
     cfg = model.config
+    if cfg.head_type != "diffusion" or cfg.block_attention != "bidirectional":
+        raise CheckpointError(f"the official format has no place for ablation models (head_type="
+                              f"{cfg.head_type!r}, block_attention={cfg.block_attention!r}); use save_pretrained")
 
     def state(m):
         sd = {k: v.detach().cpu() for k, v in m.state_dict().items()}

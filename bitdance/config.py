@@ -22,7 +22,23 @@ __all__ = [
     "bitdance_preset",
     "list_presets",
     "ConfigError",
+    "HEAD_TYPES",
+    "BLOCK_ATTENTIONS",
+    "TOKEN_HEAD_MAX_BITS",
+    "TOKEN_HEAD_MAX_BYTES",
 ]
+
+# Heads that turn the AR condition into tokens (the paper's head ablation): the binary diffusion head,
+# bit-wise classification (independent Bernoulli per bit, Infinity-style) and token classification
+# (a softmax over all 2^d codes of a token).
+HEAD_TYPES = ("diffusion", "bitwise", "token")
+# Attention among the P positions of one AR step (Tab. 14): "bidirectional" = the official block-causal
+# mask, "causal" = a plain causal mask everywhere.
+BLOCK_ATTENTIONS = ("bidirectional", "causal")
+# The token head is refused beyond 2^20 codes per token, or when its output layer alone
+# (2^d x (width + 1) float32 parameters) would exceed 4 GiB.
+TOKEN_HEAD_MAX_BITS = 20
+TOKEN_HEAD_MAX_BYTES = 4 * 2**30
 
 
 class ConfigError(ValueError):
@@ -32,6 +48,15 @@ class ConfigError(ValueError):
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def _bytes(n: int) -> str:
+    """``17,179,869,184 bytes (16.0 GiB)``."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    v, i = float(n), 0
+    while v >= 1024 and i < len(units) - 1:
+        v, i = v / 1024, i + 1
+    return f"{n:,} bytes ({v:.1f} {units[i]})"
 
 
 class _DictMixin:
@@ -156,11 +181,16 @@ def tokenizer_preset(name: str, **overrides) -> TokenizerConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Binary diffusion head
+# Heads: binary diffusion head (and the classification heads of the ablations)
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HeadConfig(_DictMixin):
-    """Binary diffusion head: samples the d bits of P tokens jointly with rectified flow."""
+    """Binary diffusion head: samples the d bits of P tokens jointly with rectified flow.
+
+    ``head_type`` selects the ablation heads instead ("bitwise": d independent Bernoulli logits per
+    token; "token": a softmax over the 2^d codes of a token). They share the trunk (``variant``, width,
+    depth, adaln_blocks, head_dim) but have no time input; the flow-time fields are then unused.
+    """
 
     variant: Literal["mlp", "transformer"] = "mlp"
     in_channels: int = 32  # bits per token
@@ -176,8 +206,11 @@ class HeadConfig(_DictMixin):
     time_shift: float = 1.0
     P_mean: float = -0.8
     P_std: float = 0.8
+    head_type: Literal["diffusion", "bitwise", "token"] = "diffusion"
 
     def __post_init__(self):
+        _check(self.head_type in HEAD_TYPES,
+               f"HeadConfig: unknown head_type {self.head_type!r}; choose one of {list(HEAD_TYPES)}")
         _check(self.variant in ("mlp", "transformer"), f"HeadConfig: unknown variant {self.variant!r}")
         _check(self.depth >= 1 and self.adaln_blocks >= 1, "HeadConfig: depth and adaln_blocks must be >= 1")
         switch = max(1, self.depth // self.adaln_blocks)
@@ -189,6 +222,33 @@ class HeadConfig(_DictMixin):
         _check(self.time_schedule in ("logit_normal", "uniform"),
                f"HeadConfig: unknown time_schedule {self.time_schedule!r}")
         _check(self.time_shift > 0, "HeadConfig: time_shift must be > 0")
+        _check(self.in_channels >= 1 and self.width >= 1, "HeadConfig: in_channels and width must be >= 1")
+        if self.head_type != "diffusion":
+            _check(self.output_activation == "none",
+                   f"HeadConfig: output_activation={self.output_activation!r} only applies to the diffusion "
+                   f"head (the {self.head_type} head outputs logits)")
+        if self.head_type == "token":
+            self._check_token_head_size()
+
+    def _check_token_head_size(self) -> None:
+        d = self.in_channels
+        ok = d <= TOKEN_HEAD_MAX_BITS and 2**d * (self.width + 1) * 4 <= TOKEN_HEAD_MAX_BYTES
+        if ok:
+            return
+        codes = 2**d
+        params = codes * (self.width + 1)
+        raise ConfigError(
+            f"HeadConfig: head_type='token' with d={d} bits per token needs a softmax over 2^{d} = {codes:,} "
+            f"codes: its output layer alone has 2^{d} x (width {self.width} + 1) = {params:,} parameters, "
+            f"i.e. {_bytes(params * 4)} in float32, and the logits of a single token take "
+            f"{_bytes(codes * 4)}. The token head is limited to d <= {TOKEN_HEAD_MAX_BITS} bits and "
+            f"{_bytes(TOKEN_HEAD_MAX_BYTES)} of output weights; use head_type='bitwise' or 'diffusion', "
+            f"or a tokenizer with fewer bits per token")
+
+    @property
+    def num_codes(self) -> int:
+        """2^d codes per token (what the token head's softmax ranges over)."""
+        return 2**self.in_channels
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,7 +256,12 @@ class HeadConfig(_DictMixin):
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BitDanceConfig(_DictMixin):
-    """Class-conditional next-patch BitDance model (AR transformer + binary diffusion head)."""
+    """Class-conditional next-patch BitDance model (AR transformer + binary diffusion head).
+
+    Ablations (defaults = the official model): ``order`` (patch-wise or plain raster token order),
+    ``block_attention`` ("bidirectional": the P positions of an AR step see each other; "causal": a
+    plain causal mask) and ``head_type`` ("diffusion", "bitwise" or "token" classification head).
+    """
 
     dim: int = 768
     n_layer: int = 24
@@ -217,8 +282,10 @@ class BitDanceConfig(_DictMixin):
     time_shift: float = 1.0
     P_mean: float = -0.8
     P_std: float = 0.8
-    # Ablations of the paper (Tab. 14): token order and attention inside a block.
+    # Ablations of the paper (Tab. 14): token order and attention inside a block; the head type.
     order: Literal["patch", "raster"] = "patch"
+    block_attention: Literal["bidirectional", "causal"] = "bidirectional"
+    head_type: Literal["diffusion", "bitwise", "token"] = "diffusion"
     tokenizer: TokenizerConfig = field(default_factory=lambda: TOKENIZER_PRESETS["d16c32"])
 
     def __post_init__(self):
@@ -236,6 +303,11 @@ class BitDanceConfig(_DictMixin):
         _check(g % p == 0, f"BitDanceConfig: the {g}x{g} token grid cannot be cut into {p}x{p} patches "
                f"(parallel_num={self.parallel_num})")
         _check(self.order in ("patch", "raster"), f"BitDanceConfig: unknown order {self.order!r}")
+        _check(self.block_attention in BLOCK_ATTENTIONS,
+               f"BitDanceConfig: unknown block_attention {self.block_attention!r}; "
+               f"choose one of {list(BLOCK_ATTENTIONS)}")
+        _check(self.head_type in HEAD_TYPES,
+               f"BitDanceConfig: unknown head_type {self.head_type!r}; choose one of {list(HEAD_TYPES)}")
         _check(self.cls_token_num >= 1 and self.num_classes >= 1,
                "BitDanceConfig: cls_token_num and num_classes must be >= 1")
         _check(0.0 <= self.perturb_rate <= 1.0, "BitDanceConfig: perturb_rate must be in [0, 1]")
@@ -281,6 +353,7 @@ class BitDanceConfig(_DictMixin):
             time_shift=self.time_shift,
             P_mean=self.P_mean,
             P_std=self.P_std,
+            head_type=self.head_type,
         )
 
 

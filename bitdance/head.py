@@ -8,6 +8,11 @@ Two networks share one interface ``net(x_t, t, cond) -> x_pred``:
 - :class:`MLPHeadNet`, one token at a time (the 1x models);
 - :class:`TransformerHeadNet`, attention over the P tokens of a patch (next-patch models).
 Parameter names follow the official checkpoints (``head.net.*``).
+
+For the paper's head ablation, :func:`build_head` also builds two classification heads with the same
+interface (``loss(target, cond)``, ``sample(cond, ...)``) and the same trunk, conditioned on the AR
+condition only (no time, no noisy input): :class:`BitwiseHead` (d independent Bernoulli logits per
+token, Infinity-style) and :class:`TokenHead` (a softmax over all 2^d codes of a token).
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HeadConfig
+from .quantizer import bits_to_indices, indices_to_bits
 from .sampler import FlowSampler, time_shift
 
-__all__ = ["DiffusionHead", "MLPHeadNet", "TransformerHeadNet", "timestep_embedding", "build_head_net"]
+__all__ = ["DiffusionHead", "BitwiseHead", "TokenHead", "MLPHeadNet", "TransformerHeadNet", "ClassifierHeadNet",
+           "timestep_embedding", "build_head_net", "build_head"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -231,3 +238,160 @@ class DiffusionHead(nn.Module):
         shape = (rows, *cond.shape[1:-1], self.config.in_channels)
         return sampler.sample(lambda x, t: self.net.denoise(x, t, c), shape,
                               guidance_scale=guidance_scale, generator=generator, device=cond.device)
+
+
+# --------------------------------------------------------------------------------------------
+# Classification heads (ablations)
+# --------------------------------------------------------------------------------------------
+class ClassifierHeadNet(nn.Module):
+    """Trunk of the classification heads: the diffusion head's blocks without time or noisy input.
+
+    The embedded condition c = cond_embed(cond) is both the residual stream and, through silu, the adaLN
+    input; adaLN linears are shared by consecutive blocks as in the diffusion head. The "mlp" variant
+    treats every token on its own, the "transformer" variant attends over the P tokens of a patch.
+    ``forward(cond (N, [P,] D)) -> logits (N, [P,] out_channels)``.
+    """
+
+    def __init__(self, cfg: HeadConfig, out_channels: int):
+        super().__init__()
+        self.config = cfg
+        W = cfg.width
+        if cfg.variant == "mlp":
+            blocks, self.n_mod = [MLPBlock(W) for _ in range(cfg.depth)], 3
+        else:
+            blocks, self.n_mod = [TransformerBlock(W, cfg.head_dim) for _ in range(cfg.depth)], 6
+        self.cond_embed = nn.Linear(cfg.cond_channels, W)
+        self.res_blocks = nn.ModuleList(blocks)
+        self.ada_ln_blocks = nn.ModuleList([nn.Linear(W, self.n_mod * W) for _ in range(cfg.adaln_blocks)])
+        self.switch = max(1, cfg.depth // cfg.adaln_blocks)
+        self.final_layer = FinalLayer(W, out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Blocks start as the identity and every logit at 0 (uniform bits / codes).
+        for lin in [*self.ada_ln_blocks, self.final_layer.ada_ln_modulation, self.final_layer.linear]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        squeeze = self.config.variant == "transformer" and cond.dim() == 2
+        if squeeze:
+            cond = cond.unsqueeze(1)
+        h = self.cond_embed(cond.to(self.cond_embed.weight.dtype))
+        y = F.silu(h)
+        mods = None
+        for i, block in enumerate(self.res_blocks):
+            if i % self.switch == 0:
+                mods = self.ada_ln_blocks[i // self.switch](y).chunk(self.n_mod, dim=-1)
+            h = block(h, *mods)
+        out = self.final_layer(h, y)
+        return out.squeeze(1) if squeeze else out
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+
+
+class _ClassifierHead(nn.Module):
+    """Shared part of the classification heads: guided logits in the diffusion head's row layout."""
+
+    def __init__(self, config: HeadConfig, out_channels: int):
+        super().__init__()
+        self.config = config
+        self.net = ClassifierHeadNet(config, out_channels)
+
+    def logits(self, cond: torch.Tensor, guidance_scale: float = 1.0) -> torch.Tensor:
+        """float32 logits; with ``guidance_scale > 1`` ``cond`` holds conditional rows then unconditional
+        rows and the result, ``u + s * (c - u)``, has half as many rows."""
+        out = self.net(cond).float()
+        if guidance_scale > 1.0:
+            c, u = out.chunk(2)
+            out = u + guidance_scale * (c - u)
+        return out
+
+
+class BitwiseHead(_ClassifierHead):
+    """Bit-wise classification: d logits per token, binary cross-entropy on the bits, independent
+    Bernoulli sampling of every bit (the P tokens of a patch and the d bits of a token are sampled
+    independently given the condition)."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__(config, config.in_channels)
+
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, *,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Binary cross-entropy for tokens ``target`` (N, [P,] C) in {-1,+1} under ``cond`` (N, [P,] D).
+        ``generator`` is accepted for interface compatibility (the loss is deterministic)."""
+        return F.binary_cross_entropy_with_logits(self.net(cond).float(), (1 + target.float()) / 2)
+
+    forward = loss
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, *, sampler: FlowSampler | None = None, guidance_scale: float = 1.0,
+               generator: torch.Generator | None = None, temperature: float = 1.0,
+               top_k: int | None = None) -> torch.Tensor:
+        """Tokens (rows, [P,] C) with exact values in {-1,+1}: bit = +1 with probability
+        sigmoid(logit / temperature) (temperature 0: the most likely bit). ``sampler`` is ignored."""
+        _check_temperature(temperature)
+        if top_k is not None:
+            raise ValueError("top_k applies to the token head only (the bitwise head samples single bits)")
+        logits = self.logits(cond, guidance_scale)
+        one = torch.ones((), device=logits.device)
+        if temperature == 0:
+            return torch.where(logits > 0, one, -one)
+        p = torch.sigmoid(logits / temperature)
+        u = torch.rand(p.shape, generator=generator, device=p.device)
+        return torch.where(u < p, one, -one)
+
+
+class TokenHead(_ClassifierHead):
+    """Token classification: a softmax over all 2^d codes of a token (code index: bit k has weight 2^k,
+    as :func:`~bitdance.quantizer.bits_to_indices`); the P tokens of a patch are sampled independently
+    given the condition. Only feasible for small d (see :class:`~bitdance.config.HeadConfig`)."""
+
+    def __init__(self, config: HeadConfig):
+        config._check_token_head_size()  # also for configs built around __post_init__
+        super().__init__(config, config.num_codes)
+
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, *,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Cross-entropy on the code index of tokens ``target`` (N, [P,] C) in {-1,+1}."""
+        logits = self.net(cond).float()
+        idx = bits_to_indices(target).squeeze(-1)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx.reshape(-1))
+
+    forward = loss
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, *, sampler: FlowSampler | None = None, guidance_scale: float = 1.0,
+               generator: torch.Generator | None = None, temperature: float = 1.0,
+               top_k: int | None = None) -> torch.Tensor:
+        """Tokens (rows, [P,] C) with exact values in {-1,+1}, a code drawn from softmax(logits /
+        temperature) restricted to the ``top_k`` most likely codes (temperature 0: the most likely code).
+        ``sampler`` is ignored."""
+        _check_temperature(temperature)
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        logits = self.logits(cond, guidance_scale)
+        K = logits.shape[-1]
+        if temperature == 0:
+            idx = logits.argmax(-1)
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k < K:
+                kth = logits.topk(top_k, dim=-1).values[..., -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = logits.softmax(-1).reshape(-1, K)
+            idx = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+        return indices_to_bits(idx.unsqueeze(-1), bits_per_group=self.config.in_channels)
+
+
+def build_head(cfg: HeadConfig) -> nn.Module:
+    """The head selected by ``cfg.head_type``: DiffusionHead, BitwiseHead or TokenHead."""
+    heads = {"diffusion": DiffusionHead, "bitwise": BitwiseHead, "token": TokenHead}
+    return heads[cfg.head_type](cfg)

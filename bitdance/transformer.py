@@ -10,6 +10,11 @@ One AR step predicts a p x p patch of P = p^2 binary tokens:
 Tokens are generated in patch-wise raster order (patches in raster order, raster inside a patch).
 P = 1 is the plain next-token model with the MLP head; P > 1 uses the transformer head that models
 the P tokens of a patch jointly. Parameter names follow the official checkpoints.
+
+Ablations (config fields): ``block_attention="causal"`` replaces the block-causal mask by a plain causal
+mask (a position of a block sees the earlier positions of its block, not the later ones), in training
+and generation alike; ``head_type="bitwise" | "token"`` replaces the diffusion head by a classification
+head (see :mod:`bitdance.head`); ``order="raster"`` generates tokens in plain raster order.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BitDanceConfig
-from .head import DiffusionHead
+from .head import build_head
 from .quantizer import binarize
 from .sampler import FlowSampler, guidance_at
 
@@ -178,7 +183,7 @@ class BitDance(nn.Module):
         self.layers = nn.ModuleList([Block(dim, cfg.n_head, cfg.drop_rate) for _ in range(cfg.n_layer)])
         self.norm = nn.RMSNorm(dim, eps=1e-6)
         self.pos_for_diff = nn.Embedding(cfg.num_tokens, dim)  # one row per generation position
-        self.head = DiffusionHead(cfg.head)
+        self.head = build_head(cfg.head)  # DiffusionHead unless an ablation head is configured
 
         g = cfg.grid_size
         order = generation_order(g, g, cfg.patch_size, cfg.order)
@@ -190,8 +195,11 @@ class BitDance(nn.Module):
         cos, sin = rope_2d(coords, dim // cfg.n_head)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.register_buffer("attn_mask", block_causal_mask(self.seq_len, cfg.cls_token_num - 1, P),
-                             persistent=False)
+        if cfg.block_attention == "causal":  # plain causal everywhere
+            mask = block_causal_mask(self.seq_len, self.seq_len, 1)
+        else:  # official: the P positions of a block see each other
+            mask = block_causal_mask(self.seq_len, cfg.cls_token_num - 1, P)
+        self.register_buffer("attn_mask", mask, persistent=False)
         self.initialize_weights()
 
     # ----------------------------------------------------------------------------------------
@@ -281,8 +289,12 @@ class BitDance(nn.Module):
         cfg = self.config
         cond, target = self.condition(latents, class_ids, generator=generator)
         P = cfg.parallel_num
-        cond = cond.reshape(-1, P, cond.shape[-1]).repeat(cfg.diff_batch_mul, 1, 1)
-        target = target.reshape(-1, P, target.shape[-1]).repeat(cfg.diff_batch_mul, 1, 1)
+        cond = cond.reshape(-1, P, cond.shape[-1])
+        target = target.reshape(-1, P, target.shape[-1])
+        if cfg.head_type == "diffusion":  # several noise draws per condition; a classification loss is
+            # deterministic, so repeating its rows would only repeat the same terms
+            cond = cond.repeat(cfg.diff_batch_mul, 1, 1)
+            target = target.repeat(cfg.diff_batch_mul, 1, 1)
         return self.head.loss(target, cond, generator=generator)
 
     # ----------------------------------------------------------------------------------------
@@ -297,15 +309,27 @@ class BitDance(nn.Module):
         generator: torch.Generator | None = None,
         use_kv_cache: bool = True,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
     ) -> torch.Tensor:
         """Sample binary latents (B, C, h, w) for class ids (B,), P tokens per AR step.
 
         Guidance runs the conditional and null-class sequences as one batch; at AR steps where the
         (scheduled) scale is 1, both halves are sampled independently, as in the reference sampler.
         ``callback(step, num_steps, latents_so_far)`` gets the partial grid (ungenerated tokens 0).
+        ``temperature`` / ``top_k`` apply to the classification heads (``head_type`` "bitwise": temperature;
+        "token": both); the diffusion head uses ``sampler`` instead and refuses them.
         """
         cfg = self.config
         sampler = sampler or FlowSampler()
+        if cfg.head_type == "diffusion":
+            if temperature != 1.0 or top_k is not None:
+                raise ValueError("temperature and top_k apply to the classification heads "
+                                 "(head_type='bitwise' or 'token'); the diffusion head is sampled by `sampler`")
+            head_kw = {}
+        else:
+            head_kw = {"temperature": temperature, "top_k": top_k}
+        causal = cfg.block_attention == "causal"
         guided = guidance_scale > 1.0
         B, P, N, steps = len(class_ids), cfg.parallel_num, cfg.num_tokens, cfg.num_steps
         ids = class_ids.to(self.cls_embedding.weight.device).long()
@@ -326,14 +350,16 @@ class BitDance(nn.Module):
                     x, start, mask = prefix, 0, self.attn_mask[: self.prefix_len, : self.prefix_len]
                 else:
                     x = self.proj_in(tokens[:, done - P: done].to(dtype))
-                    start, mask = self.prefix_len + done - P, None  # a new block sees everything
+                    start = self.prefix_len + done - P
+                    # bidirectional: a new block sees everything; causal: not its own later positions
+                    mask = self.attn_mask[start: start + P, : start + P] if causal else None
             else:  # recompute the whole sequence
                 x = torch.cat([prefix, self.proj_in(tokens[:, :done].to(dtype))], dim=1)
                 start, mask = 0, self.attn_mask[: x.shape[1], : x.shape[1]]
             h = self._transformer(x, start, mask, cache)
             cond = self.norm(h[:, -P:]) + self.pos_for_diff.weight[done: done + P]
             scale = guidance_at(guidance_scale, step, steps, guidance_schedule)
-            sample = self.head.sample(cond, sampler=sampler, guidance_scale=scale, generator=generator)
+            sample = self.head.sample(cond, sampler=sampler, guidance_scale=scale, generator=generator, **head_kw)
             new = binarize(sample)
             if scale > 1.0:
                 new = torch.cat([new, new])
