@@ -118,35 +118,60 @@ class FinalLayer(nn.Module):
         return self.linear(_modulate(self.norm_final(x), scale, shift))
 
 
-class _HeadNet(nn.Module):
-    """Shared skeleton: time + condition embedding, adaLN shared by consecutive blocks, final layer."""
+def _make_blocks(cfg: HeadConfig) -> tuple[list[nn.Module], int]:
+    """The head's blocks and the number of modulation vectors per adaLN linear."""
+    if cfg.variant == "mlp":
+        return [MLPBlock(cfg.width) for _ in range(cfg.depth)], 3
+    return [TransformerBlock(cfg.width, cfg.head_dim) for _ in range(cfg.depth)], 6
 
-    n_mod: int  # modulation vectors per adaLN linear
 
-    def __init__(self, cfg: HeadConfig, blocks: list[nn.Module]):
+class _AdaLNTrunk(nn.Module):
+    """Blocks modulated by adaLN linears shared by consecutive blocks, then the final layer.
+    Shared by the diffusion head networks and the classification heads (same key layout)."""
+
+    def __init__(self, cfg: HeadConfig, out_channels: int):
         super().__init__()
         self.config = cfg
         W = cfg.width
-        self.time_embed = TimestepEmbedder(W)
+        blocks, self.n_mod = _make_blocks(cfg)
         self.cond_embed = nn.Linear(cfg.cond_channels, W)
-        self.input_proj = nn.Linear(cfg.in_channels, W)
         self.res_blocks = nn.ModuleList(blocks)
         self.ada_ln_blocks = nn.ModuleList([nn.Linear(W, self.n_mod * W) for _ in range(cfg.adaln_blocks)])
         self.switch = max(1, cfg.depth // cfg.adaln_blocks)
-        self.final_layer = FinalLayer(W, cfg.in_channels)
-        self.initialize_weights()
+        self.final_layer = FinalLayer(W, out_channels)
 
     def initialize_weights(self):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
-        # Zero adaLN and output: every block starts as the identity and the head predicts 0.
+        # Zero adaLN and output: every block starts as the identity and the output is 0.
         for lin in [*self.ada_ln_blocks, self.final_layer.ada_ln_modulation, self.final_layer.linear]:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+
+    def trunk(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mods = None
+        for i, block in enumerate(self.res_blocks):
+            if i % self.switch == 0:
+                mods = self.ada_ln_blocks[i // self.switch](y).chunk(self.n_mod, dim=-1)
+            h = block(h, *mods)
+        return self.final_layer(h, y)
+
+
+class _HeadNet(_AdaLNTrunk):
+    """Diffusion head network: time + condition embedding, noisy-input projection, adaLN trunk."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__(cfg, cfg.in_channels)
+        self.time_embed = TimestepEmbedder(cfg.width)
+        self.input_proj = nn.Linear(cfg.in_channels, cfg.width)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        super().initialize_weights()
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
 
     def embed_cond(self, cond: torch.Tensor) -> torch.Tensor:
         """Condition embedding; constant across the flow steps of one AR step, so samplers hoist it."""
@@ -161,13 +186,7 @@ class _HeadNet(nn.Module):
         te = self.time_embed(t)
         if t.dim() == 1:  # per-row times broadcast over the token axis
             te = te.view(te.shape[0], *([1] * (h.dim() - 2)), te.shape[-1])
-        y = F.silu(te + c)
-        mods = None
-        for i, block in enumerate(self.res_blocks):
-            if i % self.switch == 0:
-                mods = self.ada_ln_blocks[i // self.switch](y).chunk(self.n_mod, dim=-1)
-            h = block(h, *mods)
-        out = self.final_layer(h, y)
+        out = self.trunk(h, F.silu(te + c))
         if self.config.output_activation == "tanh":
             out = 2 * torch.sigmoid(out) - 1
         return out.squeeze(1) if squeeze else out
@@ -177,21 +196,15 @@ class _HeadNet(nn.Module):
 
 
 class MLPHeadNet(_HeadNet):
-    n_mod = 3
-
-    def __init__(self, cfg: HeadConfig):
-        super().__init__(cfg, [MLPBlock(cfg.width) for _ in range(cfg.depth)])
+    """One token at a time (the 1x models)."""
 
 
 class TransformerHeadNet(_HeadNet):
-    n_mod = 6
-
-    def __init__(self, cfg: HeadConfig):
-        super().__init__(cfg, [TransformerBlock(cfg.width, cfg.head_dim) for _ in range(cfg.depth)])
+    """Attention over the P tokens of a patch (next-patch models)."""
 
 
 def build_head_net(cfg: HeadConfig) -> _HeadNet:
-    return MLPHeadNet(cfg) if cfg.variant == "mlp" else TransformerHeadNet(cfg)
+    return (MLPHeadNet if cfg.variant == "mlp" else TransformerHeadNet)(cfg)
 
 
 class DiffusionHead(nn.Module):
@@ -243,52 +256,24 @@ class DiffusionHead(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Classification heads (ablations)
 # --------------------------------------------------------------------------------------------
-class ClassifierHeadNet(nn.Module):
+class ClassifierHeadNet(_AdaLNTrunk):
     """Trunk of the classification heads: the diffusion head's blocks without time or noisy input.
 
     The embedded condition c = cond_embed(cond) is both the residual stream and, through silu, the adaLN
-    input; adaLN linears are shared by consecutive blocks as in the diffusion head. The "mlp" variant
-    treats every token on its own, the "transformer" variant attends over the P tokens of a patch.
-    ``forward(cond (N, [P,] D)) -> logits (N, [P,] out_channels)``.
+    input. The "mlp" variant treats every token on its own, the "transformer" variant attends over the
+    P tokens of a patch. ``forward(cond (N, [P,] D)) -> logits (N, [P,] out_channels)``.
     """
 
     def __init__(self, cfg: HeadConfig, out_channels: int):
-        super().__init__()
-        self.config = cfg
-        W = cfg.width
-        if cfg.variant == "mlp":
-            blocks, self.n_mod = [MLPBlock(W) for _ in range(cfg.depth)], 3
-        else:
-            blocks, self.n_mod = [TransformerBlock(W, cfg.head_dim) for _ in range(cfg.depth)], 6
-        self.cond_embed = nn.Linear(cfg.cond_channels, W)
-        self.res_blocks = nn.ModuleList(blocks)
-        self.ada_ln_blocks = nn.ModuleList([nn.Linear(W, self.n_mod * W) for _ in range(cfg.adaln_blocks)])
-        self.switch = max(1, cfg.depth // cfg.adaln_blocks)
-        self.final_layer = FinalLayer(W, out_channels)
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        # Blocks start as the identity and every logit at 0 (uniform bits / codes).
-        for lin in [*self.ada_ln_blocks, self.final_layer.ada_ln_modulation, self.final_layer.linear]:
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        super().__init__(cfg, out_channels)
+        self.initialize_weights()  # every logit starts at 0 (uniform bits / codes)
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         squeeze = self.config.variant == "transformer" and cond.dim() == 2
         if squeeze:
             cond = cond.unsqueeze(1)
         h = self.cond_embed(cond.to(self.cond_embed.weight.dtype))
-        y = F.silu(h)
-        mods = None
-        for i, block in enumerate(self.res_blocks):
-            if i % self.switch == 0:
-                mods = self.ada_ln_blocks[i // self.switch](y).chunk(self.n_mod, dim=-1)
-            h = block(h, *mods)
-        out = self.final_layer(h, y)
+        out = self.trunk(h, F.silu(h))
         return out.squeeze(1) if squeeze else out
 
 
