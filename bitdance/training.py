@@ -345,7 +345,9 @@ class TokenizerTask:
         if cfg.gan_weight > 0:
             from .losses import PatchDiscriminator
 
-            self.disc = PatchDiscriminator(in_channels=self.model_config.out_ch).to(d.device)
+            # Three downsampling layers (pix2pix) unless the images are too small for them.
+            n_layers = max(1, min(3, int(math.log2(size / 3))))
+            self.disc = PatchDiscriminator(in_channels=self.model_config.out_ch, n_layers=n_layers).to(d.device)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
@@ -375,7 +377,9 @@ class TokenizerTask:
             p = self.perceptual(rec, x)
             loss = loss + cfg.perceptual_weight * p
             logs["perceptual"] = p.detach()
-        self._last = (x, out.reconstruction)
+        # What the GAN terms need: the reconstruction and the NLL that sets the adaptive weight.
+        self._last = (x, out.reconstruction, loss - cfg.entropy_weight * q.entropy_loss
+                      - cfg.commit_weight * q.commitment)
         return loss, logs
 
 
@@ -410,6 +414,8 @@ class Trainer:
         self.disc_opt = None
         if getattr(self.task, "disc", None) is not None:
             self.disc_opt = torch.optim.Adam(self.task.disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
+            # Replicated like the model, so every rank keeps the same discriminator.
+            self.disc_ddp = self._wrap(self.task.disc) if not cfg.fsdp else self.task.disc
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.tb = None
@@ -604,14 +610,14 @@ class Trainer:
             return loss
         from .losses import adaptive_weight, generator_adv_loss
 
-        x, rec = self.task._last
+        x, rec, nll = self.task._last
         for p in disc.parameters():
             p.requires_grad_(False)
         g_loss = generator_adv_loss(disc(rec))
         for p in disc.parameters():
             p.requires_grad_(True)
         last = self.model.decoder.conv_out.weight
-        w = adaptive_weight(logs["rec_loss"].new_tensor(0) + loss, g_loss, last) * self.cfg.gan_weight
+        w = adaptive_weight(nll, g_loss, last) * self.cfg.gan_weight
         logs["g_adv"] = g_loss.detach()
         logs["adv_weight"] = torch.as_tensor(w).detach()
         return loss + w * g_loss
@@ -621,12 +627,14 @@ class Trainer:
             return
         from .losses import hinge_d_loss
 
-        x, rec = self.task._last
+        x, rec, _ = self.task._last
+        disc = self.disc_ddp
         self.disc_opt.zero_grad(set_to_none=True)
-        d_loss = hinge_d_loss(self.task.disc(x), self.task.disc(rec.detach()))
+        real, fake = disc(torch.cat([x, rec.detach().to(x.dtype)])).chunk(2)  # one forward for DDP
+        d_loss = hinge_d_loss(real, fake)
         d_loss.backward()
         self.disc_opt.step()
-        metrics["d_loss"] = float(d_loss)
+        metrics["d_loss"] = d_loss.item()
 
     # sampling / reporting --------------------------------------------------------------------
     @torch.no_grad()

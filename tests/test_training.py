@@ -189,3 +189,16 @@ def test_fsdp_two_processes_match_ddp(workdir, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
     BitDancePipeline.from_pretrained(tmp_path / "fsdp" / "model")
+
+
+def test_tokenizer_gan_terms_train_the_discriminator(workdir, tmp_path):
+    out = tmp_path / "gan"
+    cfg = TrainConfig(task="tokenizer", data=str(workdir / "data"), image_size=16, model="tiny-d4c16",
+                      out=str(out), steps=4, batch_size=8, lr=1e-3, warmup_steps=1, precision="fp32",
+                      progress=False, log_every=1, gan_weight=0.5, disc_start=2)
+    train(cfg)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "d_loss" not in rows[0] and "d_loss" in rows[-1]  # the discriminator starts at disc_start
+    assert rows[-1]["adv_weight"] > 0 and np.isfinite(rows[-1]["g_adv"])
+    ck = load_file(out / "checkpoint.pt")
+    assert "disc" in ck and "disc_optimizer" in ck
