@@ -558,7 +558,7 @@ class Trainer:
         scale = d.world / self.n_micro  # DDP averages over ranks -> the mean over micro-batches
         self.ddp_model.train()
         self.opt.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for j, i in enumerate(mine):
             g = torch.Generator(device=d.device).manual_seed(_seed_for(cfg.seed, self.step, i))
             torch.manual_seed(_seed_for(cfg.seed, self.step, i, 1))  # dropout
@@ -569,14 +569,13 @@ class Trainer:
                 with self.amp():
                     loss, logs = self.task.loss(self.ddp_model, idx[i * self.micro:(i + 1) * self.micro],
                                                 d.device, g)
-                if not torch.isfinite(loss):
-                    sums["loss"] = float("nan")
-                    break
+                # Always backward, even on a non-finite loss: every rank must reach the gradient
+                # all-reduce; the check below stops the run before the optimizer uses those gradients.
                 self._gan_terms(loss * scale, logs).backward()
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * scale / d.world
-        values = d.mean([sums.get(k, float("nan")) * d.world for k in sorted(sums)])
-        metrics = dict(zip(sorted(sums), values))
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float() * scale
+        keys = sorted(sums)
+        metrics = dict(zip(keys, d.mean(torch.stack([sums[k].cpu() for k in keys]).tolist())))
         if not all(math.isfinite(v) for v in metrics.values()):
             self._stop("loss", metrics)
         if cfg.grad_clip > 0:
