@@ -19,7 +19,9 @@ fixed, so the input must be exactly 299x299. We resize with ``F.interpolate`` (b
 antialias, half-pixel centres) like the StyleGAN/ADM PyTorch ports; TensorFlow's own resize uses
 corner-aligned sampling, so FIDs can differ from TF numbers by a small amount (well below 1 FID at 256 px).
 
-Inception Score is not provided: the file exposes pool3 only, not the 1008-way logits.
+Inception Score is not provided: the file exposes pool3 only, not the 1008-way logits. For the
+small 32x32 data sets, :func:`class_accuracy` instead scores class-conditional samples with a shipped
+CNN (:class:`DigitClassifier`, ``bitdance/assets/classifier_{mnist,fashion-mnist}.*``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -42,16 +45,22 @@ __all__ = [
     "INCEPTION_INSTALL_HINT",
     "INCEPTION_SHA256",
     "CodebookUsage",
+    "DigitClassifier",
     "FIDResult",
     "FeatureStats",
     "InceptionFeatures",
     "InceptionWeightsError",
     "PrecisionRecall",
+    "class_accuracy",
+    "classifier_name",
+    "classify",
     "codebook_usage",
     "compute_fid",
     "default_inception_path",
+    "evaluate_reconstruction",
     "feature_statistics",
     "frechet_distance",
+    "load_classifier",
     "load_fid_inception",
     "load_images",
     "load_stats_npz",
@@ -550,22 +559,24 @@ class _Side(NamedTuple):
     n: int | None
 
 
-def _image_batches(path: Path, batch_size: int) -> Iterator:
-    """Stream a folder (or an .npz's arr_0) in batches, so 50k images never sit in memory decoded."""
+def _image_batches(path: Path, batch_size: int, max_images: int | None = None) -> Iterator:
+    """Stream a folder (or an .npz's arr_0) in batches, so 50k images never sit in memory decoded.
+    ``max_images``: only the first that many (in file-name / array order)."""
     if path.is_dir():
-        files = _image_files(path)
+        files = _image_files(path)[:max_images]
         for i in range(0, len(files), batch_size):
             yield _stack_or_list([_read_image(p) for p in files[i:i + batch_size]])
     else:
         with np.load(path) as npz:
-            a = _npz_images(path, npz)
+            a = _npz_images(path, npz)[:max_images]
         for i in range(0, len(a), batch_size):
             yield a[i:i + batch_size]
 
 
-def _side_from_images(path: Path, net: InceptionFeatures, batch_size: int, pr_samples: int) -> _Side:
+def _side_from_images(path: Path, net: InceptionFeatures, batch_size: int, pr_samples: int,
+                      max_images: int | None = None) -> _Side:
     acc, keep = _RunningStats(), []
-    for batch in _image_batches(path, batch_size):
+    for batch in _image_batches(path, batch_size, max_images):
         f = net.features(batch)
         acc.update(f)
         if sum(map(len, keep)) < pr_samples:
@@ -585,7 +596,8 @@ class FIDResult(NamedTuple):
 def compute_fid(real: str | os.PathLike, fake: str | os.PathLike, *, batch_size: int = 50,
                 device: str | torch.device = "cpu", cache: str | os.PathLike | None = None,
                 pr_samples: int = 10_000, k: int = 3,
-                inception_path: str | os.PathLike | None = None) -> FIDResult:
+                inception_path: str | os.PathLike | None = None,
+                max_images: int | None = None) -> FIDResult:
     """FID, precision and recall between two image sets.
 
     ``real``: a folder of images, an .npz of images (``arr_0``), or an .npz of statistics (``mu``,
@@ -595,9 +607,16 @@ def compute_fid(real: str | os.PathLike, fake: str | os.PathLike, *, batch_size:
     when it exists (it must have been made from the same ``real`` path), else written after computing
     them. Precision/recall use the first ``pr_samples``
     images of each side (``0`` skips them); the k-NN radii cost O(pr_samples^2).
+    ``max_images``: use only the first that many images of each image side (statistics files are
+    taken as they are); a cache records it, so a cache of another limit is refused.
     """
     real, fake = Path(real), Path(fake)
-    for p in (real, fake):
+    if max_images is not None and max_images < 2:
+        raise ValueError(f"compute_fid: max_images must be >= 2 (a covariance needs 2 images), "
+                         f"got {max_images}")
+    source = str(real.resolve()) + ("" if max_images is None else f" [first {max_images} images]")
+    cached = cache is not None and Path(cache).is_file()
+    for p in (fake,) if cached else (real, fake):  # with a cache, the real images are not needed
         if not p.exists():
             raise FileNotFoundError(f"compute_fid: path not found: {p}")
     if fake.is_file() and fake.suffix.lower() != ".npz":
@@ -615,8 +634,8 @@ def compute_fid(real: str | os.PathLike, fake: str | os.PathLike, *, batch_size:
         with np.load(cache) as npz:
             stats = _read_stats(cache, npz)
             cached_from = str(npz["source"]) if "source" in npz.files else None
-            if cached_from is not None and cached_from != str(real.resolve()):
-                raise ValueError(f"cache {cache} holds statistics of {cached_from}, not of {real.resolve()}; "
+            if cached_from is not None and cached_from != source:
+                raise ValueError(f"cache {cache} holds statistics of {cached_from}, not of {source}; "
                                  f"delete it or pass another cache path")
             real_side = _Side(stats, npz["features"] if "features" in npz.files else None,
                               int(npz["n"]) if "n" in npz.files else None)
@@ -631,20 +650,228 @@ def compute_fid(real: str | os.PathLike, fake: str | os.PathLike, *, batch_size:
             raise ValueError(f"{real}: expected images 'arr_0' or statistics 'mu'/'sigma', "
                              f"found keys {sorted(keys)}")
         if "arr_0" in keys and (stats is None or pr_samples > 0):
-            side = _side_from_images(real, inception(), batch_size, pr_samples)
+            side = _side_from_images(real, inception(), batch_size, pr_samples,
+                                     max_images if stats is None else None)
             real_side = side if stats is None else _Side(stats, side.features, side.n)
         else:
             real_side = _Side(stats, None, None)
     else:
-        real_side = _side_from_images(real, inception(), batch_size, pr_samples)
+        real_side = _side_from_images(real, inception(), batch_size, pr_samples, max_images)
     if cache is not None and not cache.is_file():
         save_stats_npz(cache, *real_side.stats, features=real_side.features, n=real_side.n,
-                       source=str(real.resolve()))
+                       source=source)
 
-    fake_side = _side_from_images(fake, inception(), batch_size, pr_samples)
+    fake_side = _side_from_images(fake, inception(), batch_size, pr_samples, max_images)
     fid = frechet_distance(*real_side.stats, *fake_side.stats)
     precision = recall = None
     rf, ff = real_side.features, fake_side.features
     if pr_samples > 0 and rf is not None and ff is not None and min(len(rf), len(ff)) > k:
         precision, recall = precision_recall(rf, ff, k=k, device=device)
     return FIDResult(fid, precision, recall, real_side.n, fake_side.n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Class accuracy of generated images (offline stand-in for the Inception Score)
+
+CLASSIFIER_SIZE = 32
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+_CLASSIFIER_NAMES = {"mnist": "mnist", "mnist5k": "mnist", "mnist-5k": "mnist", "fashion-mnist": "fashion-mnist",
+                     "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist"}
+
+
+class DigitClassifier(torch.nn.Module):
+    """Small CNN for 32x32 RGB images in [-1, 1] (MNIST / Fashion-MNIST, grey replicated to RGB).
+
+    Three conv 3x3 -> BatchNorm -> ReLU -> 2x2 max-pool stages (32 -> 16 -> 8 -> 4 px, ``width``,
+    2x and 4x channels), then dropout -> linear(hidden) -> ReLU -> dropout -> linear(num_classes).
+    With the defaults (width 16, hidden 256): 288k parameters.
+    """
+
+    def __init__(self, num_classes: int = 10, *, width: int = 16, hidden: int = 256, dropout: float = 0.3):
+        super().__init__()
+        nn = torch.nn
+        layers, cin = [], 3
+        for cout in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin * 16, hidden), nn.ReLU(),
+                                  nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.config = {"num_classes": num_classes, "width": width, "hidden": hidden, "dropout": dropout}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1:] != (3, CLASSIFIER_SIZE, CLASSIFIER_SIZE):
+            raise ValueError(f"DigitClassifier expects (B, 3, {CLASSIFIER_SIZE}, {CLASSIFIER_SIZE}) images "
+                             f"in [-1, 1], got {tuple(x.shape)}")
+        return self.head(self.features(x))
+
+
+def classifier_name(dataset: str) -> str:
+    """Canonical classifier asset name (``mnist`` or ``fashion-mnist``) for a dataset name or alias."""
+    key = _CLASSIFIER_NAMES.get(str(dataset).strip().lower())
+    if key is None:
+        raise ValueError(f"no shipped classifier for dataset {dataset!r}; available: mnist, fashion-mnist")
+    return key
+
+
+def classifier_paths(dataset: str, assets: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """(weights .safetensors, info .json) of the shipped classifier of ``dataset``."""
+    folder = ASSETS_DIR if assets is None else Path(assets)
+    name = classifier_name(dataset)
+    return folder / f"classifier_{name}.safetensors", folder / f"classifier_{name}.json"
+
+
+def load_classifier(dataset: str, *, assets: str | os.PathLike | None = None,
+                    device: str | torch.device = "cpu") -> DigitClassifier:
+    """The shipped classifier of ``dataset`` (``mnist`` / ``fashion-mnist``), in eval mode, float32.
+
+    Its training settings and held-out test accuracy are in ``model.info`` (the asset's .json).
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    weights, info_path = classifier_paths(dataset, assets)
+    if not weights.is_file() or not info_path.is_file():
+        raise FileNotFoundError(f"classifier asset missing: {weights} / {info_path.name} (train it with "
+                                f"benchmarks/train_classifier.py --data {classifier_name(dataset)})")
+    info = json.loads(info_path.read_text())
+    model = DigitClassifier(**info["model"])
+    sd = {k: v.float() for k, v in load_file(str(weights)).items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights}: does not match DigitClassifier{info['model']} "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.info = info
+    return model.to(device).eval()
+
+
+def _classifier_input(x: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW or float NCHW in [-1, 1] -> float32 (B, 3, 32, 32) in [-1, 1]."""
+    x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float().clamp(-1, 1)
+    if x.shape[-2:] != (CLASSIFIER_SIZE, CLASSIFIER_SIZE):
+        x = F.interpolate(x, size=(CLASSIFIER_SIZE, CLASSIFIER_SIZE), mode="bilinear", align_corners=False,
+                          antialias=True)
+    return x
+
+
+@torch.inference_mode()
+def classify(images: Images, *, dataset: str | None = None, model: DigitClassifier | None = None,
+             batch_size: int = 256, device: str | torch.device = "cpu") -> np.ndarray:
+    """Predicted class ids (N,) int64 of uint8 NHWC or float NCHW [-1, 1] RGB images (any size: resized
+    to 32x32), with the shipped classifier of ``dataset`` or a given ``model``."""
+    if model is None:
+        if dataset is None:
+            raise ValueError("classify: give dataset= or model=")
+        model = load_classifier(dataset, device=device)
+    dev = next(model.parameters()).device
+    x = _as_nchw(images)
+    if isinstance(x, list):
+        x = torch.cat([_classifier_input(t) for t in x])
+    preds = [model(_classifier_input(c.to(dev))).argmax(1).cpu() for c in x.split(batch_size)]
+    return torch.cat(preds).numpy() if preds else np.zeros(0, np.int64)
+
+
+def class_accuracy(images: Images, labels, *, dataset: str | None = None,
+                   model: DigitClassifier | None = None, batch_size: int = 256,
+                   device: str | torch.device = "cpu") -> float:
+    """Fraction of ``images`` that the shipped ``dataset`` classifier assigns to their ``labels``.
+
+    For class-conditional samples this measures how often the sample shows the requested class (an
+    offline, dataset-specific stand-in for the Inception Score's class-confidence part).
+    """
+    labels = np.asarray(labels).reshape(-1)
+    n = len(images)
+    if labels.shape[0] != n:
+        raise ValueError(f"class_accuracy: {n} images but {labels.shape[0]} labels")
+    if n == 0:
+        raise ValueError("class_accuracy: no images")
+    pred = classify(images, dataset=dataset, model=model, batch_size=batch_size, device=device)
+    return float((pred == labels.astype(np.int64)).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer reconstruction report
+
+
+def _fetch_batch(ds, idx: torch.Tensor) -> torch.Tensor:
+    if hasattr(ds, "batch"):
+        return ds.batch(idx)[0]
+    return torch.stack([ds[int(i)][0] for i in idx])
+
+
+def _spread_indices(total: int, n: int) -> torch.Tensor:
+    """``n`` indices spread evenly over ``range(total)`` (data sets sorted by class stay balanced)."""
+    return torch.arange(n, dtype=torch.long) * total // n
+
+
+@torch.inference_mode()
+def evaluate_reconstruction(tokenizer, dataset, *, num_images: int | None = 1000, batch_size: int = 64,
+                            fid: bool = False, device: str | torch.device = "cpu", seed: int = 0,
+                            inception_batch_size: int = 50, progress: bool = False) -> dict:
+    """Reconstruct ``num_images`` images of ``dataset`` (evenly spread over it; ``None``: all) and report
+    PSNR (dB) and SSIM (means of per-image values), reconstruction FID (reals vs reconstructions, only
+    with ``fid=True``) and the code statistics of :func:`codebook_usage`.
+
+    Reconstructions are quantised to uint8 first (``to_uint8``), so the numbers are those of the saved
+    PNGs, as in the paper's tokenizer tables. A GAN (noise-input) decoder is seeded with ``seed``.
+    """
+    from tqdm.auto import tqdm
+
+    from .pipeline import to_uint8
+
+    total = len(dataset)
+    if total == 0:
+        raise ValueError("evaluate_reconstruction: the data set is empty")
+    if num_images is not None and num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = total if num_images is None else min(num_images, total)
+    if fid and n < 2:
+        raise ValueError(f"reconstruction FID needs at least 2 images, got {n}")
+    device = torch.device(device)
+    tokenizer = tokenizer.to(device).eval()
+    dtype = next(tokenizer.parameters()).dtype
+    net = InceptionFeatures(device=device, batch_size=inception_batch_size) if fid else None
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = tokenizer.quantizer
+    psnrs, ssims, codes, feats_real, feats_rec = [], [], [], [], []
+    t0 = time.perf_counter()
+    idx = _spread_indices(total, n)
+    for chunk in tqdm(idx.split(batch_size), desc="reconstructing", unit="batch", disable=not progress):
+        x = _fetch_batch(dataset, chunk).to(device)
+        lat = tokenizer.encode(x.to(dtype))
+        codes.append(q.indices(lat).cpu())
+        rec_u8 = to_uint8(tokenizer.decode(lat, generator=gen).float())  # (B, H, W, 3) uint8, CPU
+        real_u8 = to_uint8(x)
+        rec = rec_u8.permute(0, 3, 1, 2).double() / 127.5 - 1
+        real = real_u8.permute(0, 3, 1, 2).double() / 127.5 - 1
+        psnrs.append(psnr(real, rec))
+        ssims.append(ssim(real, rec))
+        if net is not None:
+            feats_real.append(net.features(real_u8))
+            feats_rec.append(net.features(rec_u8))
+    usage = codebook_usage(torch.cat(codes), codes_per_group=2**q.bits_per_group)
+    rfid = None
+    if net is not None:
+        fr, ff = np.concatenate(feats_real), np.concatenate(feats_rec)
+        rfid = frechet_distance(*feature_statistics(fr), *feature_statistics(ff))
+    p = torch.cat(psnrs)
+    h, w = lat.shape[-2:]
+    return {
+        "num_images": n,
+        "image_size": list(x.shape[-2:]),
+        "psnr_db": float(p.mean()),
+        "ssim": float(torch.cat(ssims).mean()),
+        "rfid": rfid,
+        "codebook": {
+            "bits": tokenizer.bits, "groups": q.groups, "bits_per_group": q.bits_per_group,
+            "codes_per_group": 2**q.bits_per_group, "tokens_per_image": int(h * w),
+            "entropy_bits": usage.entropy_bits, "max_entropy_bits": usage.max_entropy_bits,
+            "entropy_ratio": usage.entropy_bits / usage.max_entropy_bits if usage.max_entropy_bits else 1.0,
+            "used_fraction": usage.used_fraction, "perplexity": usage.perplexity,
+        },
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
