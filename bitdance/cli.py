@@ -694,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .training import TrainingError
 
+    import torch
+
+    grad_was_enabled = torch.is_grad_enabled()  # commands may switch autograd off; main() is re-entrant
     try:
         args.fn(args)
     except (CheckpointError, ConfigError, CLIError, TrainingError, ValueError, FileNotFoundError) as e:
@@ -702,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        torch.set_grad_enabled(grad_was_enabled)
     return 0
 
 

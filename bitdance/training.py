@@ -74,9 +74,11 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     sample_every: int = 0  # 0 = only at the end
+    final_samples: bool = True  # a sample grid (or reconstructions) when the run ends
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
     resume: bool = False
     cache_latents: bool = True  # generator: encode the dataset once with the frozen tokenizer
+    cache_dir: str = ""  # where encoded latents are cached ("" = the run folder); share it between runs
     progress: bool = True
     # tokenizer losses
     rec_loss: str = "l1"  # l1 | l2
@@ -287,7 +289,7 @@ class GeneratorTask:
             digest.update(k.encode())
             digest.update(tok_sd[k].detach().cpu().float().numpy().tobytes())
         digest.update(f"{self.cfg.data}|{self.cfg.split}|{self.model_config.image_size}|{len(self.data)}".encode())
-        path = Path(self.cfg.out) / f"latents-{digest.hexdigest()[:16]}.pt"
+        path = Path(self.cfg.cache_dir or self.cfg.out) / f"latents-{digest.hexdigest()[:16]}.pt"
         if path.exists():
             try:
                 lat = load_file(path)
@@ -298,6 +300,7 @@ class GeneratorTask:
         log(f"encoding {len(self.data)} images with the frozen tokenizer (cached in {path.name})")
         lat = encode_dataset(self.tokenizer, self.data, d.device, progress=self.cfg.progress and d.main)
         if d.main:
+            path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: torch.save(lat, tmp))
         return lat
 
@@ -437,10 +440,12 @@ class Trainer:
     def _precision(self):
         dev = self.d.device
         want = self.cfg.precision
+        self.precision = "fp32"  # what this run actually uses
         if want == "fp32" or (want == "auto" and not bf16_supported(dev)):
             if want == "auto":
                 self.log(f"bf16 not supported natively on this {dev.type}; training in fp32")
             return nullcontext
+        self.precision = "bf16"
         if want == "bf16" and not bf16_supported(dev):
             self.log(f"warning: bf16 requested but this {dev.type} has no native bf16; it will be slow")
         return lambda: torch.autocast(dev.type, dtype=torch.bfloat16)
@@ -673,6 +678,10 @@ class Trainer:
 
         cfg = self.cfg
         t_start = time.perf_counter()
+        if self.step >= cfg.steps:  # a finished run: nothing to redo
+            self.log(f"{self.ckpt_path} is already at step {self.step} >= {cfg.steps}; nothing to train")
+            return {"steps": self.step, "seconds": 0.0, "stopped_early": False,
+                    "final": self.history[-1] if self.history else {}}
         self._last_ckpt_step = self.step if self.ckpt_path.exists() else None
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.d.main),
                    desc=f"train {cfg.task}", dynamic_ncols=True)
@@ -697,7 +706,8 @@ class Trainer:
                 break
         bar.close()
         self.save_checkpoint()
-        self.sample_grid(self.out / ("reconstructions.png" if cfg.task == "tokenizer" else "samples.png"))
+        if cfg.final_samples:
+            self.sample_grid(self.out / ("reconstructions.png" if cfg.task == "tokenizer" else "samples.png"))
         self.d.barrier()
         return {"steps": self.step, "seconds": time.perf_counter() - t_start, "stopped_early": stopped_early,
                 "final": self.history[-1] if self.history else {}}
