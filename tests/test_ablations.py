@@ -18,12 +18,7 @@ from bitdance.head import BitwiseHead, DiffusionHead, TokenHead, build_head
 from bitdance.quantizer import binarize, bits_to_indices, indices_to_bits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(P: int = 4, **kw) -> BitDanceConfig:

