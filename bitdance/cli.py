@@ -194,6 +194,30 @@ def cmd_demo(args) -> None:
         print(f"wrote {out / name}")
 
 
+def cmd_bench(args) -> None:
+    from .bench import run_bench
+
+    r = run_bench(args.preset, batch=args.batch, steps=args.steps, cfg=args.cfg, image_size=args.image_size,
+                  dtype=args.dtype, device=args.device, warmup=args.warmup, repeats=args.repeats,
+                  decode=not args.no_decode, tokenizer=args.tokenizer, seed=args.seed,
+                  log=None if args.json else (lambda m: print(m, file=sys.stderr)))
+    for note in r.notes:
+        print(f"note: {note}")
+    print(f"{r.preset} + {r.tokenizer} tokenizer, {r.image_size} px, batch {r.batch}, {r.ar_steps} AR steps x "
+          f"{r.steps} flow steps, cfg {r.cfg:g}, {r.dtype} on {r.device} ({r.threads} threads)"
+          f"{'' if r.decode else ', no decode'}")
+    print(f"images/s:            {r.images_per_s:.4g}")
+    print(f"seconds per image:   {r.seconds_per_image:.4g}")
+    print(f"FLOPs per image:     {r.flops_per_image:.4g} (generator {r.generator_flops_per_image:.4g}, "
+          f"decode {r.decode_flops_per_image:.4g}; counted by FlopCounterMode)")
+    print(f"achieved FLOP/s:     {r.achieved_flops:.4g}")
+    print(f"matmul peak FLOP/s:  {r.peak_flops:.4g} ({r.dtype}, measured)")
+    print(f"MFU:                 {100 * r.mfu:.2f}%")
+    print(f"peak memory:         {r.peak_memory_bytes / 2**20:.1f} MiB ({r.peak_memory_method})")
+    if args.json:
+        print(json.dumps(r.to_dict()))
+
+
 # --------------------------------------------------------------------------------------------
 # evaluation: eval fid / eval recon / eval accuracy, and sample-npz
 # --------------------------------------------------------------------------------------------
@@ -678,6 +702,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out (and discard partial "
                    "results made with other settings)")
     s.set_defaults(fn=cmd_sample_npz)
+
+    s = sub.add_parser("bench", help="time sampling with random weights: images/s, counted FLOPs, MFU, memory",
+                       formatter_class=fmt)
+    s.add_argument("--preset", default="BitDance-B-16x", help="generator preset (see 'bitdance presets')")
+    s.add_argument("--tokenizer", help="tokenizer preset (default: the preset's d16c32; tiny-d4c16 for small images)")
+    s.add_argument("--batch", type=int, default=2, help="images per run")
+    s.add_argument("--steps", type=int, default=25, help="diffusion-head sampling steps")
+    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="falls back to fp32 without bf16")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    s.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    s.add_argument("--repeats", type=int, default=1, help="timed runs (averaged)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-decode", action="store_true", help="time the generator only (no tokenizer decode)")
+    s.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
+    s.set_defaults(fn=cmd_bench)
     return p
 
 

@@ -1,0 +1,307 @@
+"""Sampling benchmark with random weights: throughput, counted FLOPs, MFU and peak memory (``bitdance bench``).
+
+No checkpoint is needed: the generator of a preset and its tokenizer are built with random weights in the
+chosen dtype. The diffusion head's zero-initialised output/adaLN weights are given small random values so
+that the flow does the same work as with trained weights (the cost does not depend on the values anyway).
+
+* FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode` over one full generate (+ decode)
+  run: matmuls / linears / convolutions / attention (2 FLOPs per multiply-add; attention counted with the
+  full L x S score matrix, masks are not discounted). Element-wise work (norms, activations, sampler
+  arithmetic) is not counted, as usual for MFU.
+* The matmul peak is measured in the same process: a few large square matmuls in the chosen dtype, best one.
+* Peak memory: CUDA ``torch.cuda.max_memory_allocated`` over the timed runs; CPU the peak resident set size
+  during the timed runs minus the RSS before the models were built (Linux ``/proc/self/clear_refs`` resets
+  the high-water mark; without it, ``resource.getrusage`` ru_maxrss, the process-lifetime peak).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["FLOP_MAPPING", "BenchResult", "count_flops", "measure_matmul_peak", "run_bench"]
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP counting
+# --------------------------------------------------------------------------------------------
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """scaled_dot_product_attention: Q K^T (2 B H L S D) + A V (2 B H L S Dv)."""
+    *batch, L, D = query_shape
+    S, Dv = key_shape[-2], value_shape[-1]
+    n = math.prod(batch)
+    return 2 * n * L * S * D + 2 * n * L * S * Dv
+
+
+def _flop_mapping() -> dict:
+    aten = torch.ops.aten
+    mapping = {aten.scaled_dot_product_attention: _sdpa_flops}
+    cpu_flash = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is not None:
+        mapping[cpu_flash] = _sdpa_flops
+    return mapping
+
+
+# torch's registry has the CUDA attention kernels but not the op a CPU (or inference-mode) call dispatches.
+FLOP_MAPPING = _flop_mapping()
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """(FLOPs counted by FlopCounterMode while running ``fn()``, its result)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=FLOP_MAPPING) as fc:
+        out = fn()
+    return int(fc.get_total_flops()), out
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, *, size: int | None = None,
+                        trials: int = 3) -> float:
+    """Best FLOP/s of ``size`` x ``size`` matmuls in ``dtype`` (after one warm-up matmul)."""
+    device = torch.device(device)
+    n = size or (8192 if device.type == "cuda" else 2048)
+    inner = 10 if device.type == "cuda" else 1
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    best = 0.0
+    with torch.inference_mode():
+        torch.mm(a, b, out=c)
+        _sync(device)
+        for _ in range(trials):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                torch.mm(a, b, out=c)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            best = max(best, 2.0 * n**3 * inner / dt)
+    del a, b, c
+    return best
+
+
+def _rss_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _hwm_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------
+@dataclass
+class BenchResult:
+    preset: str
+    tokenizer: str
+    image_size: int
+    batch: int
+    steps: int
+    cfg: float
+    dtype: str
+    device: str
+    threads: int
+    decode: bool
+    ar_steps: int
+    images_per_s: float
+    seconds_per_image: float
+    flops_per_image: float
+    generator_flops_per_image: float
+    decode_flops_per_image: float
+    achieved_flops: float
+    peak_flops: float
+    mfu: float
+    peak_memory_bytes: int
+    peak_memory_method: str
+    run_seconds: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _resolve(device: str, dtype: str, notes: list[str]) -> tuple[torch.device, torch.dtype, str]:
+    from .training import bf16_supported
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available in this torch build / machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
+    name = {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+    if name not in ("bf16", "fp32"):
+        raise ValueError(f"unsupported dtype {dtype!r}; use bf16 or fp32")
+    if name == "bf16" and not bf16_supported(dev):
+        why = "no avx512_bf16/amx_bf16 in /proc/cpuinfo" if dev.type == "cpu" else "the GPU has no bf16"
+        notes.append(f"bf16 is not supported on this {dev.type} ({why}); falling back to fp32")
+        name = "fp32"
+    return dev, (torch.bfloat16 if name == "bf16" else torch.float32), name
+
+
+def _build(preset: str, image_size: int, tokenizer: str | None, seed: int, device, dtype):
+    from torch import nn
+
+    from .config import bitdance_preset, tokenizer_preset
+    from .tokenizer import BinaryTokenizer
+    from .transformer import BitDance
+
+    overrides: dict[str, Any] = {"image_size": image_size}
+    if tokenizer:
+        overrides["tokenizer"] = tokenizer_preset(tokenizer)
+    cfg = bitdance_preset(preset, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gen = BitDance(cfg)
+        net = getattr(gen.head, "net", None)
+        if cfg.head_type == "diffusion" and net is not None:  # non-zero output so the flow does real work
+            for lin in [*net.ada_ln_blocks, net.final_layer.ada_ln_modulation, net.final_layer.linear]:
+                nn.init.normal_(lin.weight, std=0.02)
+        tok = BinaryTokenizer(cfg.tokenizer)
+    gen = gen.to(device=device, dtype=dtype).eval()
+    tok = tok.to(device=device, dtype=dtype).eval()
+    return cfg, gen, tok
+
+
+def run_bench(
+    preset: str = "BitDance-B-16x",
+    *,
+    batch: int = 2,
+    steps: int = 25,
+    cfg: float = 4.0,
+    image_size: int = 256,
+    dtype: str = "bf16",
+    device: str = "cpu",
+    warmup: int = 1,
+    repeats: int = 1,
+    decode: bool = True,
+    tokenizer: str | None = None,
+    seed: int = 0,
+    peak_size: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Time ``repeats`` sampling runs (after ``warmup``) of ``batch`` images with random weights, count the
+    FLOPs of one more run, measure the matmul peak, and return the figures (see the module docstring)."""
+    from .sampler import FlowSampler
+
+    for name, v, lo in (("batch", batch, 1), ("steps", steps, 1), ("image_size", image_size, 1),
+                        ("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if v < lo:
+            raise ValueError(f"{name} must be >= {lo}, got {v}")
+    say = log or (lambda s: None)
+    notes: list[str] = []
+    dev, tdtype, dname = _resolve(device, dtype, notes)
+    for n in notes:
+        say(n)
+
+    rss0 = _rss_bytes()
+    maxrss0 = _maxrss_bytes()
+    mcfg, gen, tok = _build(preset, image_size, tokenizer, seed, dev, tdtype)
+    tok_name = tokenizer or next((k for k, v in _tokenizer_presets().items() if v == mcfg.tokenizer), "custom")
+    sampler = FlowSampler(num_steps=steps)
+    labels = (torch.arange(batch) % mcfg.num_classes).to(dev)
+
+    def generate():
+        g = torch.Generator(device=dev).manual_seed(seed)
+        return gen.generate(labels, sampler=sampler, guidance_scale=cfg, generator=g), g
+
+    def decode_fn(latents, g):
+        return tok.decode(latents.to(tdtype), generator=g, chunk_size=16)
+
+    def one_run():
+        latents, g = generate()
+        return decode_fn(latents, g) if decode else latents
+
+    with torch.inference_mode():
+        for i in range(warmup):
+            say(f"warm-up run {i + 1}/{warmup}")
+            one_run()
+        _sync(dev)
+
+        # timed runs, with the memory high-water mark reset just before
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+            mem_method = "cuda max_memory_allocated (weights + activations)"
+        else:
+            hwm_ok = _reset_hwm() and rss0 is not None and _hwm_bytes() is not None
+            mem_method = ("cpu peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the models "
+                          "were built" if hwm_ok else
+                          "cpu getrusage ru_maxrss increase over the start of the bench (lifetime peak)")
+        times = []
+        for i in range(repeats):
+            _sync(dev)
+            t0 = time.perf_counter()
+            one_run()
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+            say(f"timed run {i + 1}/{repeats}: {times[-1]:.3f}s")
+        if dev.type == "cuda":
+            peak_mem = int(torch.cuda.max_memory_allocated(dev))
+        elif hwm_ok:
+            peak_mem = int(_hwm_bytes() - rss0)
+        else:
+            peak_mem = int(_maxrss_bytes() - maxrss0)
+
+        say("counting FLOPs (one more run under FlopCounterMode)")
+        gen_flops, (latents, g) = count_flops(generate)
+        dec_flops = count_flops(lambda: decode_fn(latents, g))[0] if decode else 0
+
+    say("measuring the matmul peak")
+    peak = measure_matmul_peak(dev, tdtype, size=peak_size)
+
+    sec = sum(times) / len(times)
+    flops_per_image = (gen_flops + dec_flops) / batch
+    ips = batch / sec
+    achieved = flops_per_image * ips
+    return BenchResult(
+        preset=preset, tokenizer=tok_name, image_size=image_size, batch=batch, steps=steps, cfg=cfg, dtype=dname,
+        device=str(dev), threads=torch.get_num_threads(), decode=decode, ar_steps=mcfg.num_steps,
+        images_per_s=ips, seconds_per_image=sec / batch, flops_per_image=flops_per_image,
+        generator_flops_per_image=gen_flops / batch, decode_flops_per_image=dec_flops / batch,
+        achieved_flops=achieved, peak_flops=peak, mfu=achieved / peak, peak_memory_bytes=peak_mem,
+        peak_memory_method=mem_method, run_seconds=times, notes=notes)
+
+
+def _tokenizer_presets():
+    from .config import TOKENIZER_PRESETS
+
+    return TOKENIZER_PRESETS

@@ -1,0 +1,84 @@
+"""`bitdance bench`: figures, FLOP count checked against an independent FlopCounterMode count, bf16 fallback."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bitdance.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KEYS = ["images_per_s", "seconds_per_image", "flops_per_image", "achieved_flops", "peak_flops", "mfu",
+        "peak_memory_bytes"]
+TINY = ["bench", "--preset", "BitDance-T-4x", "--image-size", "32", "--batch", "1", "--steps", "2", "--cfg", "2",
+        "--tokenizer", "tiny-d4c16", "--json"]
+
+
+def _last_json(capsys):
+    out = capsys.readouterr().out.strip().splitlines()
+    return json.loads(out[-1]), "\n".join(out)
+
+
+def _attention_flops(q, k, v, *args, out_shape=None, **kwargs):
+    # written here independently of bitdance.bench: Q K^T and A V, 2 FLOPs per multiply-add
+    b = 1
+    for d in q[:-2]:
+        b *= d
+    return 2 * b * q[-2] * k[-2] * q[-1] + 2 * b * q[-2] * k[-2] * v[-1]
+
+
+def _independent_count() -> int:
+    from bitdance.config import bitdance_preset, tokenizer_preset
+    from bitdance.sampler import FlowSampler
+    from bitdance.tokenizer import BinaryTokenizer
+    from bitdance.transformer import BitDance
+
+    cfg = bitdance_preset("BitDance-T-4x", image_size=32, tokenizer=tokenizer_preset("tiny-d4c16"))
+    gen, tok = BitDance(cfg).eval(), BinaryTokenizer(cfg.tokenizer).eval()
+    # FlopCounterMode decomposes F.scaled_dot_product_attention; on CPU it lands on this kernel, which
+    # torch's own registry does not know
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+        lat = gen.generate(torch.tensor([0]), sampler=FlowSampler(num_steps=2), guidance_scale=2.0,
+                           generator=torch.Generator().manual_seed(0))
+        tok.decode(lat)
+    return fc.get_total_flops()
+
+
+def test_bench_json_fp32(capsys):
+    assert main(TINY + ["--dtype", "fp32"]) == 0
+    r, text = _last_json(capsys)
+    for k in KEYS:
+        assert k in r, k
+        assert math.isfinite(r[k]) and r[k] > 0, (k, r[k])
+    assert r["dtype"] == "fp32" and r["batch"] == 1 and r["decode"] is True
+    assert r["mfu"] == pytest.approx(r["achieved_flops"] / r["peak_flops"], rel=1e-9)
+    assert r["achieved_flops"] == pytest.approx(r["flops_per_image"] * r["images_per_s"], rel=1e-9)
+    assert r["seconds_per_image"] == pytest.approx(1 / r["images_per_s"], rel=1e-9)
+    assert r["flops_per_image"] == pytest.approx(r["generator_flops_per_image"] + r["decode_flops_per_image"])
+    assert r["decode_flops_per_image"] > 0
+    assert r["flops_per_image"] == pytest.approx(_independent_count(), rel=0.01)
+    assert "MFU" in text and "peak memory" in text
+
+
+def test_bench_bf16_fallback(monkeypatch, capsys):
+    import bitdance.training
+
+    monkeypatch.setattr(bitdance.training, "bf16_supported", lambda device: False)
+    assert main(TINY + ["--dtype", "bf16", "--no-decode", "--warmup", "0"]) == 0
+    r, text = _last_json(capsys)
+    assert "falling back to fp32" in text
+    assert r["dtype"] == "fp32" and r["notes"] and r["decode_flops_per_image"] == 0
+    assert r["flops_per_image"] == r["generator_flops_per_image"] > 0
+    assert all(math.isfinite(r[k]) and r[k] > 0 for k in KEYS)
+
+
+def test_bench_unknown_preset(capsys):
+    assert main(["bench", "--preset", "BitDance-Q-4x", "--json"]) == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bitdance bench: error:") and "unknown preset" in err[0]
+    assert cap.out == ""
