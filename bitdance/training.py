@@ -367,15 +367,8 @@ class TokenizerTask:
         logs = {"loss": loss.detach(), "rec_loss": rec_loss.detach(), "entropy": q.entropy_loss.detach(),
                 "commitment": q.commitment.detach(), "sample_entropy": q.per_sample_entropy.detach(),
                 "codebook_entropy": q.codebook_entropy.detach()}
-        with torch.no_grad():  # monitoring: reconstruction quality and hard code usage on this batch
-            from .evaluation import codebook_usage, psnr, ssim
-
-            r = rec.detach().clamp(-1, 1)
-            logs["psnr"] = psnr(r, x).mean()
-            logs["ssim"] = ssim(r, x).mean()
-            q_idx = model_quantizer(model).indices(q.quantized.detach())
-            logs["code_entropy_bits"] = torch.tensor(codebook_usage(
-                q_idx, codes_per_group=2 ** self.model_config.bits_per_group).entropy_bits)
+        if getattr(self, "monitor", True):  # monitoring on logged steps only: quality and hard code usage
+            self._monitor(model, x, rec, q, logs)
         if self.perceptual is not None:
             p = self.perceptual(rec, x)
             loss = loss + cfg.perceptual_weight * p
@@ -384,6 +377,17 @@ class TokenizerTask:
         self._last = (x, out.reconstruction, loss - cfg.entropy_weight * q.entropy_loss
                       - cfg.commit_weight * q.commitment)
         return loss, logs
+
+    @torch.no_grad()
+    def _monitor(self, model, x, rec, q, logs) -> None:
+        from .evaluation import codebook_usage, psnr, ssim
+
+        r = rec.detach().clamp(-1, 1)
+        logs["psnr"] = psnr(r, x).mean()
+        logs["ssim"] = ssim(r, x).mean()
+        q_idx = model_quantizer(model).indices(q.quantized.detach())
+        logs["code_entropy_bits"] = torch.tensor(codebook_usage(
+            q_idx, codes_per_group=2 ** self.model_config.bits_per_group).entropy_bits)
 
 
 def model_quantizer(model: nn.Module):
@@ -562,6 +566,7 @@ class Trainer:
         mine = [i for i in range(self.n_micro) if i % d.world == d.rank]
         scale = d.world / self.n_micro  # DDP averages over ranks -> the mean over micro-batches
         self.ddp_model.train()
+        self.task.monitor = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
         self.opt.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
         for j, i in enumerate(mine):
