@@ -82,7 +82,7 @@ class FlowSampler:
         guided = guidance_scale > 1.0
         mult = 2 if guided else 1
         x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-        dts = (lambda ts: ts[1:] - ts[:-1])(self.timesteps(x.device))
+        dts = self.timesteps(x.device).diff()
         t = torch.zeros((), device=x.device, dtype=torch.float32)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
