@@ -95,24 +95,23 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, *, size: int |
     return best
 
 
-def _rss_bytes() -> int | None:
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in bytes."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _rss_bytes() -> int | None:
+    return _proc_status_bytes("VmRSS")
 
 
 def _hwm_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_status_bytes("VmHWM")
 
 
 def _reset_hwm() -> bool:

@@ -162,7 +162,10 @@ class _AdaLNTrunk(nn.Module):
 class _HeadNet(_AdaLNTrunk):
     """Diffusion head network: time + condition embedding, noisy-input projection, adaLN trunk."""
 
+    variant: str  # set by the subclasses; the blocks follow cfg.variant, which must agree
+
     def __init__(self, cfg: HeadConfig):
+        assert cfg.variant == self.variant, f"{type(self).__name__} needs variant={self.variant!r}, got {cfg.variant!r}"
         super().__init__(cfg, cfg.in_channels)
         self.time_embed = TimestepEmbedder(cfg.width)
         self.input_proj = nn.Linear(cfg.in_channels, cfg.width)
@@ -198,9 +201,13 @@ class _HeadNet(_AdaLNTrunk):
 class MLPHeadNet(_HeadNet):
     """One token at a time (the 1x models)."""
 
+    variant = "mlp"
+
 
 class TransformerHeadNet(_HeadNet):
     """Attention over the P tokens of a patch (next-patch models)."""
+
+    variant = "transformer"
 
 
 def build_head_net(cfg: HeadConfig) -> _HeadNet:
