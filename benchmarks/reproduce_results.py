@@ -107,6 +107,10 @@ BUDGETS = {
     "full": Budget("full", tokenizer_steps=600, tokenizer_batch=64, generator_steps=350, generator_batch=64,
                    recon_images=10_000, fid_images=1000, ref_images=10_000, sample_batch=50, latency_images=20,
                    cache_latents=True, ckpt_every=100, log_every=10),
+    # What fits one ~1.5 h CPU session: fewer generator steps and half the FID samples of "full".
+    "medium": Budget("medium", tokenizer_steps=600, tokenizer_batch=64, generator_steps=250, generator_batch=64,
+                     recon_images=10_000, fid_images=500, ref_images=5000, sample_batch=50, latency_images=10,
+                     cache_latents=True, ckpt_every=50, log_every=10),
     "smoke": Budget("smoke", tokenizer_steps=3, tokenizer_batch=16, generator_steps=3, generator_batch=16,
                     recon_images=64, fid_images=16, ref_images=16, sample_batch=16, latency_images=2,
                     cache_latents=False, ckpt_every=0, log_every=1),
@@ -774,7 +778,7 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str] | None = None
     b = s["budget"]
     env = results["environment"]
     smp = s["sampling"]
-    smoke = results["budget"] != "full"
+    smoke = results["budget"] == "smoke"
     tables = _decorate(results["tables"])
     n_ref = next((r["ref_images"] for t in ("tab2", "tab3", "tab4") for r in tables[t]), None)
     tag = " — SMOKE RUN, numbers meaningless" if smoke else ""
@@ -793,7 +797,7 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str] | None = None
             f"~{estimate_seconds(BUDGETS['full'])['total'] / 3600:.1f} h on the 2-core CPU, an upper bound; "
             "`--plan` prints the breakdown).")
     else:
-        add(f"> Full budget (`--budget full`): {b['tokenizer_steps']} tokenizer and {b['generator_steps']} "
+        add(f"> Budget `{results['budget']}` (`--budget {results['budget']}`): {b['tokenizer_steps']} tokenizer and {b['generator_steps']} "
             f"generator training steps, {b['fid_images']} generated images per FID point, all on "
             f"{env['cpu_count']} CPU cores. Small-scale numbers: compare rows with each other, not with the "
             "paper's ImageNet numbers.")
@@ -801,8 +805,9 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str] | None = None
     add("Regenerate (resumable: re-running skips finished models, samples and rows):")
     add("")
     add("```bash")
-    add("python benchmarks/reproduce_results.py --out runs/results --budget full           # all four tables")
-    add("python benchmarks/reproduce_results.py --out runs/results --budget full --only tab3")
+    name = "full" if smoke else results["budget"]
+    add(f"python benchmarks/reproduce_results.py --out runs/results --budget {name}           # all four tables")
+    add(f"python benchmarks/reproduce_results.py --out runs/results --budget {name} --only tab3")
     add("python benchmarks/reproduce_results.py --out runs/results-smoke --budget smoke    # ~2 min check")
     add("```")
     add("")
@@ -970,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"budget": dataclasses.asdict(budget),
                           "estimate_minutes": {k: round(v / 60, 1) for k, v in est.items()}}, indent=2))
         return 0
-    threads = args.threads or ((os.cpu_count() or 1) if budget.name == "full" else 1)
+    threads = args.threads or ((os.cpu_count() or 1) if budget.name != "smoke" else 1)
     torch.set_num_threads(threads)
     from bitdance.data import DatasetError, load_dataset
 

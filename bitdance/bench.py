@@ -152,6 +152,11 @@ class BenchResult:
     mfu: float
     peak_memory_bytes: int
     peak_memory_method: str
+    compile_mode: str = "off"
+    # bf16 vs fp32 on the same seed (``compare_fp32``): fraction of equal bits, PSNR of the decoded images
+    bf16_bit_agreement: float | None = None
+    bf16_token_agreement: float | None = None
+    bf16_image_psnr: float | None = None
     run_seconds: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -177,8 +182,17 @@ def _resolve(device: str, dtype: str, notes: list[str]) -> tuple[torch.device, t
     return dev, (torch.bfloat16 if name == "bf16" else torch.float32), name
 
 
-def _build(preset: str, image_size: int, tokenizer: str | None, seed: int, device, dtype):
+def _build(preset: str, image_size: int, tokenizer: str | None, seed: int, device, dtype, model: str | None = None):
     from torch import nn
+
+    if model is not None:  # trained weights: what the bf16-vs-fp32 check is meaningful on
+        from .pipeline import BitDancePipeline
+
+        pipe = BitDancePipeline.from_pretrained(model, tokenizer=tokenizer)
+        if pipe.kind != "class_conditional":
+            raise ValueError(f"{model}: bench --model takes class-conditional models")
+        return (pipe.config, pipe.generator.to(device=device, dtype=dtype).eval(),
+                pipe.tokenizer.to(device=device, dtype=dtype).eval())
 
     from .config import bitdance_preset, tokenizer_preset
     from .tokenizer import BinaryTokenizer
@@ -216,16 +230,32 @@ def run_bench(
     tokenizer: str | None = None,
     seed: int = 0,
     peak_size: int | None = None,
+    compile: str = "off",
+    compare_fp32: bool = False,
+    model: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Time ``repeats`` sampling runs (after ``warmup``) of ``batch`` images with random weights, count the
-    FLOPs of one more run, measure the matmul peak, and return the figures (see the module docstring)."""
+    FLOPs of one more run, measure the matmul peak, and return the figures (see the module docstring).
+
+    ``compile``: "off", or a ``torch.compile`` mode for the diffusion head's inner loop ("default",
+    "reduce-overhead" = CUDA graphs on GPUs, "max-autotune"); compilation happens in the warm-up run.
+    ``compare_fp32``: also sample the same seed with the fp32 model and report how many bits/tokens agree
+    and the PSNR between the decoded images (only meaningful when ``dtype`` is bf16; with random weights
+    the flow is near-chaotic, so check quality on trained weights).
+    ``model``: a class-conditional checkpoint/folder to use instead of random weights (``preset``, ``image_size``
+    are then taken from it, ``tokenizer`` is a tokenizer file as for ``bitdance sample``).
+    """
     from .sampler import FlowSampler
 
     for name, v, lo in (("batch", batch, 1), ("steps", steps, 1), ("image_size", image_size, 1),
                         ("warmup", warmup, 0), ("repeats", repeats, 1)):
         if v < lo:
             raise ValueError(f"{name} must be >= {lo}, got {v}")
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {compile!r}; use one of {', '.join(COMPILE_MODES)}")
+    if compile != "off" and warmup < 1:
+        raise ValueError("compile needs at least one warm-up run (compilation must not be timed)")
     say = log or (lambda s: None)
     notes: list[str] = []
     dev, tdtype, dname = _resolve(device, dtype, notes)
@@ -234,8 +264,17 @@ def run_bench(
 
     rss0 = _rss_bytes()
     maxrss0 = _maxrss_bytes()
-    mcfg, gen, tok = _build(preset, image_size, tokenizer, seed, dev, tdtype)
-    tok_name = tokenizer or next((k for k, v in _tokenizer_presets().items() if v == mcfg.tokenizer), "custom")
+    mcfg, gen, tok = _build(preset, image_size, tokenizer, seed, dev, tdtype, model)
+    if model is not None:
+        from .cli import _match_preset
+
+        preset, image_size = f"{model} ({_match_preset(mcfg) or 'custom'})", mcfg.image_size
+    tok_name = tokenizer if (tokenizer and model is None) else None
+    tok_name = tok_name or next((k for k, v in _tokenizer_presets().items() if v == mcfg.tokenizer), "custom")
+    if compile != "off":
+        if not hasattr(gen.head, "compile_denoiser"):
+            raise ValueError(f"compile applies to the diffusion head; {preset} has head_type={mcfg.head_type!r}")
+        gen.head.compile_denoiser(mode=None if compile == "default" else compile)
     sampler = FlowSampler(num_steps=steps)
     labels = (torch.arange(batch) % mcfg.num_classes).to(dev)
 
@@ -281,8 +320,19 @@ def run_bench(
             peak_mem = int(_maxrss_bytes() - maxrss0)
 
         say("counting FLOPs (one more run under FlopCounterMode)")
+        compiled = getattr(gen.head, "_compiled_denoise", None)
+        if compiled is not None:  # count on the eager head: same ops, and the counter sees every one
+            gen.head._compiled_denoise = None
         gen_flops, (latents, g) = count_flops(generate)
         dec_flops = count_flops(lambda: decode_fn(latents, g))[0] if decode else 0
+        if compiled is not None:
+            gen.head._compiled_denoise = compiled
+
+        agreement = {}
+        if compare_fp32:
+            say("sampling the same seed in fp32 for the bf16 quality check")
+            agreement = _compare_fp32(preset, image_size, tokenizer, seed, dev, latents, decode_fn(latents, g),
+                                      labels, sampler, cfg, decode, model)
 
     say("measuring the matmul peak")
     peak = measure_matmul_peak(dev, tdtype, size=peak_size)
@@ -297,7 +347,28 @@ def run_bench(
         images_per_s=ips, seconds_per_image=sec / batch, flops_per_image=flops_per_image,
         generator_flops_per_image=gen_flops / batch, decode_flops_per_image=dec_flops / batch,
         achieved_flops=achieved, peak_flops=peak, mfu=achieved / peak, peak_memory_bytes=peak_mem,
-        peak_memory_method=mem_method, run_seconds=times, notes=notes)
+        peak_memory_method=mem_method, compile_mode=compile, run_seconds=times, notes=notes, **agreement)
+
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
+def _compare_fp32(preset, image_size, tokenizer, seed, dev, latents, images, labels, sampler, cfg, decode,
+                  model=None) -> dict:
+    """Agreement of the benchmarked run with the fp32 model on the same seed: bits, whole tokens, image PSNR."""
+    _, gen32, tok32 = _build(preset, image_size, tokenizer, seed, dev, torch.float32, model)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    ref = gen32.generate(labels, sampler=sampler, guidance_scale=cfg, generator=g)
+    same = latents.float() == ref
+    out = {"bf16_bit_agreement": same.float().mean().item(),
+           "bf16_token_agreement": same.all(dim=1).float().mean().item()}  # a token = all d bits of a position
+    if decode:
+        ref_img = tok32.decode(ref, generator=g, chunk_size=16)
+        a = ((images.float().clamp(-1, 1) + 1) * 127.5).round()
+        b = ((ref_img.float().clamp(-1, 1) + 1) * 127.5).round()
+        mse = ((a - b) ** 2).mean().item()
+        out["bf16_image_psnr"] = float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return out
 
 
 def _tokenizer_presets():

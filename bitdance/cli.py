@@ -139,25 +139,64 @@ def cmd_sample(args) -> None:
     import numpy as np
     import torch
 
-    from .pipeline import BitDancePipeline, make_grid
+    from .pipeline import BitDancePipeline, is_text_to_image_folder, make_grid
 
+    if args.model_path and args.model and args.model_path != args.model:
+        raise CLIError(f"two models given ({args.model_path} and --model {args.model}); give one")
+    model = args.model_path or args.model
+    if not model:
+        raise CLIError("no model given: bitdance sample MODEL [--classes ID ... | --prompt TEXT]")
+    # Check the options against the model kind before loading (a 14B folder takes a while to load).
+    t2i = is_text_to_image_folder(model)
+    if t2i:
+        if args.classes:
+            raise CLIError(f"{model} is a text-to-image model: give --prompt TEXT, not --classes")
+        if not args.prompt:
+            raise CLIError(f"{model} is a text-to-image model: give --prompt TEXT (repeat for several images)")
+        if args.schedule:
+            raise CLIError("--schedule is for class-conditional models; text-to-image guidance is constant")
+    elif args.prompt:
+        raise CLIError(f"{model} is a class-conditional model: give --classes ID ..., not --prompt")
     torch.set_grad_enabled(False)
-    pipe = BitDancePipeline.from_pretrained(args.model, tokenizer=args.tokenizer, device=args.device,
-                                            dtype=_dtype(args.dtype))
-    labels = args.classes or list(range(min(8, pipe.config.num_classes)))
+    # Text-to-image keeps the stored dtype (bf16 in the release) unless --dtype says otherwise.
+    dtype = _dtype(args.dtype) if args.dtype else (None if t2i else torch.float32)
+    if dtype == torch.bfloat16:
+        from .training import bf16_supported
+
+        if not bf16_supported(torch.device(args.device or "cpu")):
+            print(f"note: no bf16 support on this {args.device or 'cpu'}; sampling in fp32", file=sys.stderr)
+            dtype = torch.float32
+    pipe = BitDancePipeline.from_pretrained(model, tokenizer=args.tokenizer, device=args.device, dtype=dtype)
+    if args.compile != "off":
+        pipe.compile(None if args.compile == "default" else args.compile)
     gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
+    common = {"height": args.height, "width": args.width, "num_inference_steps": args.steps,
+              "sampler": args.sampler, "generator": gen, "output_type": "np", "use_kv_cache": not args.no_kv_cache}
     t0 = time.perf_counter()
-    out = pipe(labels, num_inference_steps=args.steps, guidance_scale=args.cfg, guidance_schedule=args.schedule,
-               sampler=args.sampler, generator=gen, output_type="np", use_kv_cache=not args.no_kv_cache)
+    if pipe.kind == "text_to_image":
+        names = [f"prompt-{_slug(p)}" for p in args.prompt]
+        out = pipe(args.prompt, guidance_scale=7.5 if args.cfg is None else args.cfg, **common)
+    else:
+        labels = args.classes or list(range(min(8, pipe.config.num_classes)))
+        names = [f"class{lab}" for lab in labels]
+        out = pipe(labels, guidance_scale=4.0 if args.cfg is None else args.cfg,
+                   guidance_schedule=args.schedule or "linear", **common)
     dt = time.perf_counter() - t0
     out_path = Path(args.out)
     if args.separate:
         out_path.mkdir(parents=True, exist_ok=True)
-        for i, (lab, im) in enumerate(zip(labels, out.images)):
-            _save_png(im, out_path / f"{i:04d}_class{lab}.png")
+        for i, (name, im) in enumerate(zip(names, out.images)):
+            _save_png(im, out_path / f"{i:04d}_{name}.png")
     else:
-        _save_png(make_grid(np.asarray(out.images), args.nrow or min(len(labels), 8)), out_path)
-    print(f"wrote {len(labels)} image(s) to {out_path} in {dt:.1f}s ({len(labels) / dt:.2f} img/s)")
+        _save_png(make_grid(np.asarray(out.images), args.nrow or min(len(names), 8)), out_path)
+    print(f"wrote {len(names)} image(s) to {out_path} in {dt:.1f}s ({len(names) / dt:.2f} img/s)")
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe piece of a prompt."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "empty"
 
 
 def cmd_convert(args) -> None:
@@ -194,13 +233,20 @@ def cmd_demo(args) -> None:
         print(f"wrote {out / name}")
 
 
+def cmd_serve(args) -> None:
+    from .studio import serve
+
+    serve(args.model, tokenizer=args.tokenizer, host=args.host, port=args.port, device=args.device,
+          dtype=_dtype(args.dtype) if args.dtype else None, preview_interval=args.preview_interval)
+
+
 def cmd_bench(args) -> None:
     from .bench import run_bench
 
     r = run_bench(args.preset, batch=args.batch, steps=args.steps, cfg=args.cfg, image_size=args.image_size,
                   dtype=args.dtype, device=args.device, warmup=args.warmup, repeats=args.repeats,
-                  decode=not args.no_decode, tokenizer=args.tokenizer, seed=args.seed,
-                  log=None if args.json else (lambda m: print(m, file=sys.stderr)))
+                  decode=not args.no_decode, tokenizer=args.tokenizer, seed=args.seed, compile=args.compile,
+                  compare_fp32=args.compare_fp32, model=args.model, log=None if args.json else (lambda m: print(m, file=sys.stderr)))
     for note in r.notes:
         print(f"note: {note}")
     print(f"{r.preset} + {r.tokenizer} tokenizer, {r.image_size} px, batch {r.batch}, {r.ar_steps} AR steps x "
@@ -214,6 +260,10 @@ def cmd_bench(args) -> None:
     print(f"matmul peak FLOP/s:  {r.peak_flops:.4g} ({r.dtype}, measured)")
     print(f"MFU:                 {100 * r.mfu:.2f}%")
     print(f"peak memory:         {r.peak_memory_bytes / 2**20:.1f} MiB ({r.peak_memory_method})")
+    if r.bf16_bit_agreement is not None:
+        psnr = "" if r.bf16_image_psnr is None else f", image PSNR {r.bf16_image_psnr:.2f} dB"
+        print(f"{r.dtype} vs fp32:        {100 * r.bf16_bit_agreement:.2f}% of bits, "
+              f"{100 * r.bf16_token_agreement:.2f}% of tokens equal{psnr} (same seed)")
     if args.json:
         print(json.dumps(r.to_dict()))
 
@@ -585,22 +635,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=cmd_info)
 
-    s = sub.add_parser("sample", help="generate class-conditional images into a grid PNG or files",
-                       formatter_class=fmt)
-    s.add_argument("--model", required=True, help="bitdance folder or official checkpoint (.pt)")
+    s = sub.add_parser("sample", help="generate images (class ids or text prompts) into a grid PNG or files",
+                       formatter_class=fmt, description="bitdance sample MODEL --classes 1 2 3 (class-conditional) "
+                       "or bitdance sample MODEL --prompt 'a red heart' (text-to-image folder)")
+    s.add_argument("model_path", nargs="?", metavar="MODEL",
+                   help="bitdance folder, official checkpoint (.pt) or text-to-image folder")
+    s.add_argument("--model", help="the same as MODEL")
     s.add_argument("--tokenizer", help="tokenizer file (ae_d16c32.pt/.safetensors) if the model has none")
-    s.add_argument("--classes", type=int, nargs="+", help="class ids (default: the first 8 classes)")
+    s.add_argument("--classes", type=int, nargs="+", help="class ids, class-conditional models; None = the "
+                   "first 8 classes")
+    s.add_argument("--prompt", action="append", help="text prompt, text-to-image models; repeat for several images")
+    s.add_argument("--height", type=int, help="image height in pixels; None = the model's (text-to-image: the "
+                   "largest allowed square, 1024 for the released models)")
+    s.add_argument("--width", type=int, help="image width in pixels; None = as --height")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--steps", type=int, default=50, help="diffusion-head sampling steps")
-    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--schedule", choices=["linear", "constant"], default="linear", help="guidance schedule")
+    s.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1 = off; None = 4.0 "
+                   "class-conditional, 7.5 text-to-image")
+    s.add_argument("--schedule", choices=["linear", "constant"],
+                   help="guidance schedule of class-conditional models; None = linear")
     s.add_argument("--sampler", choices=["euler_maruyama", "euler"], default="euler_maruyama")
     s.add_argument("--out", default="samples.png", help="grid PNG, or a folder with --separate")
     s.add_argument("--separate", action="store_true", help="one PNG per image into the --out folder")
     s.add_argument("--nrow", type=int, default=0, help="grid columns (default: min(n, 8))")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    s.add_argument("--dtype", choices=["fp32", "bf16"], help="None = fp32 (text-to-image: the stored dtype)")
     s.add_argument("--no-kv-cache", action="store_true", help="recompute the sequence each step (slow, for checks)")
+    s.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
+                   help="torch.compile the diffusion head's inner loop (reduce-overhead = CUDA graphs on GPU); "
+                        "pays off for many images")
     s.set_defaults(fn=cmd_sample)
 
     from .training import add_train_args
@@ -622,6 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     add_train_args(s, task="generator")
     s.set_defaults(fn=lambda a: cmd_train(a, "generator"))
+
+    s = sub.add_parser("train-t2i", help="train a text-to-image model (Qwen3 LLM + vision head) on captioned "
+                       "images and a trained tokenizer; exports OUT/model in the released folder layout",
+                       formatter_class=fmt)
+    add_train_args(s, task="t2i")
+    s.set_defaults(fn=lambda a: cmd_train(a, "t2i"))
 
     s = sub.add_parser("convert", help="official checkpoint (+tokenizer) -> bitdance folder, or back to .pt",
                        formatter_class=fmt)
@@ -706,6 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="time sampling with random weights: images/s, counted FLOPs, MFU, memory",
                        formatter_class=fmt)
     s.add_argument("--preset", default="BitDance-B-16x", help="generator preset (see 'bitdance presets')")
+    s.add_argument("--model", help="a trained class-conditional model (folder or official .pt) instead of random "
+                   "weights: --preset and --image-size come from it (use it for --compare-fp32)")
     s.add_argument("--tokenizer", help="tokenizer preset (default: the preset's d16c32; tiny-d4c16 for small images)")
     s.add_argument("--batch", type=int, default=2, help="images per run")
     s.add_argument("--steps", type=int, default=25, help="diffusion-head sampling steps")
@@ -717,8 +788,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=1, help="timed runs (averaged)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-decode", action="store_true", help="time the generator only (no tokenizer decode)")
+    s.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
+                   help="torch.compile the diffusion head's inner loop (reduce-overhead = CUDA graphs on GPU); "
+                        "compiled during the warm-up")
+    s.add_argument("--compare-fp32", action="store_true",
+                   help="also sample the same seed in fp32: report bit/token agreement and image PSNR")
     s.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("serve", help="web studio: pick classes or a prompt, watch images form patch by patch",
+                       formatter_class=fmt, description="Serve a web page for interactive generation (one "
+                       "request at a time, others wait in a queue). Open the printed URL in a browser.")
+    s.add_argument("--model", required=True, help="bitdance folder, official checkpoint (.pt) or text-to-image folder")
+    s.add_argument("--tokenizer", help="tokenizer file if the model has none")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, no auth)")
+    s.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    s.add_argument("--dtype", choices=["fp32", "bf16"], help="weights and compute dtype (default: as stored, "
+                   "fp32 for class-conditional models)")
+    s.add_argument("--preview-interval", type=float, default=0.3,
+                   help="least seconds between two progress previews (0: every step)")
+    s.set_defaults(fn=cmd_serve)
     return p
 
 

@@ -27,7 +27,7 @@ from .config import HeadConfig
 from .quantizer import bits_to_indices, indices_to_bits
 from .sampler import FlowSampler, time_shift
 
-__all__ = ["DiffusionHead", "BitwiseHead", "TokenHead", "MLPHeadNet", "TransformerHeadNet", "ClassifierHeadNet",
+__all__ = ["attention", "DiffusionHead", "BitwiseHead", "TokenHead", "MLPHeadNet", "TransformerHeadNet", "ClassifierHeadNet",
            "timestep_embedding", "build_head_net", "build_head"]
 
 
@@ -77,6 +77,19 @@ class MLPBlock(_SwiGLU):
         return x + gate * self.mlp(_modulate(self.norm(x), scale, shift))
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (boolean ``mask``: True = attend), except for bf16/fp16 on CPU
+    with short keys: there torch's fused CPU kernel is about 2x slower than two matmuls (measured on
+    the head's P-token attention and the KV-cached steps of small models), so the scores are computed
+    explicitly, with the softmax in fp32."""
+    if q.device.type != "cpu" or q.dtype == torch.float32 or k.shape[-2] > 128:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+
+
 class HeadAttention(nn.Module):
     """Full (unmasked) attention over the P tokens of one patch, with biases."""
 
@@ -89,7 +102,7 @@ class HeadAttention(nn.Module):
     def forward(self, x):
         B, P, W = x.shape
         q, k, v = self.wqkv(x).view(B, P, 3, self.n_head, W // self.n_head).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = attention(q, k, v)
         return self.wo(o.transpose(1, 2).reshape(B, P, W))
 
 
@@ -221,6 +234,20 @@ class DiffusionHead(nn.Module):
         super().__init__()
         self.config = config
         self.net = build_head_net(config)
+        self._compiled_denoise = None
+
+    def compile_denoiser(self, *, mode: str | None = None, dynamic: bool = False) -> None:
+        """Compile the network evaluation of the sampler's inner loop with ``torch.compile`` (inductor).
+
+        The head runs (steps + 1) times per AR step on tensors of one fixed shape, so a static graph
+        (``dynamic=False``) is compiled once per batch size. ``mode="reduce-overhead"`` on CUDA also
+        captures it in a CUDA graph, removing the kernel-launch overhead that dominates small batches.
+        Training (``loss``) keeps the eager network. ``mode="off"`` undoes it.
+        """
+        if mode == "off":
+            self._compiled_denoise = None
+            return
+        self._compiled_denoise = torch.compile(self.net.denoise, mode=mode, dynamic=dynamic, fullgraph=True)
 
     def sample_time(self, n: int, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         cfg = self.config
@@ -256,7 +283,8 @@ class DiffusionHead(nn.Module):
         c = self.net.embed_cond(cond)
         rows = cond.shape[0] // 2 if guidance_scale > 1.0 else cond.shape[0]
         shape = (rows, *cond.shape[1:-1], self.config.in_channels)
-        return sampler.sample(lambda x, t: self.net.denoise(x, t, c), shape,
+        denoise = self._compiled_denoise or self.net.denoise
+        return sampler.sample(lambda x, t: denoise(x, t, c), shape,
                               guidance_scale=guidance_scale, generator=generator, device=cond.device)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,8 @@ class T2IConfig:
              "P_std": self.P_std, "use_swiglu": self.use_swiglu}
         if self.head_dim != 128:  # not in the released files (they all use 128); kept for custom heads
             d["head_dim"] = self.head_dim
+        if self.down_factor != 16:  # released folders are all 16x; custom (e.g. small-image) models store it
+            d["down_factor"] = self.down_factor
         return d
 
     @classmethod
@@ -208,7 +210,7 @@ class T2IConfig:
         names = {"ch_target": "latent_dim", "ch_latent": "head_width", "depth_latent": "head_depth",
                  "depth_adanln": "head_adaln", "parallel_num": "parallel_num", "time_shift": "time_shift",
                  "time_schedule": "time_schedule", "P_mean": "P_mean", "P_std": "P_std",
-                 "use_swiglu": "use_swiglu", "head_dim": "head_dim"}
+                 "use_swiglu": "use_swiglu", "head_dim": "head_dim", "down_factor": "down_factor"}
         for k, v in d.items():
             if k in names:
                 kw[names[k]] = v
@@ -387,11 +389,14 @@ class BitDanceT2I(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: str | Sequence[str], *, height: int, width: int,
                  sampler: FlowSampler | None = None, guidance_scale: float = 7.5,
-                 generator: torch.Generator | None = None, use_kv_cache: bool = True) -> torch.Tensor:
+                 generator: torch.Generator | None = None, use_kv_cache: bool = True,
+                 callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Binary latents (B, d, H/16, W/16) in {-1,+1} for the prompts (raster grid layout).
 
         Guidance: with ``guidance_scale > 1`` the unconditional sequences run in the same batch (rows
         B..2B-1); the head's velocity is guided with a constant scale.
+        ``callback(step, num_steps, latents_so_far)`` runs after each AR step with a fresh (B, d, h, w)
+        grid whose not-yet-generated tokens are 0 (same contract as :meth:`BitDance.generate`).
         """
         from transformers import DynamicCache
 
@@ -422,7 +427,13 @@ class BitDanceT2I(nn.Module):
         embeds = self.llm.get_input_embeddings()(inp.input_ids.to(dev))  # (R, Lp + P, hidden)
         cache = DynamicCache(config=self.llm.config) if use_kv_cache else None
         head_dtype = self.vision_head.net.cond_embed.weight.dtype
-        out_tokens = []
+        d = self.config.latent_dim
+        # Raster-order grid filled as blocks arrive, so a callback can see the partial image.
+        grid = torch.zeros(B, h * w, d, device=dev)
+
+        def as_latents() -> torch.Tensor:
+            return grid.view(B, h, w, d).permute(0, 3, 1, 2).contiguous()
+
         for k in range(n_blocks):
             end = Lp + P * (k + 1)
             start = (0 if k == 0 else end - P) if use_kv_cache else 0
@@ -435,15 +446,14 @@ class BitDanceT2I(nn.Module):
             sample = self.vision_head.sample(cond, sampler=sampler, guidance_scale=guidance_scale,
                                              generator=generator)
             bits = torch.where(sample >= 0, 1.0, -1.0)  # (B, P, d)
-            out_tokens.append(bits)
+            grid[:, order[k * P:(k + 1) * P]] = bits.to(grid.dtype)
+            if callback is not None:
+                callback(k, n_blocks, as_latents())
             if k + 1 < n_blocks:
                 fed = self.embed_image_tokens(bits, blk_pos)
                 fed = torch.cat([fed, fed]) if guided else fed
                 embeds = fed if use_kv_cache else torch.cat([embeds, fed.to(embeds.dtype)], 1)
-        tokens = torch.cat(out_tokens, 1)  # (B, h*w, d) in generation order
-        grid = torch.empty_like(tokens)
-        grid[:, order] = tokens
-        return grid.view(B, h, w, -1).permute(0, 3, 1, 2).contiguous()
+        return as_latents()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, **kw) -> torch.Tensor:

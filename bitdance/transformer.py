@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BitDanceConfig
-from .head import build_head
+from .head import attention, build_head
 from .quantizer import binarize
 from .sampler import FlowSampler, guidance_at
 
@@ -115,7 +115,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o = attention(q, k, v, mask)
         return self.wo(o.transpose(1, 2).reshape(B, L, D))
 
 

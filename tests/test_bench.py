@@ -82,3 +82,30 @@ def test_bench_unknown_preset(capsys):
     err = cap.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("bitdance bench: error:") and "unknown preset" in err[0]
     assert cap.out == ""
+
+
+def test_bench_compare_fp32(capsys):
+    """With --dtype fp32 the comparison run is the same computation: everything agrees exactly."""
+    assert main(TINY + ["--dtype", "fp32", "--compare-fp32"]) == 0
+    r, text = _last_json(capsys)
+    assert r["bf16_bit_agreement"] == 1.0 and r["bf16_token_agreement"] == 1.0
+    assert r["bf16_image_psnr"] == float("inf")
+    assert "vs fp32" in text
+
+
+def test_bench_compare_bf16_reports_agreement(capsys):
+    import bitdance.training
+
+    if not bitdance.training.bf16_supported(torch.device("cpu")):
+        pytest.skip("this CPU has no bf16 units")
+    assert main(TINY + ["--dtype", "bf16", "--compare-fp32", "--no-decode"]) == 0
+    r, _ = _last_json(capsys)
+    assert 0.5 < r["bf16_bit_agreement"] <= 1.0
+    assert 0.0 <= r["bf16_token_agreement"] <= r["bf16_bit_agreement"]
+    assert r["bf16_image_psnr"] is None  # nothing decoded
+
+
+def test_bench_compile_needs_a_warmup(capsys):
+    assert main(TINY + ["--compile", "default", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warm-up" in err[0]

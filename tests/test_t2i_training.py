@@ -5,6 +5,7 @@ Tiny random Qwen3 model (hidden 64, 2 layers), P = 4, any resolution that is a m
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -248,3 +249,184 @@ def test_distillation_4_to_16(model):
     assert W.grad is not None and W.grad[new_q].abs().sum() > 0
     opt.step()
     assert math.isfinite(loss.item())
+
+
+# --------------------------------------------------------------------------------------------
+# The `t2i` task of bitdance.training: a tiny synthetic captioned image folder, mixed resolutions
+# --------------------------------------------------------------------------------------------
+TASK_LLM = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "intermediate_size": 128, "max_position_embeddings": 512}
+TASK_T2I = {"parallel_num": 4, "head_width": 32, "head_depth": 2, "head_adaln": 2, "head_dim": 16,
+            "max_res_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def t2i_files(tmp_path_factory):
+    """Image folder (3 classes x 3 images, 32 px, one sidecar caption), a character-level HF tokenizer
+    folder, and an untrained 4x-down, 16-bit binary tokenizer folder."""
+    import numpy as np
+    from PIL import Image
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from bitdance.config import TokenizerConfig
+    from bitdance.pipeline import save_tokenizer_folder
+    from bitdance.tokenizer import BinaryTokenizer
+
+    root = tmp_path_factory.mktemp("t2i_task")
+    for k, (name, col) in enumerate([("red_square", (230, 20, 20)), ("blue_bar", (20, 20, 230)),
+                                     ("green_dot", (20, 200, 20))]):
+        (root / "data" / name).mkdir(parents=True)
+        for i in range(3):
+            a = np.full((32, 32, 3), 255, np.uint8)
+            a[8 + i:24, 4 * k + 4:28 - i] = col
+            Image.fromarray(a).save(root / "data" / name / f"{i}.png")
+    (root / "data" / "red_square" / "0.txt").write_text("a large red square")
+    chars = ["<unk>", "\n"] + [chr(i) for i in range(32, 127)]
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[], unk_token="<unk>"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>")
+    fast.add_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"],
+                    special_tokens=True)
+    fast.save_pretrained(str(root / "texttok"))
+    torch.manual_seed(0)
+    ae = BinaryTokenizer(TokenizerConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=16, groups=2))
+    save_tokenizer_folder(ae, root / "ae")
+    return root
+
+
+def t2i_cfg(files, out, **kw):
+    from bitdance.training import TrainConfig
+
+    base = dict(task="t2i", out=str(out), data=str(files / "data"), split=None, image_size=32,
+                tokenizer=str(files / "ae"), text_tokenizer=str(files / "texttok"), llm_config=dict(TASK_LLM),
+                model_overrides=dict(TASK_T2I), resolutions="32x32:1,16x32:1", steps=4, batch_size=4,
+                micro_batch_size=2, lr=1e-3, warmup_steps=1, ema_decay=0.9, precision="fp32", log_every=1,
+                ckpt_every=0, progress=False, final_samples=False, cache_dir=str(files / "cache"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_t2i_task_trains_resumes_and_exports(t2i_files, tmp_path):
+    from bitdance.checkpoint import load_file
+    from bitdance.t2i import BitDanceT2I
+    from bitdance.training import Trainer, dataset_captions, train
+
+    full = train(t2i_cfg(t2i_files, tmp_path / "full"))
+    assert full["steps"] == 4 and math.isfinite(full["final"]["loss"])
+    assert {"vision", "text", "grad_norm"} <= set(full["final"])
+    # The same run killed after 2 steps and resumed: identical weights, EMA and metrics.
+    killed = Trainer(t2i_cfg(t2i_files, tmp_path / "split"))
+    for _ in range(2):
+        killed.train_step()
+    killed.save_checkpoint()  # what the periodic checkpoint of a run killed at step 2 leaves
+    del killed
+    tr = Trainer(t2i_cfg(t2i_files, tmp_path / "split", resume=True))
+    assert tr.step == 2
+    # Mixed resolutions: both sizes were encoded (latent cache) and packed with their own res tokens.
+    assert set(tr.task.latents) == {(32, 32), (16, 32)}
+    assert {tuple(v.shape[2:]) for v in tr.task.latents.values()} == {(8, 8), (4, 8)}
+    assert "a large red square" in dataset_captions(tr.task.data)
+    tr.fit()
+    a, b = load_file(tmp_path / "full" / "checkpoint.pt"), load_file(tmp_path / "split" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], rtol=0, atol=0, msg=k)
+    assert [r["loss"] for r in a["history"][2:]] == [r["loss"] for r in b["history"]]  # steps 3, 4
+    lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    # The export is a released-layout folder (EMA weights) that from_folder loads and generates from.
+    folder = tmp_path / "full" / "model"
+    head_json = json.loads((folder / "vision_head_config.json").read_text())
+    assert head_json["parallel_num"] == 4 and head_json["down_factor"] == 4 and head_json["ch_target"] == 16
+    assert not any(p.name.startswith(".") for p in (tmp_path / "full").iterdir() if p.is_dir())
+    model = BitDanceT2I.from_folder(folder, allow_any_resolution=True, max_res_tokens=16)
+    # ... and the pipeline loads it with its own settings, no overrides needed
+    from bitdance.pipeline import BitDancePipeline
+
+    pipe = BitDancePipeline.from_pretrained(folder)
+    assert pipe.kind == "text_to_image" and pipe.config.max_res_tokens == 16
+    assert pipe.meta["step"] == 4
+    img = pipe("blue bar", height=16, width=32, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    assert img.shape == (1, 16, 32, 3)
+    for k, v in a["ema"].items():
+        if k.startswith("net.projector."):
+            torch.testing.assert_close(model.projector.state_dict()[k.removeprefix("net.projector.")], v)
+    g = torch.Generator().manual_seed(0)
+    lat = model.generate(["a large red square", "blue bar"], height=16, width=32, guidance_scale=2.0,
+                         sampler=FlowSampler(num_steps=2), generator=g)
+    assert lat.shape == (2, 16, 4, 8) and set(lat.unique().tolist()) <= {-1.0, 1.0}
+    assert model.decode(lat).shape == (2, 3, 16, 32)
+
+
+def test_t2i_task_distills_into_larger_patches(t2i_files, tmp_path):
+    from bitdance.t2i import BitDanceT2I, query_token
+    from bitdance.training import Trainer
+
+    train(t2i_cfg(t2i_files, tmp_path / "p4", steps=1, resolutions="32x32"))
+    teacher = BitDanceT2I.from_folder(tmp_path / "p4" / "model", allow_any_resolution=True, max_res_tokens=16)
+    over = {"parallel_num": 16, "max_res_tokens": 16, "allow_any_resolution": True}
+    cfg = t2i_cfg(t2i_files, tmp_path / "p16", steps=2, resolutions="32x32", model_overrides=over,
+                  distill_from=str(tmp_path / "p4" / "model"), llm_config={}, text_tokenizer="", tokenizer="")
+    tr = Trainer(cfg)
+    net = tr.model.net
+    assert net.config.parallel_num == 16 and tr.task.tokenizer.down_factor == 4
+    for a, b in [(teacher.vision_head, net.vision_head), (teacher.projector, net.projector)]:
+        for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
+    summary = tr.fit()
+    assert summary["steps"] == 2 and math.isfinite(summary["final"]["loss"])
+    student = BitDanceT2I.from_folder(tmp_path / "p16" / "model", allow_any_resolution=True, max_res_tokens=16)
+    assert student.config.parallel_num == 16 and query_token(15) in student.text_tokenizer.get_vocab()
+    lat = student.generate(["green dot"], height=32, width=32, sampler=FlowSampler(num_steps=2),
+                           generator=torch.Generator().manual_seed(0))
+    assert lat.shape == (1, 16, 8, 8)
+
+
+def train(cfg):
+    from bitdance.training import train as _train
+
+    return _train(cfg)
+
+
+def _cli_error(capsys, argv):
+    from bitdance.training import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err, err
+    assert err[-1].startswith("bitdance training: error: ") and not any("Traceback" in e for e in err)
+    return err[-1]
+
+
+def test_t2i_task_bad_inputs_give_one_line_errors(t2i_files, tmp_path, capsys):
+    import json as _json
+
+    common = ["t2i", "--image-size", "32", "--tokenizer", str(t2i_files / "ae"), "--text-tokenizer",
+              str(t2i_files / "texttok"), "--llm-config", _json.dumps(TASK_LLM), "--model-overrides",
+              _json.dumps(TASK_T2I), "--steps", "1", "--batch-size", "2", "--no-progress", "--precision", "fp32",
+              "--cache-dir", str(t2i_files / "cache"), "--no-final-samples"]
+    msg = _cli_error(capsys, common + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "a")])
+    assert "not found" in msg
+    data = ["--data", str(t2i_files / "data"), "--split", "none"]
+    msg = _cli_error(capsys, ["t2i"] + data + ["--out", str(tmp_path / "b"), "--tokenizer", str(t2i_files / "ae")])
+    assert "needs an LLM" in msg
+    msg = _cli_error(capsys, common + data + ["--out", str(tmp_path / "c"), "--resolutions", "30x30"])
+    assert "30x30" in msg
+    # Resume from a foreign checkpoint: another task's, then a file that is no checkpoint at all.
+    out = tmp_path / "d"
+    out.mkdir()
+    torch.save({"format": "bitdance-train", "task": "generator", "model_config": {}, "step": 3}, out / "checkpoint.pt")
+    msg = _cli_error(capsys, common + data + ["--out", str(out), "--resume"])
+    assert "different task/model config" in msg
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
+    msg = _cli_error(capsys, common + data + ["--out", str(out), "--resume"])
+    assert "checkpoint.pt" in msg
+    # `bitdance train-t2i` is the same entry point.
+    from bitdance.cli import main as cli_main
+
+    assert cli_main(["train-t2i"] + common[1:] + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("bitdance train-t2i: error: ") and "not found" in err[-1]

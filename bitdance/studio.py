@@ -1,0 +1,895 @@
+"""``bitdance serve``: a small web studio for a BitDance pipeline (standard library only).
+
+One page (inline HTML/CSS/JS, no CDN: the machines it runs on are often offline) where a user picks
+classes (or types a prompt for a text-to-image model), seed, steps, guidance and the number of images,
+and watches the image form patch by patch. Generation requests go through one worker thread and a
+FIFO queue, so concurrent users take turns and see their position in the queue.
+
+HTTP API (JSON; every error is ``{"error": message, "field": name-or-null}`` with a 4xx/5xx status)::
+
+    GET  /                               the page
+    GET  /api/info                       model kind, classes / resolutions, limits, defaults
+    POST /api/generate                   {"classes": [3], "num_images": 4, "seed": 0, "steps": 25,
+                                          "guidance": 4.0, "schedule": "linear"}  or, text-to-image,
+                                         {"prompt": "...", "height": 512, "width": 512, ...}
+                                         -> 202 {"id": ..., "position": jobs ahead}
+    GET  /api/jobs/ID                    job state (status, position, step, num_steps, image URLs, error)
+    GET  /api/jobs/ID/events             the same as Server-Sent Events, with progress previews
+    GET  /api/jobs/ID/grid.png           the finished images as one grid
+    GET  /api/jobs/ID/images/K.png       image K
+    GET  /api/history                    finished jobs, newest first
+
+Python: ``Studio(pipe)`` holds queue and jobs, ``make_server(pipe, host, port)`` returns a ready
+``ThreadingHTTPServer`` (``server.url``, ``server.studio``), ``serve(model, ...)`` loads and serves.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import io
+import ipaddress
+import json
+import math
+import queue
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["LIMITS", "Job", "Studio", "StudioError", "make_server", "serve"]
+
+# Server-side bounds (the page shows the same ones, but only these are trusted).
+LIMITS = {"steps": (1, 200), "num_images": (1, 16), "guidance": (1.0, 20.0), "prompt_chars": 500,
+          "seed": (0, 2**63 - 1)}
+MAX_BODY = 64 * 1024
+KEEPALIVE_S = 15.0
+
+
+class StudioError(ValueError):
+    """A request the studio refuses; ``status`` is the HTTP status, ``field`` the offending input."""
+
+    def __init__(self, message: str, *, status: int = 400, field: str | None = None):
+        super().__init__(message)
+        self.status, self.field = status, field
+
+
+@dataclass
+class _Preview:
+    seq: int
+    step: int  # AR steps done when it was decoded
+    src: str  # data:image/png;base64,...
+
+
+@dataclass(eq=False)  # identity semantics: jobs are compared in the pending list
+class Job:
+    id: str
+    params: dict[str, Any]
+    status: str = "queued"  # queued -> running -> done | error
+    step: int = 0  # AR steps done
+    num_steps: int = 0
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    images: list[bytes] = field(default_factory=list)  # PNG per image
+    grid: bytes | None = None
+    # Only the newest previews are kept: a client that falls behind skips to the latest picture
+    # instead of the server buffering every partial image of a long generation.
+    previews: collections.deque = field(default_factory=lambda: collections.deque(maxlen=8))
+    preview_seq: int = 0
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.started is None or self.finished is None else round(self.finished - self.started, 2)
+
+
+def _png(array, *, fast: bool = False) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    # Previews are thrown away a moment later: trade size for encoding time.
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1 if fast else 6)
+    return buf.getvalue()
+
+
+def _grid(images) -> Any:
+    import numpy as np
+
+    from .pipeline import make_grid
+
+    arr = np.asarray(images)
+    return make_grid(arr, min(len(arr), 4))
+
+
+def _as_uint8(images) -> Any:
+    """Pipeline output (``output_type="np"`` array, or a list of PIL images) -> (B, H, W, 3) uint8."""
+    import numpy as np
+
+    if isinstance(images, (list, tuple)):
+        images = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
+    return np.ascontiguousarray(images, dtype=np.uint8)
+
+
+def _t2i_config(pipe) -> Any:
+    """The object with ``check_resolution`` of a text-to-image pipeline (its config), if any."""
+    for owner in (pipe, getattr(pipe, "model", None), getattr(pipe, "generator", None),
+                  getattr(pipe, "transformer", None)):
+        cfg = getattr(owner, "config", None)
+        if cfg is not None and hasattr(cfg, "check_resolution"):
+            return cfg
+    return None
+
+
+class Studio:
+    """Queue, worker and jobs behind the web page; usable without HTTP (``submit`` / ``job``).
+
+    ``preview_interval``: least seconds between two progress decodes (0 = every step). The real gap is
+    also at least twice the last decode's duration, so decoding never takes more than ~1/3 of the time
+    of a big model's generation. ``start=False`` leaves the worker stopped until ``start()`` (tests use
+    it to fill the queue deterministically).
+    """
+
+    def __init__(self, pipe, *, class_names: list[str] | None = None, preview_interval: float = 0.3,
+                 max_queue: int = 32, history_size: int = 50, start: bool = True,
+                 log: Callable[[str], None] | None = None):
+        self.pipe = pipe
+        self.kind = getattr(pipe, "kind", "class_conditional")
+        if self.kind not in ("class_conditional", "text_to_image"):
+            raise StudioError(f"unsupported pipeline kind {self.kind!r}")
+        self.preview_interval = float(preview_interval)
+        self.max_queue, self.history_size = int(max_queue), int(history_size)
+        self.log = log or (lambda msg: None)
+        self.num_classes = int(pipe.config.num_classes) if self.kind == "class_conditional" else 0
+        names = class_names if class_names is not None else (getattr(pipe, "meta", None) or {}).get("class_names")
+        if names is not None and (not isinstance(names, (list, tuple)) or len(names) != self.num_classes):
+            raise StudioError(f"class_names must list {self.num_classes} names, got "
+                              f"{len(names) if isinstance(names, (list, tuple)) else type(names).__name__}")
+        self.class_names = [str(n) for n in names] if names is not None else None
+        self._t2i = _t2i_config(pipe) if self.kind == "text_to_image" else None
+
+        self._cond = threading.Condition()  # guards everything below; notified on every job change
+        self._jobs: dict[str, Job] = {}
+        self._pending: list[Job] = []  # queued, in order
+        self._running: Job | None = None
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._closed = False
+        self._worker: threading.Thread | None = None
+        if start:
+            self.start()
+
+    # ---- model description --------------------------------------------------------------
+    def resolutions(self) -> list[list[int]]:
+        if self.kind != "text_to_image":
+            size = int(self.pipe.config.image_size)
+            return [[size, size]]
+        res = getattr(self._t2i, "resolutions", None) or []
+        return [[int(h), int(w)] for h, w in res]
+
+    def info(self) -> dict[str, Any]:
+        res = self.resolutions()
+        out: dict[str, Any] = {
+            "kind": self.kind, "limits": {k: list(v) if isinstance(v, tuple) else v for k, v in LIMITS.items()},
+            "defaults": {"steps": 25, "guidance": 4.0 if self.kind == "class_conditional" else 7.5,
+                         "num_images": 4 if self.kind == "class_conditional" else 1, "seed": 0},
+            "max_images": LIMITS["num_images"][1], "resolutions": res,
+        }
+        if self.kind == "class_conditional":
+            cfg = self.pipe.config
+            out.update(num_classes=self.num_classes, class_names=self.class_names, image_size=int(cfg.image_size),
+                       ar_steps=int(cfg.num_steps), parallel_num=int(cfg.parallel_num),
+                       schedules=["linear", "constant"])
+            out["description"] = (f"class-conditional, {self.num_classes} classes, {cfg.image_size}x{cfg.image_size}"
+                                  f" px, {cfg.num_steps} AR steps of {cfg.parallel_num} tokens")
+        else:
+            cfg = self._t2i
+            anyres = bool(getattr(cfg, "allow_any_resolution", False))
+            down = int(getattr(cfg, "down_factor", 16))
+            unit = down * int(getattr(cfg, "patch_size", 1))
+            out.update(any_resolution=anyres or not res, resolution_unit=unit,
+                       max_resolution=int(getattr(cfg, "max_res_tokens", 128)) * down)
+            try:  # the pipeline's own choice (largest allowed square), else the first listed
+                default = list(self.pipe.default_resolution)
+            except (AttributeError, ValueError):
+                default = res[0] if res else [512, 512]
+            out["defaults"].update(height=default[0], width=default[1])
+            out["description"] = "text-to-image"
+        return out
+
+    # ---- validation -----------------------------------------------------------------------
+    @staticmethod
+    def _int(p: dict, name: str, default: int, bounds: tuple[int, int], what: str | None = None) -> int:
+        v = p.get(name, default)
+        lo, hi = bounds
+        what = what or name
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise StudioError(f"{what} must be an integer between {lo} and {hi}, got {v!r}", field=name)
+        try:
+            f = float(v)
+            ok = math.isfinite(f) and f == int(f)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise StudioError(f"{what} must be an integer between {lo} and {hi}, got {v!r}", field=name)
+        if not lo <= int(f) <= hi:
+            raise StudioError(f"{what} must be between {lo} and {hi}, got {int(f)}", field=name)
+        return int(f)
+
+    def validate(self, p: Any) -> dict[str, Any]:
+        """A request body -> clean parameters, or StudioError with a message a user can act on."""
+        if not isinstance(p, dict):
+            raise StudioError("the request body must be a JSON object")
+        common = {"num_images", "seed", "steps", "guidance"}
+        allowed = common | ({"classes", "schedule"} if self.kind == "class_conditional"
+                            else {"prompt", "height", "width"})
+        unknown = sorted(set(p) - allowed)
+        if unknown:
+            hint = " (this model is text-to-image: send a prompt)" if "classes" in unknown else \
+                " (this model is class-conditional: send classes)" if "prompt" in unknown else ""
+            raise StudioError(f"unknown field(s) {', '.join(unknown)}{hint}; allowed: {', '.join(sorted(allowed))}",
+                              field=unknown[0])
+        steps = self._int(p, "steps", 25, LIMITS["steps"], "steps")
+        seed = self._int(p, "seed", 0, LIMITS["seed"], "seed")
+        g = p.get("guidance", 4.0 if self.kind == "class_conditional" else 7.5)
+        lo, hi = LIMITS["guidance"]
+        try:
+            guidance = float(g) if not isinstance(g, bool) else float("nan")
+        except (TypeError, ValueError):
+            guidance = float("nan")
+        if not math.isfinite(guidance):
+            raise StudioError(f"guidance must be a number between {lo:g} and {hi:g}, got {g!r}", field="guidance")
+        if not lo <= guidance <= hi:
+            raise StudioError(f"guidance must be between {lo:g} and {hi:g} (1 = no guidance), got {guidance:g}",
+                              field="guidance")
+        out: dict[str, Any] = {"steps": steps, "seed": seed, "guidance": guidance}
+
+        if self.kind == "class_conditional":
+            classes = p.get("classes")
+            if isinstance(classes, (int, str)) and not isinstance(classes, bool):
+                classes = [classes]
+            if not isinstance(classes, list) or not classes:
+                raise StudioError("choose at least one class", field="classes")
+            ids = []
+            for c in classes:
+                cid = self._int({"c": c}, "c", 0, (-(2**31), 2**31), "class id")
+                if not 0 <= cid < self.num_classes:
+                    raise StudioError(f"class id {cid} is out of range: this model has {self.num_classes} classes "
+                                      f"(ids 0 to {self.num_classes - 1})", field="classes")
+                ids.append(cid)
+            n = self._int(p, "num_images", len(ids), LIMITS["num_images"], "number of images")
+            if n < len(ids):
+                raise StudioError(f"number of images ({n}) is smaller than the number of chosen classes "
+                                  f"({len(ids)}): raise it or choose fewer classes", field="num_images")
+            schedule = p.get("schedule", "linear")
+            if schedule not in ("linear", "constant"):
+                raise StudioError(f"schedule must be 'linear' or 'constant', got {schedule!r}", field="schedule")
+            out.update(classes=ids, labels=[ids[i % len(ids)] for i in range(n)], num_images=n, schedule=schedule)
+        else:
+            prompt = p.get("prompt")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise StudioError("type a prompt", field="prompt")
+            prompt = prompt.strip()
+            if len(prompt) > LIMITS["prompt_chars"]:
+                raise StudioError(f"the prompt has {len(prompt)} characters; at most {LIMITS['prompt_chars']} "
+                                  "are allowed", field="prompt")
+            n = self._int(p, "num_images", 1, LIMITS["num_images"], "number of images")
+            d = self.info()["defaults"]
+            h = self._int(p, "height", d["height"], (1, 16384), "height")
+            w = self._int(p, "width", d["width"], (1, 16384), "width")
+            if self._t2i is not None:
+                try:
+                    self._t2i.check_resolution(h, w)
+                except ValueError as e:
+                    raise StudioError(str(e), field="height") from None
+            elif h % 16 or w % 16 or max(h, w) > 2048:
+                raise StudioError(f"resolution {h}x{w} (HxW) is not allowed: use multiples of 16 px up to 2048",
+                                  field="height")
+            out.update(prompt=prompt, num_images=n, height=h, width=w)
+        return out
+
+    # ---- queue ------------------------------------------------------------------------------
+    def submit(self, payload: Any) -> Job:
+        params = self.validate(payload)
+        with self._cond:
+            if self._closed:
+                raise StudioError("the studio is shutting down", status=503)
+            if len(self._pending) >= self.max_queue:
+                raise StudioError(f"the queue is full ({self.max_queue} requests waiting); try again later",
+                                  status=503)
+            job = Job(id=uuid.uuid4().hex[:16], params=params)
+            self._jobs[job.id] = job
+            self._pending.append(job)
+            self._evict()
+            self._cond.notify_all()
+        self._queue.put(job)
+        return job
+
+    def _evict(self) -> None:
+        """Forget the oldest finished jobs beyond ``history_size`` (bounded memory on a long-running server)."""
+        finished = [j for j in self._jobs.values() if j.status in ("done", "error")]
+        for j in sorted(finished, key=lambda j: j.created)[:max(0, len(finished) - self.history_size)]:
+            del self._jobs[j.id]
+
+    def job(self, job_id: str) -> Job | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def position(self, job: Job) -> int:
+        """Jobs ahead of this one (the running one included); 0 once it runs."""
+        with self._cond:
+            if job in self._pending:
+                return self._pending.index(job) + (self._running is not None)
+            return 0
+
+    def state(self, job: Job) -> dict[str, Any]:
+        with self._cond:
+            s = {"id": job.id, "status": job.status, "position": self.position(job), "step": job.step,
+                 "num_steps": job.num_steps, "error": job.error, "seconds": job.seconds,
+                 "params": _public(job.params)}
+            if job.status == "done":
+                s["grid_url"] = f"/api/jobs/{job.id}/grid.png"
+                s["images"] = [f"/api/jobs/{job.id}/images/{k}.png" for k in range(len(job.images))]
+            return s
+
+    def history(self) -> list[dict[str, Any]]:
+        with self._cond:
+            done = sorted((j for j in self._jobs.values() if j.status == "done"), key=lambda j: -j.finished)
+        return [self.state(j) for j in done]
+
+    def wait(self, job: Job, timeout: float | None = None) -> bool:
+        """Block until the job is done or failed; False on timeout."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while job.status not in ("done", "error"):
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="bitdance-studio-worker", daemon=True)
+            self._worker.start()
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._queue.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    # ---- the worker ---------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._cond:
+                self._pending.remove(job)
+                self._running, job.status, job.started = job, "running", time.time()
+                self._cond.notify_all()
+            self.log(f"job {job.id}: {_summary(job.params)}")
+            try:
+                self._run(job)
+                with self._cond:
+                    job.status = "done"
+            except Exception as e:  # noqa: BLE001 - a failed job must not take the worker (and every later job) down
+                if not isinstance(e, ValueError):  # ValueError: a refused input, the message says it all
+                    traceback.print_exc(file=sys.stderr)
+                with self._cond:
+                    job.status, job.error = "error", f"generation failed: {type(e).__name__}: {e}"
+            finally:
+                with self._cond:
+                    job.finished = time.time()
+                    job.previews.clear()
+                    self._running = None
+                    self._evict()
+                    self._cond.notify_all()
+            self.log(f"job {job.id}: {job.status} in {job.seconds:.1f}s" + (f" ({job.error})" if job.error else ""))
+
+    def _run(self, job: Job) -> None:
+        import torch
+
+        from .pipeline import to_uint8
+
+        p, pipe = job.params, self.pipe
+        last = {"end": 0.0, "cost": 0.0}
+
+        def progress(step: int, num_steps: int, latents) -> None:
+            done = step + 1
+            with self._cond:
+                job.step, job.num_steps = done, num_steps
+                self._cond.notify_all()
+            now = time.monotonic()
+            # The last step needs no preview: the final images are published right after it.
+            gap = max(self.preview_interval, 2 * last["cost"]) if self.preview_interval > 0 else 0.0
+            if done >= num_steps or now - last["end"] < gap:
+                return
+            t0 = time.monotonic()
+            src = "data:image/png;base64," + base64.b64encode(
+                _png(_grid(to_uint8(pipe.decode(latents)).numpy()), fast=True)).decode("ascii")
+            last["end"] = time.monotonic()
+            last["cost"] = last["end"] - t0
+            with self._cond:
+                job.preview_seq += 1
+                job.previews.append(_Preview(job.preview_seq, done, src))
+                self._cond.notify_all()
+
+        gen = torch.Generator(device=getattr(pipe, "device", "cpu")).manual_seed(p["seed"])
+        if self.kind == "class_conditional":
+            out = pipe(p["labels"], num_inference_steps=p["steps"], guidance_scale=p["guidance"],
+                       guidance_schedule=p["schedule"], generator=gen, output_type="np", callback=progress)
+        else:
+            prompts = p["prompt"] if p["num_images"] == 1 else [p["prompt"]] * p["num_images"]
+            out = pipe(prompts, height=p["height"], width=p["width"], num_inference_steps=p["steps"],
+                       guidance_scale=p["guidance"], generator=gen, output_type="np", callback=progress)
+        images = _as_uint8(out.images)
+        pngs, grid = [_png(im) for im in images], _png(_grid(images))
+        with self._cond:
+            job.images, job.grid = pngs, grid
+            job.step = job.num_steps = max(job.num_steps, 1)
+
+
+def _public(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k != "labels"}
+
+
+def _summary(p: dict[str, Any]) -> str:
+    what = f"classes {p['classes']}" if "classes" in p else f"prompt {p['prompt'][:60]!r} {p['height']}x{p['width']}"
+    return f"{p['num_images']} image(s), {what}, seed {p['seed']}, {p['steps']} steps, guidance {p['guidance']:g}"
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP
+# --------------------------------------------------------------------------------------------
+class StudioServer(ThreadingHTTPServer):
+    daemon_threads = True  # open event streams must not keep the process alive
+    allow_reuse_address = True  # a restart right after Ctrl-C may rebind, but a live server still blocks the port
+    studio: Studio | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
+
+    def shutdown(self) -> None:
+        if self.studio is not None:
+            self.studio.close()  # wakes the event streams, so serve_forever's threads finish
+        super().shutdown()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: StudioServer
+    server_version = "bitdance-studio"
+
+    def log_message(self, format: str, *args) -> None:
+        pass  # one line per poll/preview would drown the job log
+
+    # ---- helpers ----
+    def _send(self, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _error(self, status: int, message: str, field: str | None = None) -> None:
+        self._json(status, {"error": message, "field": field})
+
+    @property
+    def studio(self) -> Studio:
+        return self.server.studio
+
+    # ---- routes ----
+    def do_HEAD(self) -> None:
+        if urlsplit(self.path).path.endswith("/events"):
+            return self._error(405, "HEAD is not supported on an event stream")
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        parts = [p for p in path.split("/") if p]
+        try:
+            if path == "/":
+                self._send(200, PAGE.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": CSP})
+            elif path == "/api/info":
+                self._json(200, self.studio.info())
+            elif path == "/api/history":
+                self._json(200, self.studio.history())
+            elif len(parts) >= 3 and parts[:2] == ["api", "jobs"]:
+                job = self.studio.job(parts[2])
+                if job is None:
+                    return self._error(404, f"no job {parts[2]!r} (unknown, or dropped from the history)")
+                rest = parts[3:]
+                if not rest:
+                    self._json(200, self.studio.state(job))
+                elif rest == ["events"]:
+                    self._events(job)
+                elif rest == ["grid.png"] and job.grid is not None:
+                    self._png(job.grid, f"bitdance-{job.id}.png")
+                elif len(rest) == 2 and rest[0] == "images" and rest[1].endswith(".png") and job.images \
+                        and rest[1][:-4].isdigit() and int(rest[1][:-4]) < len(job.images):
+                    k = int(rest[1][:-4])
+                    self._png(job.images[k], f"bitdance-{job.id}-{k}.png")
+                elif rest[0] in ("grid.png", "images") and job.status != "done":
+                    self._error(409, f"job {job.id} is {job.status}; its images are not ready")
+                else:
+                    self._error(404, f"not found: {path}")
+            elif path == "/favicon.ico":
+                self._send(204, b"", "image/x-icon")
+            else:
+                self._error(404, f"not found: {path}")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser went away
+
+    def _png(self, data: bytes, name: str) -> None:
+        self._send(200, data, "image/png", {"Content-Disposition": f'inline; filename="{name}"'})
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        if path != "/api/generate":
+            return self._error(404, f"not found: {path}")
+        # A page on another site must not be able to queue work on a studio running on localhost.
+        origin = self.headers.get("Origin")
+        if origin and origin != "null" and urlsplit(origin).netloc != self.headers.get("Host"):
+            return self._error(403, f"cross-origin request from {origin} refused")
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return self._error(400, "invalid Content-Length")
+        if n > MAX_BODY:
+            return self._error(413, f"request body too large ({n} bytes; at most {MAX_BODY})")
+        try:
+            payload = json.loads(self.rfile.read(n).decode("utf-8") or "null")
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return self._error(400, f"the request body is not valid JSON ({e})")
+        try:
+            job = self.studio.submit(payload)
+        except StudioError as e:
+            return self._error(e.status, str(e), e.field)
+        self._json(202, {"id": job.id, "position": self.studio.position(job), "url": f"/api/jobs/{job.id}"})
+
+    def _events(self, job: Job) -> None:
+        """Server-Sent Events: one ``data:`` JSON line per change (state, plus any new preview)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        studio, sent_seq, last = self.studio, 0, None
+        while True:
+            keepalive = False
+            with studio._cond:  # an RLock: state() may take it again
+                while True:
+                    state = studio.state(job)
+                    new = [pv for pv in job.previews if pv.seq > sent_seq]
+                    if new or state != last or state["status"] in ("done", "error") or studio._closed:
+                        break
+                    if not studio._cond.wait(KEEPALIVE_S):
+                        keepalive = True
+                        break
+            if keepalive:
+                self.wfile.write(b": keep-alive\n\n")  # also finds out when the browser tab is gone
+                self.wfile.flush()
+                continue
+            msgs = [dict(state, preview={"step": pv.step, "src": pv.src}) for pv in new] or [state]
+            sent_seq = new[-1].seq if new else sent_seq
+            for m in msgs:
+                self.wfile.write(b"data: " + json.dumps(m).encode() + b"\n\n")
+            self.wfile.flush()
+            last = state
+            if state["status"] in ("done", "error") or studio._closed:
+                return
+
+
+def make_server(pipe, host: str = "127.0.0.1", port: int = 7860, **studio_kw) -> StudioServer:
+    """A bound (not yet serving) server; run ``server.serve_forever()`` (e.g. in a thread) and stop it
+    with ``server.shutdown(); server.server_close()``. Port 0 picks a free port (see ``server.url``)."""
+    server = _bind(host, port)
+    server.studio = Studio(pipe, **studio_kw)
+    return server
+
+
+def _bind(host: str, port: int) -> StudioServer:
+    if not 0 <= int(port) <= 65535:
+        raise StudioError(f"port must be in 0..65535, got {port}")
+    cls = StudioServer
+    if ":" in host:  # IPv6 literal
+        import socket
+
+        cls = type("StudioServer6", (StudioServer,), {"address_family": socket.AF_INET6})
+    try:
+        return cls((host, int(port)), _Handler)
+    except OSError as e:
+        import errno
+
+        if e.errno == errno.EADDRINUSE:
+            raise StudioError(f"port {port} on {host} is in use; stop the other server or pick another with "
+                              f"--port") from None
+        raise StudioError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve(model, *, tokenizer=None, host: str = "127.0.0.1", port: int = 7860, device=None, dtype=None,
+          preview_interval: float = 0.3, class_names: list[str] | None = None) -> None:
+    """Load ``model`` and serve the studio until Ctrl-C. The port is taken before the (possibly slow)
+    model load, so a port in use is reported at once."""
+    from pathlib import Path
+
+    from .checkpoint import CheckpointError
+    from .pipeline import BitDancePipeline
+
+    if not Path(model).exists():
+        raise CheckpointError(f"{model}: no such file or folder")
+    server = _bind(host, port)
+    try:
+        kw = {"tokenizer": tokenizer} if tokenizer else {}
+        pipe = BitDancePipeline.from_pretrained(model, device=device, dtype=dtype, **kw)
+        server.studio = Studio(pipe, class_names=class_names, preview_interval=preview_interval,
+                               log=lambda m: print(m, flush=True))
+        if not _is_loopback(host):
+            print(f"warning: listening on {host}: anyone who can reach this address can use the studio "
+                  "(there is no authentication)", file=sys.stderr)
+        print(f"BitDance studio: {server.url}  ({server.studio.info()['description']}; Ctrl-C to stop)", flush=True)
+        server.serve_forever()
+    finally:
+        if server.studio is not None:
+            server.studio.close(timeout=1.0)
+        server.server_close()
+
+
+# --------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------
+CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+       "connect-src 'self'; form-action 'none'; base-uri 'none'")
+
+PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>BitDance studio</title>
+<style>
+:root{--bg:#0f1115;--panel:#181b22;--line:#2a2f3a;--fg:#e6e8eb;--mut:#9aa0aa;--acc:#4f8cff;--err:#ff6b6b}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;background:var(--bg);color:var(--fg)}
+header{padding:12px 20px;border-bottom:1px solid var(--line);display:flex;gap:16px;align-items:baseline}
+h1{font-size:18px;margin:0} h2{font-size:15px;margin:18px 0 8px} #model{color:var(--mut);font-size:12px}
+main{display:grid;grid-template-columns:330px 1fr;gap:16px;padding:16px 20px;align-items:start}
+.panel{background:var(--panel);border:1px solid var(--line);border-radius:8px;padding:14px}
+label{display:block;margin:12px 0 4px;color:var(--mut);font-size:11px;text-transform:uppercase;letter-spacing:.05em}
+input,select,textarea{width:100%;background:var(--bg);color:var(--fg);border:1px solid #353b48;border-radius:6px;
+  padding:6px 8px;font:inherit}
+textarea{resize:vertical}
+.row{display:flex;gap:10px}.row>div{flex:1}
+#classes{display:flex;flex-wrap:wrap;gap:4px;max-height:240px;overflow:auto}
+#classes button{background:var(--bg);color:var(--fg);border:1px solid #353b48;border-radius:5px;padding:4px 8px;
+  cursor:pointer;font:inherit;font-size:12px}
+#classes button.on{background:var(--acc);border-color:var(--acc);color:#fff}
+#go{margin-top:16px;width:100%;padding:10px;background:var(--acc);border:0;border-radius:6px;color:#fff;
+  font-weight:600;font-size:15px;cursor:pointer}
+#error{color:var(--err);min-height:1.3em;margin-top:10px;white-space:pre-wrap}
+.hint{color:var(--mut);font-size:12px;text-transform:none;letter-spacing:0}
+#stage{display:flex;gap:18px;align-items:flex-start;flex-wrap:wrap}
+#frame{width:384px;height:384px;background:#000;border-radius:6px;display:flex;align-items:center;
+  justify-content:center;overflow:hidden;color:var(--mut)}
+#frame img{max-width:100%;max-height:100%;image-rendering:pixelated;width:100%;height:100%;object-fit:contain}
+#side{flex:1;min-width:200px} #status{font-size:15px;margin-bottom:8px} progress{width:100%;height:10px}
+#history{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:12px}
+.item{background:var(--panel);border:1px solid var(--line);border-radius:8px;padding:8px}
+.item img{width:100%;aspect-ratio:1;object-fit:contain;image-rendering:pixelated;background:#000;border-radius:4px}
+.item .meta{font-size:12px;color:var(--mut);margin:4px 0;overflow-wrap:anywhere}
+.item a{color:var(--acc);font-size:12px;margin-right:8px;text-decoration:none}
+#dice{color:var(--acc);text-decoration:none}
+a.download{display:inline-block;border:1px solid var(--acc);border-radius:5px;padding:2px 8px}
+</style></head>
+<body>
+<header><h1>BitDance studio</h1><div id="model">loading model info...</div></header>
+<main>
+<form id="form" class="panel" novalidate>
+  <div id="cc" hidden>
+    <label>Classes <span class="hint" id="classhint"></span></label>
+    <div id="classes"></div>
+    <input id="classids" type="text" placeholder="class ids, e.g. 207, 360" hidden>
+    <label for="schedule">Guidance schedule</label>
+    <select id="schedule"><option value="linear">linear (ramps up over the AR steps)</option>
+      <option value="constant">constant</option></select>
+  </div>
+  <div id="t2i" hidden>
+    <label for="prompt">Prompt <span class="hint" id="count"></span></label>
+    <textarea id="prompt" rows="4" placeholder="A red fox in the snow, golden hour"></textarea>
+    <label for="resolution">Resolution (H x W)</label>
+    <select id="resolution"></select>
+    <div class="row" id="anyres" hidden><div><input id="height" type="number"></div><div><input id="width" type="number"></div></div>
+  </div>
+  <div class="row">
+    <div><label for="num">Images</label><input id="num" type="number" min="1" max="16" value="4"></div>
+    <div><label for="seed">Seed <a href="#" id="dice" class="hint" title="pick a random seed">random</a></label>
+      <input id="seed" type="number" min="0" value="0"></div>
+  </div>
+  <div class="row">
+    <div><label for="steps">Steps</label><input id="steps" type="number" min="1" max="200" value="25"></div>
+    <div><label for="guidance">Guidance</label><input id="guidance" type="number" min="1" max="20" step="0.5" value="4"></div>
+  </div>
+  <button id="go" type="submit">Generate</button>
+  <div id="error" role="alert"></div>
+</form>
+<section>
+  <div class="panel" id="stage">
+    <div id="frame"><span id="placeholder">your image appears here, patch by patch</span><img id="preview" alt="" hidden></div>
+    <div id="side"><div id="status">Idle</div><progress id="bar" max="1" value="0"></progress>
+      <div class="hint" id="detail"></div></div>
+  </div>
+  <h2>History</h2>
+  <div id="history"><span class="hint">no results yet</span></div>
+</section>
+</main>
+<script>
+"use strict";
+const $ = id => document.getElementById(id);
+// Also a hook for the browser test: every progress step and preview the page received.
+const S = window.studio = {info: null, progressSteps: [], previewCount: 0, lastPreview: null, current: null, done: []};
+const picked = new Set();
+
+function el(tag, props, text) {
+  const e = document.createElement(tag);
+  Object.assign(e, props || {});
+  if (text !== undefined) e.textContent = text;  // never innerHTML: class names and prompts are data
+  return e;
+}
+
+async function init() {
+  const info = S.info = await (await fetch("/api/info")).json();
+  $("model").textContent = info.description;
+  const d = info.defaults;
+  $("steps").value = d.steps; $("guidance").value = d.guidance; $("num").value = d.num_images; $("seed").value = d.seed;
+  $("num").max = info.max_images;
+  if (info.kind === "text_to_image") {
+    $("t2i").hidden = false;
+    $("prompt").maxLength = info.limits.prompt_chars;
+    const count = () => $("count").textContent = $("prompt").value.length + " / " + info.limits.prompt_chars;
+    $("prompt").addEventListener("input", count); count();
+    if (info.any_resolution) {
+      $("resolution").hidden = true; $("anyres").hidden = false;
+      $("height").value = d.height; $("width").value = d.width;
+      $("height").step = $("width").step = info.resolution_unit;
+    } else {
+      for (const [h, w] of info.resolutions) {
+        const o = el("option", {value: h + "x" + w}, h + " x " + w);
+        if (h === d.height && w === d.width) o.selected = true;
+        $("resolution").append(o);
+      }
+    }
+  } else {
+    $("cc").hidden = false;
+    const n = info.num_classes, names = info.class_names;
+    if (n <= 100) {
+      $("classhint").textContent = "(click to pick one or more)";
+      for (let i = 0; i < n; i++) {
+        const b = el("button", {type: "button", title: "class " + i}, names ? i + " " + names[i] : String(i));
+        b.dataset.cls = i;
+        b.addEventListener("click", () => {
+          picked.has(i) ? picked.delete(i) : picked.add(i);
+          b.classList.toggle("on", picked.has(i));
+          if (picked.size > +$("num").value) $("num").value = Math.min(picked.size, info.max_images);
+        });
+        $("classes").append(b);
+      }
+    } else {
+      $("classhint").textContent = "(ids 0 to " + (n - 1) + ", comma separated)";
+      $("classes").hidden = true; $("classids").hidden = false;
+    }
+  }
+  await loadHistory();
+}
+
+function payload() {
+  const p = {num_images: +$("num").value, seed: $("seed").value, steps: $("steps").value, guidance: $("guidance").value};
+  if (S.info.kind === "text_to_image") {
+    p.prompt = $("prompt").value;
+    if (S.info.any_resolution) { p.height = $("height").value; p.width = $("width").value; }
+    else { const [h, w] = $("resolution").value.split("x"); p.height = +h; p.width = +w; }
+  } else {
+    p.schedule = $("schedule").value;
+    p.classes = S.info.num_classes <= 100 ? [...picked].sort((a, b) => a - b)
+      : $("classids").value.split(/[\s,]+/).filter(s => s.length);
+  }
+  return p;
+}
+
+$("dice").addEventListener("click", e => { e.preventDefault(); $("seed").value = Math.floor(Math.random() * 2 ** 31); });
+
+$("form").addEventListener("submit", async e => {
+  e.preventDefault();
+  $("error").textContent = "";
+  let r, j;
+  try {
+    r = await fetch("/api/generate", {method: "POST", headers: {"Content-Type": "application/json"},
+                                      body: JSON.stringify(payload())});
+    j = await r.json();
+  } catch (err) { $("error").textContent = "the server did not answer: " + err; return; }
+  if (!r.ok) { $("error").textContent = j.error || ("HTTP " + r.status); return; }
+  watch(j.id);
+});
+
+function watch(id) {
+  S.current = id;
+  $("preview").hidden = true; $("placeholder").hidden = false; $("bar").value = 0;
+  const es = new EventSource("/api/jobs/" + id + "/events");
+  es.onmessage = ev => {
+    const s = JSON.parse(ev.data);
+    if (s.status === "done" || s.status === "error") es.close();
+    if (S.current === id) show(s);
+    if (s.status === "done") { S.done.push(id); loadHistory(); }
+  };
+  es.onerror = () => { if (es.readyState === EventSource.CLOSED && S.current === id) $("status").textContent = "connection lost"; };
+}
+
+function show(s) {
+  const st = $("status");
+  if (s.status === "queued") st.textContent = s.position ? "Waiting: " + s.position + " request(s) ahead of yours" : "Starting...";
+  else if (s.status === "running") st.textContent = "Generating: step " + s.step + " / " + (s.num_steps || "?");
+  else if (s.status === "done") st.textContent = "Done in " + s.seconds + " s";
+  else { st.textContent = "Failed"; $("error").textContent = s.error; }
+  $("bar").max = s.num_steps || 1; $("bar").value = s.status === "done" ? $("bar").max : s.step;
+  $("detail").textContent = describe(s.params);
+  if (s.preview) {
+    S.progressSteps.push(s.preview.step);
+    if (s.preview.src !== S.lastPreview) { S.previewCount++; S.lastPreview = s.preview.src; }
+    setImage(s.preview.src);
+  }
+  if (s.status === "done") setImage(s.grid_url);
+}
+
+function setImage(src) { $("preview").src = src; $("preview").hidden = false; $("placeholder").hidden = true; }
+
+function describe(p) {
+  if (!p) return "";
+  const what = p.prompt !== undefined ? "\u201c" + p.prompt + "\u201d " + p.height + "x" + p.width
+    : "class " + p.classes.map(c => S.info.class_names ? c + " " + S.info.class_names[c] : c).join(", ");
+  return what + " \u00b7 " + p.num_images + " img \u00b7 seed " + p.seed + " \u00b7 " + p.steps + " steps \u00b7 cfg " + p.guidance;
+}
+
+async function loadHistory() {
+  const items = await (await fetch("/api/history")).json();
+  const h = $("history");
+  h.replaceChildren();
+  if (!items.length) { h.append(el("span", {className: "hint"}, "no results yet")); return; }
+  for (const s of items) {
+    const card = el("div", {className: "item"});
+    card.dataset.job = s.id;
+    card.append(el("img", {src: s.grid_url, alt: describe(s.params), title: describe(s.params)}));
+    card.append(el("div", {className: "meta"}, describe(s.params) + " \u00b7 " + s.seconds + " s"));
+    const dl = el("a", {className: "download", href: s.grid_url, download: "bitdance-" + s.id + ".png"}, "Download");
+    card.append(dl);
+    if (s.images.length > 1) s.images.forEach((u, k) =>
+      card.append(el("a", {href: u, download: "bitdance-" + s.id + "-" + k + ".png", title: "image " + (k + 1)}, "#" + (k + 1))));
+    h.append(card);
+  }
+}
+
+init().catch(err => { $("error").textContent = "could not load the model info: " + err; });
+</script>
+</body></html>
+"""

@@ -1,0 +1,122 @@
+"""The fast sampler (static KV cache, one guidance batch, hoisted condition embedding, optional
+torch.compile of the head) is the same algorithm as a straightforward one: same tokens for a seed in fp32."""
+
+import pytest
+import torch
+
+from bitdance.config import bitdance_preset, tokenizer_preset
+from bitdance.sampler import FlowSampler, guidance_at
+from bitdance.transformer import BitDance
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(P: int, seed: int = 0) -> BitDance:
+    torch.manual_seed(seed)
+    cfg = bitdance_preset(f"BitDance-T-{P}x", image_size=32, tokenizer=tokenizer_preset("tiny-d4c16"))
+    model = BitDance(cfg).eval()
+    net = model.head.net
+    for lin in [*net.ada_ln_blocks, net.final_layer.ada_ln_modulation, net.final_layer.linear]:
+        torch.nn.init.normal_(lin.weight, std=0.05)  # the zero init would make every sample pure noise
+    return model
+
+
+@torch.no_grad()
+def straightforward_generate(model: BitDance, class_ids, sampler: FlowSampler, guidance_scale: float,
+                             schedule: str, generator: torch.Generator) -> torch.Tensor:
+    """Written for clarity, not speed: the whole sequence is recomputed at every AR step (no cache), the
+    conditional and unconditional rows go through the head in separate calls, and the head network embeds
+    its condition again at every flow step. The Euler(-Maruyama) updates are spelled out here."""
+    cfg = model.config
+    B, P, steps = len(class_ids), cfg.parallel_num, cfg.num_steps
+    ids = torch.cat([class_ids, torch.full_like(class_ids, cfg.num_classes)])
+    tokens = torch.zeros(2 * B, cfg.num_tokens, cfg.latent_dim)
+    dts = sampler.timesteps().diff()
+    for step in range(steps):
+        done = step * P
+        x = torch.cat([model._class_prefix(ids), model.proj_in(tokens[:, :done])], dim=1)
+        L = x.shape[1]
+        h = model._transformer(x, 0, model.attn_mask[:L, :L])
+        cond = model.norm(h[:, -P:]) + model.pos_for_diff.weight[done: done + P]
+        scale = guidance_at(guidance_scale, step, steps, schedule)
+        guided = scale > 1.0
+        rows = B if guided else 2 * B
+
+        def velocity(z, t):
+            def v_of(c):
+                return (model.head.net(z, t, c) - z) / (1 - t).clamp_min(0.05)
+            if not guided:
+                return v_of(cond)
+            v_c, v_u = v_of(cond[:B]), v_of(cond[B:])
+            return v_u + scale * (v_c - v_u)
+
+        z = torch.randn((rows, P, cfg.latent_dim), generator=generator)
+        t = torch.zeros(())
+        for i in range(sampler.num_steps):
+            v, dt = velocity(z, t), dts[i]
+            if sampler.method == "euler_maruyama":
+                score = (t * v - z) / ((1 - t) ** 2 + t * (1 - t))
+                noise = torch.randn(z.shape, generator=generator)
+                z = z + (v + (1 - t) * score) * dt + (2.0 * (1.0 - t) * dt).sqrt() * noise
+            else:
+                z = z + v * dt
+            t = t + dt
+        t_last = torch.tensor(1 - sampler.last_step_size)
+        z = z + velocity(z, t_last) * sampler.last_step_size
+        new = torch.where(z > 0, 1.0, -1.0)
+        tokens[:, done: done + P] = torch.cat([new, new]) if guided else new
+    return model.from_sequence(tokens[:B])
+
+
+@pytest.mark.parametrize("P,method,schedule", [(1, "euler_maruyama", "linear"), (4, "euler_maruyama", "linear"),
+                                               (4, "euler", "constant"), (16, "euler_maruyama", "linear")])
+def test_fast_sampler_equals_straightforward(P, method, schedule):
+    model = _model(P)
+    labels = torch.tensor([3, 7, 0])
+    sampler = FlowSampler(num_steps=6, method=method)
+    slow = straightforward_generate(model, labels, sampler, 3.0, schedule, torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        fast = model.generate(labels, sampler=sampler, guidance_scale=3.0, guidance_schedule=schedule,
+                              generator=torch.Generator().manual_seed(5))
+    assert fast.shape == slow.shape
+    assert torch.equal(fast, slow), f"{(fast != slow).float().mean().item():.4%} of bits differ"
+    assert fast.abs().eq(1).all()
+    # and the samples depend on the seed (the comparison is not trivially true)
+    with torch.inference_mode():
+        other = model.generate(labels, sampler=sampler, guidance_scale=3.0, guidance_schedule=schedule,
+                               generator=torch.Generator().manual_seed(6))
+    assert not torch.equal(fast, other)
+
+
+def test_compiled_head_gives_the_same_tokens():
+    """torch.compile (inductor, CPU here) of the head's inner loop changes nothing for a seed in fp32."""
+    model = _model(4)
+    labels = torch.tensor([1, 2])
+    sampler = FlowSampler(num_steps=3)
+    kw = dict(sampler=sampler, guidance_scale=2.5)
+    with torch.inference_mode():
+        eager = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
+        model.head.compile_denoiser()
+        try:
+            compiled = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
+        finally:
+            model.head.compile_denoiser(mode="off")
+    assert torch.equal(eager, compiled), f"{(eager != compiled).float().mean().item():.4%} of bits differ"
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_cpu_bf16_path_matches_sdpa(masked):
+    """bf16 on CPU with short keys takes the explicit-scores path; it must compute the same attention."""
+    from bitdance.head import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (5, 9, 9))
+    mask = None
+    if masked:
+        mask = torch.rand(5, 9, generator=g) > 0.4
+        mask[:, 0] = True  # every query sees at least one key
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(attention(q, k, v, mask), ref)  # fp32: the fused kernel itself
+    out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)

@@ -1,0 +1,326 @@
+"""The web studio (``bitdance serve``): HTTP API, validation, queue, CLI errors, and the page in a real
+headless browser (Debian's chromium driven by playwright)."""
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bitdance import BinaryTokenizer, BitDance, BitDancePipeline, bitdance_preset
+from bitdance.cli import main
+from bitdance.studio import Studio, StudioError, make_server
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+INSTALL_HINT = ("the browser test needs Debian's chromium and the playwright Python package: "
+                "'apt-get install -y chromium && pip install playwright' (or run 'bash scripts/setup.sh'); "
+                "do not run 'playwright install', the system browser is used")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    cfg = bitdance_preset("BitDance-T-4x", image_size=32, num_classes=10, cls_token_num=4, tokenizer="tiny-d4c16")
+    return BitDancePipeline(BitDance(cfg), BinaryTokenizer(cfg.tokenizer))
+
+
+def _start(pipe, **kw):
+    server = make_server(pipe, "127.0.0.1", 0, **kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    s = _start(pipe, preview_interval=0)  # every step: a tiny model is done in a fraction of a second
+    yield s
+    s.shutdown()
+    s.server_close()
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, r.headers.get("Content-Type"), r.read()
+
+
+def _post(base, payload, raw=None):
+    data = raw if raw is not None else json.dumps(payload).encode()
+    req = urllib.request.Request(base + "/api/generate", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def _wait_done(base, job_id, timeout=60):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s = json.loads(_get(f"{base}/api/jobs/{job_id}")[2])
+        if s["status"] in ("done", "error"):
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s")
+
+
+def test_page_and_info(server):
+    status, ctype, body = _get(server.url + "/")
+    assert status == 200 and ctype.startswith("text/html") and b"BitDance studio" in body
+    assert b"http://" not in body and b"https://" not in body  # no CDN: works offline
+    info = json.loads(_get(server.url + "/api/info")[2])
+    assert info["kind"] == "class_conditional" and info["num_classes"] == 10 and info["image_size"] == 32
+    assert info["limits"]["steps"] == [1, 200] and info["limits"]["num_images"] == [1, 16]
+
+
+@pytest.mark.parametrize("payload, status, words", [
+    ({"classes": [1], "steps": 0}, 400, "steps must be between 1 and 200, got 0"),
+    ({"classes": [1], "steps": 201}, 400, "steps must be between 1 and 200"),
+    ({"classes": [1], "steps": "many"}, 400, "steps must be an integer"),
+    ({"classes": [10]}, 400, "class id 10 is out of range: this model has 10 classes (ids 0 to 9)"),
+    ({"classes": [-1]}, 400, "class id -1 is out of range"),
+    ({"classes": []}, 400, "choose at least one class"),
+    ({"classes": [1], "guidance": 25}, 400, "guidance must be between 1 and 20"),
+    ({"classes": [1], "guidance": 0.5}, 400, "guidance must be between 1 and 20"),
+    ({"classes": [1], "num_images": 17}, 400, "number of images must be between 1 and 16"),
+    ({"classes": [1, 2, 3], "num_images": 2}, 400, "smaller than the number of chosen classes"),
+    ({"classes": [1], "schedule": "cosine"}, 400, "schedule must be 'linear' or 'constant'"),
+    ({"prompt": "a cat"}, 400, "this model is class-conditional"),
+    ([1, 2], 400, "must be a JSON object"),
+])
+def test_validation_errors_are_clear(server, payload, status, words):
+    code, body = _post(server.url, payload)
+    assert code == status and words in body["error"], body
+
+
+def test_bad_json_and_unknown_job(server):
+    code, body = _post(server.url, None, raw=b"{not json")
+    assert code == 400 and "not valid JSON" in body["error"]
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _get(server.url + "/api/jobs/nope")
+    assert e.value.code == 404
+
+
+def test_result_matches_the_pipeline(server, pipe):
+    """Previews decode partial grids on the side: the final images equal a direct pipeline call."""
+    code, body = _post(server.url, {"classes": [3, 7], "num_images": 3, "seed": 5, "steps": 4, "guidance": 2})
+    assert code == 202
+    s = _wait_done(server.url, body["id"])
+    assert s["status"] == "done" and len(s["images"]) == 3 and s["step"] == s["num_steps"] == 16
+    want = pipe([3, 7, 3], num_inference_steps=4, guidance_scale=2.0,
+                generator=torch.Generator().manual_seed(5), output_type="np").images
+    import io
+
+    got = np.stack([np.asarray(Image.open(io.BytesIO(_get(server.url + u)[2]))) for u in s["images"]])
+    assert np.array_equal(got, want)
+    _, ctype, grid = _get(server.url + s["grid_url"])
+    assert ctype == "image/png" and Image.open(io.BytesIO(grid)).size == (3 * 32, 32)
+    assert body["id"] in [h["id"] for h in json.loads(_get(server.url + "/api/history")[2])]
+
+
+def test_queue_serialises_requests_in_order(pipe):
+    """Two concurrent requests: the second waits (position 1) and starts only after the first ended."""
+    server = _start(pipe, start=False, preview_interval=0)
+    try:
+        results = {}
+
+        def submit(name, cls):
+            results[name] = _post(server.url, {"classes": [cls], "steps": 3, "seed": 1})
+
+        t = threading.Thread(target=submit, args=("a", 1))
+        t.start()
+        t.join()
+        submit("b", 2)  # a is still queued (the worker is stopped): b has one request ahead
+        (ca, a), (cb, b) = results["a"], results["b"]
+        assert ca == cb == 202 and a["position"] == 0 and b["position"] == 1
+        assert json.loads(_get(f"{server.url}/api/jobs/{b['id']}")[2])["position"] == 1
+        # Both requests really concurrent too (HTTP threads), while the worker runs.
+        server.studio.start()
+        extra = [None, None]
+        ts = [threading.Thread(target=lambda i=i: extra.__setitem__(i, _post(server.url, {"classes": [i], "steps": 2})))
+              for i in range(2)]
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join()
+        ids = [a["id"], b["id"]] + [e[1]["id"] for e in extra]
+        states = [_wait_done(server.url, i) for i in ids]
+        assert all(s["status"] == "done" for s in states)
+        jobs = [server.studio.job(i) for i in ids]
+        assert jobs[0].finished <= jobs[1].started  # one at a time, first come first served
+        assert jobs[1].finished <= min(jobs[2].started, jobs[3].started)
+        assert max(j.started for j in jobs[2:]) >= min(j.finished for j in jobs[2:])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_queue_full_and_studio_api(pipe):
+    studio = Studio(pipe, start=False, max_queue=1)
+    try:
+        job = studio.submit({"classes": [1], "steps": 1})
+        with pytest.raises(StudioError) as e:
+            studio.submit({"classes": [1], "steps": 1})
+        assert e.value.status == 503 and "queue is full" in str(e.value)
+        studio.start()
+        assert studio.wait(job, timeout=60) and job.status == "done" and len(job.images) == 1
+    finally:
+        studio.close()
+    with pytest.raises(StudioError, match="class_names must list 10 names"):
+        Studio(pipe, class_names=["a"], start=False)
+
+
+def test_cli_serve_errors_are_one_line(pipe, tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bitdance serve: error:") and "missing" in err and "\n" not in err
+    pipe.save_pretrained(tmp_path / "m")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", str(tmp_path / "m"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"port {port} on 127.0.0.1 is in use" in err and "\n" not in err
+
+
+def test_cli_serve_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "127.0.0.1" in out and "7860" in out and "--model" in out
+
+
+class FakeT2I:
+    """The text-to-image pipeline contract (kind, config.check_resolution, __call__(prompt, height=, ...),
+    decode), backed by the tiny class-conditional model: the studio's T2I path without an LLM."""
+
+    kind = "text_to_image"
+    default_resolution = (32, 32)
+
+    def __init__(self, inner):
+        from bitdance.t2i import T2IConfig
+
+        self.inner, self.device, self.calls = inner, inner.device, []
+        self.config = T2IConfig(parallel_num=4, latent_dim=4, down_factor=4, resolutions=((32, 32), (32, 64)))
+
+    def __call__(self, prompt, *, height, width, num_inference_steps, guidance_scale, generator, output_type,
+                 callback):
+        self.calls.append((prompt, height, width))
+        n = 1 if isinstance(prompt, str) else len(prompt)
+        return self.inner([0] * n, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          generator=generator, output_type=output_type, callback=callback)
+
+    def decode(self, latents):
+        return self.inner.decode(latents)
+
+
+def test_text_to_image_requests(pipe):
+    t2i = FakeT2I(pipe)
+    server = _start(t2i, preview_interval=0)
+    try:
+        info = json.loads(_get(server.url + "/api/info")[2])
+        assert info["kind"] == "text_to_image" and info["resolutions"] == [[32, 32], [32, 64]]
+        assert info["defaults"]["height"] == info["defaults"]["width"] == 32
+        for payload, words in [({"prompt": "x" * 501}, "the prompt has 501 characters; at most 500"),
+                               ({"prompt": "   "}, "type a prompt"),
+                               ({"prompt": "a cat", "height": 40, "width": 40}, "resolution 40x40 (HxW) is not allowed"),
+                               ({"classes": [1]}, "this model is text-to-image"),
+                               ({"prompt": "a cat", "num_images": 0}, "number of images must be between 1 and 16")]:
+            code, body = _post(server.url, payload)
+            assert code == 400 and words in body["error"], body
+        code, body = _post(server.url, {"prompt": " a red fox ", "num_images": 2, "steps": 2, "guidance": 3})
+        assert code == 202
+        s = _wait_done(server.url, body["id"])
+        assert s["status"] == "done" and len(s["images"]) == 2 and s["params"]["prompt"] == "a red fox"
+        assert t2i.calls == [(["a red fox"] * 2, 32, 32)]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --------------------------------------------------------------------------------------------
+# the page in a real browser
+# --------------------------------------------------------------------------------------------
+def _chromium() -> str:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.fail(f"playwright is not installed. {INSTALL_HINT}")
+    path = os.environ.get("BITDANCE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        pytest.fail(f"no chromium at {path}. {INSTALL_HINT}")
+    return path
+
+
+def test_browser_generation_streams_progress(pipe):
+    exe = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    # Enough flow steps that the 16 AR steps take a visible time, so the page receives several previews.
+    server = _start(pipe, preview_interval=0)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=exe, headless=True)
+            try:
+                page = browser.new_page()
+                errors = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(server.url + "/")
+                page.click("#classes button[data-cls='3']")
+                page.click("#classes button[data-cls='5']")
+                page.fill("#num", "2")
+                page.fill("#steps", "40")
+                page.fill("#seed", "11")
+                page.click("#go")
+                page.wait_for_selector("#history .item img", timeout=60_000)
+                steps = page.evaluate("window.studio.progressSteps")
+                n_previews = page.evaluate("window.studio.previewCount")
+                assert len(set(steps)) >= 2 and n_previews >= 2, (steps, n_previews)
+                assert steps == sorted(steps) and max(steps) < 16
+                assert page.inner_text("#status").startswith("Done")
+                src = page.get_attribute("#preview", "src")
+                assert src.endswith("/grid.png")
+                assert page.evaluate("document.getElementById('preview').naturalWidth") == 64
+                # The history entry: image, description and a download link to a PNG.
+                items = page.query_selector_all("#history .item")
+                assert len(items) == 1 and "class 3, 5" in items[0].inner_text()
+                href = items[0].query_selector("a.download").get_attribute("href")
+                assert items[0].query_selector("a.download").get_attribute("download")
+                _, ctype, data = _get(server.url + href)
+                assert ctype == "image/png" and data[:8] == b"\x89PNG\r\n\x1a\n"
+                # A server-side validation error is shown on the page.
+                page.fill("#steps", "500")
+                page.click("#go")
+                page.wait_for_selector("#error:not(:empty)")  # (wait_for_function would need eval: CSP)
+                assert "steps must be between 1 and 200" in page.inner_text("#error")
+                assert not errors, errors
+                # A text-to-image model gets a prompt box and a resolution list instead of classes.
+                t2i = _start(FakeT2I(pipe), preview_interval=0)
+                try:
+                    page.goto(t2i.url + "/")
+                    page.wait_for_selector("#resolution option", state="attached")
+                    assert page.is_visible("#prompt") and not page.is_visible("#classes")
+                    page.fill("#prompt", "a red fox")
+                    page.click("#go")
+                    page.wait_for_selector("#history .item img", timeout=60_000)
+                    assert "a red fox" in page.inner_text("#history .item")
+                finally:
+                    t2i.shutdown()
+                    t2i.server_close()
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
