@@ -2,6 +2,8 @@
 
     python benchmarks/studio_screenshot.py                                    # tiny random model (noise)
     python benchmarks/studio_screenshot.py --model runs/gen/model --class-names fashion-mnist
+    python benchmarks/studio_screenshot.py --model runs/g1x/model --model runs/g4x/model \
+        --class-names fashion-mnist --jobs 0,1,2,3:8:1:g1x/model 7,8,9,5:8:2:g4x/model
 
 Starts the studio in-process on a free port, drives Debian's chromium (``apt-get install chromium``)
 with playwright (``pip install playwright``; no ``playwright install`` needed), runs one generation per
@@ -21,14 +23,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _pipe(model: str | None):
+def _pipes(models: list[str] | None) -> dict:
+    """name -> pipeline, named like ``bitdance serve`` names them."""
     from bitdance import BinaryTokenizer, BitDance, BitDancePipeline, bitdance_preset
+    from bitdance.studio import model_names
 
-    if model:
-        return BitDancePipeline.from_pretrained(model)
+    if models:
+        return {n: BitDancePipeline.from_pretrained(m) for n, m in zip(model_names(models), models)}
     torch.manual_seed(0)
     cfg = bitdance_preset("BitDance-T-4x", image_size=32, num_classes=10, cls_token_num=4, tokenizer="tiny-d4c16")
-    return BitDancePipeline(BitDance(cfg), BinaryTokenizer(cfg.tokenizer))
+    return {"tiny-4x": BitDancePipeline(BitDance(cfg), BinaryTokenizer(cfg.tokenizer))}
 
 
 def _class_names(spec: str | None, n: int):
@@ -46,10 +50,12 @@ def _class_names(spec: str | None, n: int):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", help="bitdance model folder (default: a tiny model with random weights)")
-    ap.add_argument("--class-names", help="'fashion-mnist', 'mnist' or comma-separated names")
+    ap.add_argument("--model", action="append",
+                    help="bitdance model folder; repeat for several (default: a tiny model with random weights)")
+    ap.add_argument("--class-names", help="'fashion-mnist', 'mnist' or comma-separated names (every model)")
     ap.add_argument("--jobs", nargs="+", default=["0,1,2,3:8:1", "7,8,9,5:8:2"],
-                    help="generations as CLASSES:NUM_IMAGES:SEED; the screenshot shows the last one")
+                    help="generations as CLASSES:NUM_IMAGES:SEED[:MODEL] (MODEL: a name from the page's "
+                    "selector, default the first); the screenshot shows the last one")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--out", default=str(ROOT / "docs/assets/studio.png"))
@@ -60,8 +66,9 @@ def main() -> int:
 
     from bitdance.studio import make_server
 
-    pipe = _pipe(args.model)
-    server = make_server(pipe, "127.0.0.1", 0, class_names=_class_names(args.class_names, pipe.config.num_classes))
+    pipes = _pipes(args.model)
+    first = next(iter(pipes.values()))
+    server = make_server(pipes, "127.0.0.1", 0, class_names=_class_names(args.class_names, first.config.num_classes))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with sync_playwright() as p:
@@ -69,7 +76,9 @@ def main() -> int:
             page = browser.new_page(viewport={"width": 1280, "height": 860})
             page.goto(server.url + "/")
             for k, job in enumerate(args.jobs):
-                classes, num, seed = job.split(":")
+                classes, num, seed, *model = job.split(":", 3)
+                if len(pipes) > 1:
+                    page.select_option("#modelsel", model[0] if model else next(iter(pipes)))
                 for b in page.query_selector_all("#classes button.on"):
                     b.click()  # un-pick the previous job's classes
                 for c in classes.split(","):

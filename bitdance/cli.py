@@ -798,9 +798,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="web studio: pick classes or a prompt, watch images form patch by patch",
                        formatter_class=fmt, description="Serve a web page for interactive generation (one "
-                       "request at a time, others wait in a queue). Open the printed URL in a browser.")
-    s.add_argument("--model", required=True, help="bitdance folder, official checkpoint (.pt) or text-to-image folder")
-    s.add_argument("--tokenizer", help="tokenizer file if the model has none")
+                       "request at a time, others wait in a queue). Open the printed URL in a browser. "
+                       "Several --model options serve several models (e.g. 1x/4x/16x/64x): the page gets a "
+                       "model selector, and all share one queue.")
+    s.add_argument("--model", required=True, action="append",
+                   help="bitdance folder, official checkpoint (.pt) or text-to-image folder; repeat to serve "
+                   "several (named by file stem / folder name)")
+    s.add_argument("--tokenizer", action="append",
+                   help="tokenizer file for official .pt checkpoints without one: once (every .pt model) or "
+                   "once per --model in the same order ('-' for none)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, no auth)")
     s.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

@@ -353,10 +353,12 @@ class BitDanceT2IPipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, low_cpu_mem_usage: bool = True,
-                        **config_overrides) -> "BitDanceT2IPipeline":
+                        offload: Sequence[str] = (), **config_overrides) -> "BitDanceT2IPipeline":
         """Load a released text-to-image folder (e.g. ``BitDance-14B-16x``) or one written by
         :meth:`save_pretrained`. ``config_overrides`` set :class:`~bitdance.t2i.T2IConfig` fields
-        (e.g. ``resolutions``); ``dtype=None`` keeps the stored dtype (bf16 in the release)."""
+        (e.g. ``resolutions``); ``dtype=None`` keeps the stored dtype (bf16 in the release).
+        ``offload=("ae", "lm_head")`` keeps the image tokenizer and the unused text output layer on the
+        CPU when ``device`` is a GPU (see :meth:`bitdance.t2i.BitDanceT2I.from_folder`)."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: no such folder (a text-to-image model is a folder)")
@@ -372,9 +374,13 @@ class BitDanceT2IPipeline:
         bad = sorted(set(config_overrides) - valid)
         if bad:  # a caller's typo, not a broken folder
             raise TypeError(f"unknown text-to-image config field(s) {bad}; T2IConfig has {sorted(valid)}")
+        from .t2i import OFFLOADABLE
+
+        if isinstance(offload, str) or any(o not in OFFLOADABLE for o in offload):
+            raise ValueError(f"offload takes a list of {' and/or '.join(map(repr, OFFLOADABLE))}, got {offload!r}")
         try:
             model = BitDanceT2I.from_folder(path, dtype=dtype, device=device, low_cpu_mem_usage=low_cpu_mem_usage,
-                                            **{**extra, **config_overrides})
+                                            offload=offload, **{**extra, **config_overrides})
         except (ConfigError, TypeError, ValueError) as e:  # e.g. malformed stored resolutions
             raise CheckpointError(f"{path}: invalid text-to-image config: {e}") from None
         meta = ours.get("meta", {}) if isinstance(ours, dict) and isinstance(ours.get("meta"), dict) else {}

@@ -1,26 +1,33 @@
-"""``bitdance serve``: a small web studio for a BitDance pipeline (standard library only).
+"""``bitdance serve``: a small web studio for BitDance pipelines (standard library only).
 
-One page (inline HTML/CSS/JS, no CDN: the machines it runs on are often offline) where a user picks
-classes (or types a prompt for a text-to-image model), seed, steps, guidance and the number of images,
-and watches the image form patch by patch. Generation requests go through one worker thread and a
-FIFO queue, so concurrent users take turns and see their position in the queue.
+One page (inline HTML/CSS/JS, no CDN: the machines it runs on are often offline) where a user picks a
+model (when several are served: P, the tokens per AR step, is a property of a trained model, so
+offering 1x/4x/16x/64x means serving several), classes (or types a prompt for a text-to-image model),
+seed, steps, guidance and the number of images, and watches the image form patch by patch. Generation
+requests of every model go through one worker thread and a FIFO queue, so concurrent users take turns
+and see their position in the queue.
 
 HTTP API (JSON; every error is ``{"error": message, "field": name-or-null}`` with a 4xx/5xx status)::
 
     GET  /                               the page
-    GET  /api/info                       model kind, classes / resolutions, limits, defaults
-    POST /api/generate                   {"classes": [3], "num_images": 4, "seed": 0, "steps": 25,
-                                          "guidance": 4.0, "schedule": "linear"}  or, text-to-image,
+    GET  /api/info                       the default model's kind, classes / resolutions, limits,
+                                         defaults, plus "models": the same for every model (with its
+                                         "name", "parallel_num" = P, "ar_steps", "resolution")
+    POST /api/generate                   {"model": "name" (default: the first), "classes": [3],
+                                          "num_images": 4, "seed": 0, "steps": 25, "guidance": 4.0,
+                                          "schedule": "linear"}  or, text-to-image,
                                          {"prompt": "...", "height": 512, "width": 512, ...}
                                          -> 202 {"id": ..., "position": jobs ahead}
-    GET  /api/jobs/ID                    job state (status, position, step, num_steps, image URLs, error)
+    GET  /api/jobs/ID                    job state (status, position, step, num_steps, image URLs, error,
+                                         params with "model" and "parallel_num")
     GET  /api/jobs/ID/events             the same as Server-Sent Events, with progress previews
     GET  /api/jobs/ID/grid.png           the finished images as one grid
     GET  /api/jobs/ID/images/K.png       image K
     GET  /api/history                    finished jobs, newest first
 
-Python: ``Studio(pipe)`` holds queue and jobs, ``make_server(pipe, host, port)`` returns a ready
-``ThreadingHTTPServer`` (``server.url``, ``server.studio``), ``serve(model, ...)`` loads and serves.
+Python: ``Studio(pipe)`` or ``Studio({"name": pipe, ...})`` holds queue and jobs,
+``make_server(pipes, host, port)`` returns a ready ``ThreadingHTTPServer`` (``server.url``,
+``server.studio``), ``serve(models, ...)`` loads and serves.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import io
 import ipaddress
 import json
 import math
+import os
 import queue
 import sys
 import threading
@@ -43,7 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["LIMITS", "Job", "Studio", "StudioError", "make_server", "serve"]
+__all__ = ["LIMITS", "Job", "Studio", "StudioError", "make_server", "model_names", "serve"]
 
 # Server-side bounds (the page shows the same ones, but only these are trusted).
 LIMITS = {"steps": (1, 200), "num_images": (1, 16), "guidance": (1.0, 20.0), "prompt_chars": 500,
@@ -127,44 +135,61 @@ def _t2i_config(pipe) -> Any:
     return None
 
 
-class Studio:
-    """Queue, worker and jobs behind the web page; usable without HTTP (``submit`` / ``job``).
+def _int(p: dict, name: str, default: int, bounds: tuple[int, int], what: str | None = None) -> int:
+    v = p.get(name, default)
+    lo, hi = bounds
+    what = what or name
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise StudioError(f"{what} must be an integer between {lo} and {hi}, got {v!r}", field=name)
+    try:
+        f = float(v)
+        ok = math.isfinite(f) and f == int(f)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise StudioError(f"{what} must be an integer between {lo} and {hi}, got {v!r}", field=name)
+    if not lo <= int(f) <= hi:
+        raise StudioError(f"{what} must be between {lo} and {hi}, got {int(f)}", field=name)
+    return int(f)
 
-    ``preview_interval``: least seconds between two progress decodes (0 = every step). The real gap is
-    also at least twice the last decode's duration, so decoding never takes more than ~1/3 of the time
-    of a big model's generation. ``start=False`` leaves the worker stopped until ``start()`` (tests use
-    it to fill the queue deterministically).
-    """
 
-    def __init__(self, pipe, *, class_names: list[str] | None = None, preview_interval: float = 0.3,
-                 max_queue: int = 32, history_size: int = 50, start: bool = True,
-                 log: Callable[[str], None] | None = None):
-        self.pipe = pipe
+def model_names(paths) -> list[str]:
+    """Display names for ``--model`` paths: the file stem or folder name; paths sharing one get their
+    parent folder in front (``run1/model``), and any name still taken gets ``-2``, ``-3``, ..."""
+    from pathlib import Path
+
+    ps = [Path(p).resolve() for p in paths]
+    base = [p.stem if p.is_file() else p.name for p in ps]
+    wanted = [f"{p.parent.name}/{b}" if base.count(b) > 1 and p.parent.name else b for p, b in zip(ps, base)]
+    out: list[str] = []
+    for n in wanted:
+        cand, k = n, 1
+        while cand in out:
+            k += 1
+            cand = f"{n}-{k}"
+        out.append(cand)
+    return out
+
+
+class _Model:
+    """One served pipeline: its description for the page and the validation of its own fields."""
+
+    def __init__(self, name: str, pipe, class_names: list[str] | None = None):
+        self.name, self.pipe = name, pipe
         self.kind = getattr(pipe, "kind", "class_conditional")
         if self.kind not in ("class_conditional", "text_to_image"):
-            raise StudioError(f"unsupported pipeline kind {self.kind!r}")
-        self.preview_interval = float(preview_interval)
-        self.max_queue, self.history_size = int(max_queue), int(history_size)
-        self.log = log or (lambda msg: None)
+            raise StudioError(f"model {name!r}: unsupported pipeline kind {self.kind!r}")
         self.num_classes = int(pipe.config.num_classes) if self.kind == "class_conditional" else 0
         names = class_names if class_names is not None else (getattr(pipe, "meta", None) or {}).get("class_names")
         if names is not None and (not isinstance(names, (list, tuple)) or len(names) != self.num_classes):
             raise StudioError(f"class_names must list {self.num_classes} names, got "
-                              f"{len(names) if isinstance(names, (list, tuple)) else type(names).__name__}")
+                              f"{len(names) if isinstance(names, (list, tuple)) else type(names).__name__}"
+                              f" (model {name!r})")
         self.class_names = [str(n) for n in names] if names is not None else None
         self._t2i = _t2i_config(pipe) if self.kind == "text_to_image" else None
+        cfg = pipe.config if self.kind == "class_conditional" else self._t2i
+        self.parallel_num = int(getattr(cfg, "parallel_num", 0) or 0)  # P: tokens per AR step
 
-        self._cond = threading.Condition()  # guards everything below; notified on every job change
-        self._jobs: dict[str, Job] = {}
-        self._pending: list[Job] = []  # queued, in order
-        self._running: Job | None = None
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._closed = False
-        self._worker: threading.Thread | None = None
-        if start:
-            self.start()
-
-    # ---- model description --------------------------------------------------------------
     def resolutions(self) -> list[list[int]]:
         if self.kind != "text_to_image":
             size = int(self.pipe.config.image_size)
@@ -175,7 +200,8 @@ class Studio:
     def info(self) -> dict[str, Any]:
         res = self.resolutions()
         out: dict[str, Any] = {
-            "kind": self.kind, "limits": {k: list(v) if isinstance(v, tuple) else v for k, v in LIMITS.items()},
+            "name": self.name, "kind": self.kind, "parallel_num": self.parallel_num,
+            "limits": {k: list(v) if isinstance(v, tuple) else v for k, v in LIMITS.items()},
             "defaults": {"steps": 25, "guidance": 4.0 if self.kind == "class_conditional" else 7.5,
                          "num_images": 4 if self.kind == "class_conditional" else 1, "seed": 0},
             "max_images": LIMITS["num_images"][1], "resolutions": res,
@@ -183,10 +209,10 @@ class Studio:
         if self.kind == "class_conditional":
             cfg = self.pipe.config
             out.update(num_classes=self.num_classes, class_names=self.class_names, image_size=int(cfg.image_size),
-                       ar_steps=int(cfg.num_steps), parallel_num=int(cfg.parallel_num),
+                       ar_steps=int(cfg.num_steps), resolution=f"{cfg.image_size}x{cfg.image_size}",
                        schedules=["linear", "constant"])
             out["description"] = (f"class-conditional, {self.num_classes} classes, {cfg.image_size}x{cfg.image_size}"
-                                  f" px, {cfg.num_steps} AR steps of {cfg.parallel_num} tokens")
+                                  f" px, {cfg.num_steps} AR steps of {cfg.parallel_num} token{'s' * (cfg.parallel_num != 1)}")
         else:
             cfg = self._t2i
             anyres = bool(getattr(cfg, "allow_any_resolution", False))
@@ -199,33 +225,14 @@ class Studio:
             except (AttributeError, ValueError):
                 default = res[0] if res else [512, 512]
             out["defaults"].update(height=default[0], width=default[1])
-            out["description"] = "text-to-image"
+            # The AR step count depends on the resolution: the one of the default is shown.
+            out.update(ar_steps=(default[0] // unit) * (default[1] // unit), resolution=f"{default[0]}x{default[1]}")
+            out["description"] = (f"text-to-image, {out['ar_steps']} AR steps of {self.parallel_num} token{'s' * (self.parallel_num != 1)} at "
+                                  f"{default[0]}x{default[1]}")
         return out
 
-    # ---- validation -----------------------------------------------------------------------
-    @staticmethod
-    def _int(p: dict, name: str, default: int, bounds: tuple[int, int], what: str | None = None) -> int:
-        v = p.get(name, default)
-        lo, hi = bounds
-        what = what or name
-        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            raise StudioError(f"{what} must be an integer between {lo} and {hi}, got {v!r}", field=name)
-        try:
-            f = float(v)
-            ok = math.isfinite(f) and f == int(f)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise StudioError(f"{what} must be an integer between {lo} and {hi}, got {v!r}", field=name)
-        if not lo <= int(f) <= hi:
-            raise StudioError(f"{what} must be between {lo} and {hi}, got {int(f)}", field=name)
-        return int(f)
-
-    def validate(self, p: Any) -> dict[str, Any]:
-        """A request body -> clean parameters, or StudioError with a message a user can act on."""
-        if not isinstance(p, dict):
-            raise StudioError("the request body must be a JSON object")
-        common = {"num_images", "seed", "steps", "guidance"}
+    def validate(self, p: dict) -> dict[str, Any]:
+        common = {"num_images", "seed", "steps", "guidance", "model"}
         allowed = common | ({"classes", "schedule"} if self.kind == "class_conditional"
                             else {"prompt", "height", "width"})
         unknown = sorted(set(p) - allowed)
@@ -234,8 +241,8 @@ class Studio:
                 " (this model is class-conditional: send classes)" if "prompt" in unknown else ""
             raise StudioError(f"unknown field(s) {', '.join(unknown)}{hint}; allowed: {', '.join(sorted(allowed))}",
                               field=unknown[0])
-        steps = self._int(p, "steps", 25, LIMITS["steps"], "steps")
-        seed = self._int(p, "seed", 0, LIMITS["seed"], "seed")
+        steps = _int(p, "steps", 25, LIMITS["steps"], "steps")
+        seed = _int(p, "seed", 0, LIMITS["seed"], "seed")
         g = p.get("guidance", 4.0 if self.kind == "class_conditional" else 7.5)
         lo, hi = LIMITS["guidance"]
         try:
@@ -247,7 +254,8 @@ class Studio:
         if not lo <= guidance <= hi:
             raise StudioError(f"guidance must be between {lo:g} and {hi:g} (1 = no guidance), got {guidance:g}",
                               field="guidance")
-        out: dict[str, Any] = {"steps": steps, "seed": seed, "guidance": guidance}
+        out: dict[str, Any] = {"model": self.name, "parallel_num": self.parallel_num,
+                               "steps": steps, "seed": seed, "guidance": guidance}
 
         if self.kind == "class_conditional":
             classes = p.get("classes")
@@ -257,12 +265,12 @@ class Studio:
                 raise StudioError("choose at least one class", field="classes")
             ids = []
             for c in classes:
-                cid = self._int({"c": c}, "c", 0, (-(2**31), 2**31), "class id")
+                cid = _int({"c": c}, "c", 0, (-(2**31), 2**31), "class id")
                 if not 0 <= cid < self.num_classes:
                     raise StudioError(f"class id {cid} is out of range: this model has {self.num_classes} classes "
                                       f"(ids 0 to {self.num_classes - 1})", field="classes")
                 ids.append(cid)
-            n = self._int(p, "num_images", len(ids), LIMITS["num_images"], "number of images")
+            n = _int(p, "num_images", len(ids), LIMITS["num_images"], "number of images")
             if n < len(ids):
                 raise StudioError(f"number of images ({n}) is smaller than the number of chosen classes "
                                   f"({len(ids)}): raise it or choose fewer classes", field="num_images")
@@ -278,10 +286,10 @@ class Studio:
             if len(prompt) > LIMITS["prompt_chars"]:
                 raise StudioError(f"the prompt has {len(prompt)} characters; at most {LIMITS['prompt_chars']} "
                                   "are allowed", field="prompt")
-            n = self._int(p, "num_images", 1, LIMITS["num_images"], "number of images")
+            n = _int(p, "num_images", 1, LIMITS["num_images"], "number of images")
             d = self.info()["defaults"]
-            h = self._int(p, "height", d["height"], (1, 16384), "height")
-            w = self._int(p, "width", d["width"], (1, 16384), "width")
+            h = _int(p, "height", d["height"], (1, 16384), "height")
+            w = _int(p, "width", d["width"], (1, 16384), "width")
             if self._t2i is not None:
                 try:
                     self._t2i.check_resolution(h, w)
@@ -292,6 +300,89 @@ class Studio:
                                   field="height")
             out.update(prompt=prompt, num_images=n, height=h, width=w)
         return out
+
+
+def _named_pipes(pipes) -> list[tuple[str, Any]]:
+    if isinstance(pipes, dict):
+        items = list(pipes.items())
+    elif isinstance(pipes, (list, tuple)):
+        items = [(f"model-{i + 1}", p) for i, p in enumerate(pipes)]
+    else:
+        items = [("model", pipes)]
+    if not items:
+        raise StudioError("the studio needs at least one model")
+    for name, _ in items:
+        if not isinstance(name, str) or not name.strip():
+            raise StudioError(f"model names must be non-empty strings, got {name!r}")
+    return items
+
+
+class Studio:
+    """Queue, worker and jobs behind the web page; usable without HTTP (``submit`` / ``job``).
+
+    ``pipes``: one pipeline, a list (named ``model-1``, ``model-2``, ...) or a dict name -> pipeline;
+    the first is the default of a request without ``"model"``. All models share one worker and queue.
+    ``class_names``: a list for every class-conditional model, or a dict name -> list.
+    ``preview_interval``: least seconds between two progress decodes (0 = every step). The real gap is
+    also at least twice the last decode's duration, so decoding never takes more than ~1/3 of the time
+    of a big model's generation. ``start=False`` leaves the worker stopped until ``start()`` (tests use
+    it to fill the queue deterministically).
+    """
+
+    def __init__(self, pipes, *, class_names: list[str] | dict[str, list[str]] | None = None,
+                 preview_interval: float = 0.3, max_queue: int = 32, history_size: int = 50, start: bool = True,
+                 log: Callable[[str], None] | None = None):
+        items = _named_pipes(pipes)
+        if isinstance(class_names, dict):
+            unknown = sorted(set(class_names) - {n for n, _ in items})
+            if unknown:
+                raise StudioError(f"class_names given for unknown model(s) {', '.join(unknown)}")
+        self.models: dict[str, _Model] = {}
+        for name, pipe in items:
+            names = class_names.get(name) if isinstance(class_names, dict) else class_names
+            if names is not None and getattr(pipe, "kind", "class_conditional") != "class_conditional":
+                names = None  # a shared list is for the class-conditional models only
+            self.models[name] = _Model(name, pipe, names)
+        self.default_model = items[0][0]
+        self.preview_interval = float(preview_interval)
+        self.max_queue, self.history_size = int(max_queue), int(history_size)
+        self.log = log or (lambda msg: None)
+
+        self._cond = threading.Condition()  # guards everything below; notified on every job change
+        self._jobs: dict[str, Job] = {}
+        self._pending: list[Job] = []  # queued, in order
+        self._running: Job | None = None
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._closed = False
+        self._worker: threading.Thread | None = None
+        if start:
+            self.start()
+
+    # ---- model description --------------------------------------------------------------
+    @property
+    def pipe(self):
+        """The default (first) model's pipeline."""
+        return self.models[self.default_model].pipe
+
+    @property
+    def kind(self) -> str:
+        return self.models[self.default_model].kind
+
+    def info(self) -> dict[str, Any]:
+        """The default model's description at the top level (what a one-model client reads), plus
+        ``models``: every model's, in order."""
+        models = [m.info() for m in self.models.values()]
+        return {**models[0], "models": models, "default_model": self.default_model}
+
+    def validate(self, p: Any) -> dict[str, Any]:
+        """A request body -> clean parameters, or StudioError with a message a user can act on."""
+        if not isinstance(p, dict):
+            raise StudioError("the request body must be a JSON object")
+        name = p.get("model", self.default_model)
+        if not isinstance(name, str) or name not in self.models:
+            raise StudioError(f"unknown model {name!r}; this studio serves: {', '.join(self.models)}",
+                              field="model")
+        return self.models[name].validate(p)
 
     # ---- queue ------------------------------------------------------------------------------
     def submit(self, payload: Any) -> Job:
@@ -400,7 +491,9 @@ class Studio:
 
         from .pipeline import to_uint8
 
-        p, pipe = job.params, self.pipe
+        p = job.params
+        model = self.models[p["model"]]
+        pipe = model.pipe
         last = {"end": 0.0, "cost": 0.0}
 
         def progress(step: int, num_steps: int, latents) -> None:
@@ -424,7 +517,7 @@ class Studio:
                 self._cond.notify_all()
 
         gen = torch.Generator(device=getattr(pipe, "device", "cpu")).manual_seed(p["seed"])
-        if self.kind == "class_conditional":
+        if model.kind == "class_conditional":
             out = pipe(p["labels"], num_inference_steps=p["steps"], guidance_scale=p["guidance"],
                        guidance_schedule=p["schedule"], generator=gen, output_type="np", callback=progress)
         else:
@@ -444,7 +537,7 @@ def _public(params: dict[str, Any]) -> dict[str, Any]:
 
 def _summary(p: dict[str, Any]) -> str:
     what = f"classes {p['classes']}" if "classes" in p else f"prompt {p['prompt'][:60]!r} {p['height']}x{p['width']}"
-    return f"{p['num_images']} image(s), {what}, seed {p['seed']}, {p['steps']} steps, guidance {p['guidance']:g}"
+    return f"{p['model']} (P {p['parallel_num']}x): {p['num_images']} image(s), {what}, seed {p['seed']}, {p['steps']} steps, guidance {p['guidance']:g}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,11 +691,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return
 
 
-def make_server(pipe, host: str = "127.0.0.1", port: int = 7860, **studio_kw) -> StudioServer:
-    """A bound (not yet serving) server; run ``server.serve_forever()`` (e.g. in a thread) and stop it
+def make_server(pipes, host: str = "127.0.0.1", port: int = 7860, **studio_kw) -> StudioServer:
+    """A bound (not yet serving) server for one pipeline, a list or a dict name -> pipeline (see
+    :class:`Studio`); run ``server.serve_forever()`` (e.g. in a thread) and stop it
     with ``server.shutdown(); server.server_close()``. Port 0 picks a free port (see ``server.url``)."""
     server = _bind(host, port)
-    server.studio = Studio(pipe, **studio_kw)
+    server.studio = Studio(pipes, **studio_kw)
     return server
 
 
@@ -632,27 +726,80 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def serve(model, *, tokenizer=None, host: str = "127.0.0.1", port: int = 7860, device=None, dtype=None,
-          preview_interval: float = 0.3, class_names: list[str] | None = None) -> None:
-    """Load ``model`` and serve the studio until Ctrl-C. The port is taken before the (possibly slow)
-    model load, so a port in use is reported at once."""
+def _tokenizers(paths: list, tokenizer) -> list:
+    """``--tokenizer`` per model: given once, it goes to every official checkpoint file (folders bring
+    their own; with a single model it is passed as given, as before); given once per ``--model``, it is
+    aligned with them, ``-`` meaning none."""
     from pathlib import Path
 
     from .checkpoint import CheckpointError
+
+    toks = [] if tokenizer is None else [tokenizer] if isinstance(tokenizer, (str, os.PathLike)) else list(tokenizer)
+    if not toks:
+        return [None] * len(paths)
+    if len(toks) == len(paths):
+        return [None if str(t) in ("-", "") else t for t in toks]
+    if len(toks) != 1:
+        raise CheckpointError(f"--tokenizer given {len(toks)} times for {len(paths)} models: give it once (for every "
+                              "official .pt checkpoint) or once per --model ('-' for none)")
+    files = [Path(p).is_file() for p in paths]
+    if not any(files):
+        raise CheckpointError(f"--tokenizer {toks[0]} is for official .pt checkpoints, but every --model is a "
+                              "folder (folders bring their own tokenizer)")
+    return [toks[0] if f else None for f in files]
+
+
+def _load(path, tokenizer, device, dtype):
+    """One model, or a one-line CheckpointError that names its path."""
+    from .checkpoint import CheckpointError
     from .pipeline import BitDancePipeline
 
-    if not Path(model).exists():
-        raise CheckpointError(f"{model}: no such file or folder")
+    kw = {"tokenizer": tokenizer} if tokenizer else {}
+    try:
+        return BitDancePipeline.from_pretrained(path, device=device, dtype=dtype, **kw)
+    except Exception as e:  # noqa: BLE001 - any failure becomes one line naming the model that failed
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, ValueError):  # CheckpointError/ConfigError are ValueErrors and say what is wrong
+            msg = f"{type(e).__name__}: {msg}"
+        raise CheckpointError(msg if str(path) in msg else f"cannot load --model {path}: {msg}") from None
+
+
+def serve(model, *, tokenizer=None, host: str = "127.0.0.1", port: int = 7860, device=None, dtype=None,
+          preview_interval: float = 0.3, class_names: list[str] | dict[str, list[str]] | None = None) -> None:
+    """Load ``model`` (a path, or a list of paths: one after another, named by :func:`model_names`) and
+    serve the studio until Ctrl-C. ``tokenizer``: a path or a list (see ``_tokenizers``). The port is
+    taken before the (possibly slow) model loads, so a port in use is reported at once."""
+    from pathlib import Path
+
+    from .checkpoint import CheckpointError
+
+    paths = [model] if isinstance(model, (str, os.PathLike)) else list(model)
+    if not paths:
+        raise CheckpointError("no model to serve (give --model)")
+    toks = _tokenizers(paths, tokenizer)
+    for path in paths:  # every missing path at once, before a slow load of the ones before it
+        if not Path(path).exists():
+            raise CheckpointError(f"{path}: no such file or folder")
+    names = model_names(paths)
     server = _bind(host, port)
     try:
-        kw = {"tokenizer": tokenizer} if tokenizer else {}
-        pipe = BitDancePipeline.from_pretrained(model, device=device, dtype=dtype, **kw)
-        server.studio = Studio(pipe, class_names=class_names, preview_interval=preview_interval,
+        pipes = {}
+        for i, (name, path, tok) in enumerate(zip(names, paths, toks)):
+            if len(paths) > 1:
+                print(f"loading model {i + 1}/{len(paths)}: {name} ({path})", flush=True)
+            pipes[name] = _load(path, tok, device, dtype)
+        server.studio = Studio(pipes, class_names=class_names, preview_interval=preview_interval,
                                log=lambda m: print(m, flush=True))
         if not _is_loopback(host):
             print(f"warning: listening on {host}: anyone who can reach this address can use the studio "
                   "(there is no authentication)", file=sys.stderr)
-        print(f"BitDance studio: {server.url}  ({server.studio.info()['description']}; Ctrl-C to stop)", flush=True)
+        models = server.studio.info()["models"]
+        if len(models) == 1:
+            print(f"BitDance studio: {server.url}  ({models[0]['description']}; Ctrl-C to stop)", flush=True)
+        else:
+            print(f"BitDance studio: {server.url}  ({len(models)} models; Ctrl-C to stop)", flush=True)
+            for m in models:
+                print(f"  {m['name']}: P {m['parallel_num']}x, {m['description']}", flush=True)
         server.serve_forever()
     finally:
         if server.studio is not None:
@@ -708,6 +855,10 @@ a.download{display:inline-block;border:1px solid var(--acc);border-radius:5px;pa
 <header><h1>BitDance studio</h1><div id="model">loading model info...</div></header>
 <main>
 <form id="form" class="panel" novalidate>
+  <div id="modelbox" hidden>
+    <label for="modelsel">Model <span class="hint">(P = tokens per AR step)</span></label>
+    <select id="modelsel"></select>
+  </div>
   <div id="cc" hidden>
     <label>Classes <span class="hint" id="classhint"></span></label>
     <div id="classes"></div>
@@ -759,19 +910,40 @@ function el(tag, props, text) {
   return e;
 }
 
+function kindName(m) { return m.kind === "text_to_image" ? "text-to-image" : "class-conditional"; }
+
 async function init() {
   const info = S.info = await (await fetch("/api/info")).json();
-  $("model").textContent = info.description;
+  S.models = Object.fromEntries(info.models.map(m => [m.name, m]));
+  if (info.models.length > 1) {  // one model: no selector, the page is as it always was
+    for (const m of info.models)
+      $("modelsel").append(el("option", {value: m.name}, m.name + " \u2014 P " + m.parallel_num + "x, " + m.ar_steps +
+        " AR steps, " + m.resolution + " px, " + kindName(m)));  // P first: a narrow select cuts the end
+    $("modelsel").addEventListener("change", () => useModel($("modelsel").value));
+    $("modelbox").hidden = false;
+  }
+  $("prompt").maxLength = info.limits.prompt_chars;
+  const count = () => $("count").textContent = $("prompt").value.length + " / " + info.limits.prompt_chars;
+  $("prompt").addEventListener("input", count); count();
+  useModel(info.default_model);
+  await loadHistory();
+}
+
+// Show the inputs of model `name`: its class picker or prompt box, resolutions and defaults. Seed and
+// steps stay as typed; guidance and the number of images reset only when the kind changes.
+function useModel(name) {
+  const prev = S.model, info = S.model = S.models[name];
+  $("modelsel").value = name; $("modelsel").title = $("modelsel").selectedOptions[0]?.textContent || "";
+  $("model").textContent = (S.info.models.length > 1 ? name + ": " : "") + info.description;
   const d = info.defaults;
-  $("steps").value = d.steps; $("guidance").value = d.guidance; $("num").value = d.num_images; $("seed").value = d.seed;
+  if (!prev) { $("steps").value = d.steps; $("seed").value = d.seed; }
+  if (!prev || prev.kind !== info.kind) { $("guidance").value = d.guidance; $("num").value = d.num_images; }
   $("num").max = info.max_images;
+  $("t2i").hidden = info.kind !== "text_to_image"; $("cc").hidden = info.kind === "text_to_image";
   if (info.kind === "text_to_image") {
-    $("t2i").hidden = false;
-    $("prompt").maxLength = info.limits.prompt_chars;
-    const count = () => $("count").textContent = $("prompt").value.length + " / " + info.limits.prompt_chars;
-    $("prompt").addEventListener("input", count); count();
+    $("resolution").replaceChildren();
+    $("resolution").hidden = info.any_resolution; $("anyres").hidden = !info.any_resolution;
     if (info.any_resolution) {
-      $("resolution").hidden = true; $("anyres").hidden = false;
       $("height").value = d.height; $("width").value = d.width;
       $("height").step = $("width").step = info.resolution_unit;
     } else {
@@ -782,8 +954,9 @@ async function init() {
       }
     }
   } else {
-    $("cc").hidden = false;
     const n = info.num_classes, names = info.class_names;
+    picked.clear(); $("classes").replaceChildren(); $("classids").value = "";
+    $("classes").hidden = n > 100; $("classids").hidden = n <= 100;
     if (n <= 100) {
       $("classhint").textContent = "(click to pick one or more)";
       for (let i = 0; i < n; i++) {
@@ -798,21 +971,21 @@ async function init() {
       }
     } else {
       $("classhint").textContent = "(ids 0 to " + (n - 1) + ", comma separated)";
-      $("classes").hidden = true; $("classids").hidden = false;
     }
   }
-  await loadHistory();
 }
 
 function payload() {
-  const p = {num_images: +$("num").value, seed: $("seed").value, steps: $("steps").value, guidance: $("guidance").value};
-  if (S.info.kind === "text_to_image") {
+  const m = S.model;
+  const p = {model: m.name, num_images: +$("num").value, seed: $("seed").value, steps: $("steps").value,
+             guidance: $("guidance").value};
+  if (m.kind === "text_to_image") {
     p.prompt = $("prompt").value;
-    if (S.info.any_resolution) { p.height = $("height").value; p.width = $("width").value; }
+    if (m.any_resolution) { p.height = $("height").value; p.width = $("width").value; }
     else { const [h, w] = $("resolution").value.split("x"); p.height = +h; p.width = +w; }
   } else {
     p.schedule = $("schedule").value;
-    p.classes = S.info.num_classes <= 100 ? [...picked].sort((a, b) => a - b)
+    p.classes = m.num_classes <= 100 ? [...picked].sort((a, b) => a - b)
       : $("classids").value.split(/[\s,]+/).filter(s => s.length);
   }
   return p;
@@ -866,9 +1039,11 @@ function setImage(src) { $("preview").src = src; $("preview").hidden = false; $(
 
 function describe(p) {
   if (!p) return "";
+  const m = S.models[p.model] || S.model, names = m.class_names;
   const what = p.prompt !== undefined ? "\u201c" + p.prompt + "\u201d " + p.height + "x" + p.width
-    : "class " + p.classes.map(c => S.info.class_names ? c + " " + S.info.class_names[c] : c).join(", ");
-  return what + " \u00b7 " + p.num_images + " img \u00b7 seed " + p.seed + " \u00b7 " + p.steps + " steps \u00b7 cfg " + p.guidance;
+    : "class " + p.classes.map(c => names ? c + " " + names[c] : c).join(", ");
+  const who = S.info.models.length > 1 ? p.model + " (P " + p.parallel_num + "x) \u00b7 " : "";
+  return who + what + " \u00b7 " + p.num_images + " img \u00b7 seed " + p.seed + " \u00b7 " + p.steps + " steps \u00b7 cfg " + p.guidance;
 }
 
 async function loadHistory() {

@@ -460,19 +460,29 @@ class BitDanceT2I(nn.Module):
         """Latents -> images in about [-1, 1] with the folder's binary tokenizer (``ae``)."""
         if self.ae is None:
             raise RuntimeError("this model has no image tokenizer (ae); load a folder with ae.safetensors")
-        return self.ae.decode(latents.to(next(self.ae.parameters()).dtype), **kw)
+        p = next(self.ae.parameters())  # the ae may be offloaded to the CPU (from_folder(offload=...))
+        return self.ae.decode(latents.to(device=p.device, dtype=p.dtype), **kw)
 
     # ---- folder I/O ----
     @classmethod
     def from_folder(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None,
-                    low_cpu_mem_usage: bool = True, load_ae: bool = True, **config_overrides) -> BitDanceT2I:
+                    low_cpu_mem_usage: bool = True, load_ae: bool = True, offload: Sequence[str] = (),
+                    **config_overrides) -> BitDanceT2I:
         """Load a released folder as-is (see the module docstring). ``config_overrides`` set T2IConfig
         fields the folder does not store (e.g. ``resolutions``, ``allow_any_resolution``, ``head_dim``).
-        ``dtype=None`` keeps the dtype of the stored LLM weights for the whole model."""
+        ``dtype=None`` keeps the dtype of the stored LLM weights for the whole model.
+
+        ``offload`` names parts that stay on the CPU when ``device`` is a GPU: ``"ae"`` (the image
+        tokenizer, used once per image; images are then decoded on the CPU) and ``"lm_head"`` (the LLM's
+        text output layer, 0.78B parameters for Qwen3-14B, which image generation never calls)."""
         from transformers import AutoTokenizer, Qwen3ForCausalLM
 
         from .checkpoint import load_tokenizer
 
+        offload = tuple(offload)
+        bad = [o for o in offload if o not in OFFLOADABLE]
+        if bad:
+            raise ValueError(f"offload takes {' and/or '.join(map(repr, OFFLOADABLE))}, got {bad}")
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: no such folder")
@@ -501,7 +511,14 @@ class BitDanceT2I(nn.Module):
         load_into(model.vision_head.net, net_sd, what=f"vision head {path / HEAD_WEIGHTS}")
         load_into(model.projector, load_file(path / PROJECTOR_WEIGHTS), what=f"projector {path / PROJECTOR_WEIGHTS}")
         target = dtype if dtype is not None else llm.get_input_embeddings().weight.dtype
-        model.to(device=device, dtype=target)
+        model.to(dtype=target)
+        if "lm_head" in offload and llm.get_output_embeddings().weight is llm.get_input_embeddings().weight:
+            raise ValueError("offload='lm_head': this LLM ties its output layer to the input embeddings "
+                             "(tie_word_embeddings), which generation needs on the device")
+        keep = {id(model.ae)} if "ae" in offload and model.ae is not None else set()
+        if "lm_head" in offload:
+            keep.add(id(llm.get_output_embeddings()))
+        _to_device_except(model, device, keep)
         return model.eval()
 
     def save_folder(self, path: str | os.PathLike, *, max_shard_size: str | int | None = None) -> None:
@@ -519,6 +536,27 @@ class BitDanceT2I(nn.Module):
         atomic_write(path / HEAD_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(head_json, indent=2)))
         save_safetensors({f"net.{k}": v for k, v in self.vision_head.net.state_dict().items()}, path / HEAD_WEIGHTS)
         save_safetensors(dict(self.projector.state_dict()), path / PROJECTOR_WEIGHTS)
+
+
+OFFLOADABLE = ("ae", "lm_head")
+
+
+def _to_device_except(module: nn.Module, device, keep: set[int]) -> None:
+    """Move ``module`` to ``device`` leaving the submodules whose id() is in ``keep`` where they are, without
+    ever moving those (so they never take device memory, not even briefly)."""
+    if device is None:
+        return
+    if id(module) in keep:
+        return
+    if not any(id(m) in keep for m in module.modules()):
+        module.to(device)
+        return
+    for child in module.children():
+        _to_device_except(child, device, keep)
+    for p in module.parameters(recurse=False):
+        p.data = p.data.to(device)
+    for name, b in module.named_buffers(recurse=False):
+        module._buffers[name] = b.to(device)
 
 
 def _check_folder(path: Path, need_ae: bool) -> None:

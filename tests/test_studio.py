@@ -18,7 +18,7 @@ from PIL import Image
 
 from bitdance import BinaryTokenizer, BitDance, BitDancePipeline, bitdance_preset
 from bitdance.cli import main
-from bitdance.studio import Studio, StudioError, make_server
+from bitdance.studio import Studio, StudioError, make_server, model_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,6 +31,14 @@ INSTALL_HINT = ("the browser test needs Debian's chromium and the playwright Pyt
 def pipe():
     torch.manual_seed(0)
     cfg = bitdance_preset("BitDance-T-4x", image_size=32, num_classes=10, cls_token_num=4, tokenizer="tiny-d4c16")
+    return BitDancePipeline(BitDance(cfg), BinaryTokenizer(cfg.tokenizer))
+
+
+@pytest.fixture(scope="module")
+def pipe1x():
+    """A second model with another P (1 token per AR step) and another class count."""
+    torch.manual_seed(1)
+    cfg = bitdance_preset("BitDance-T-1x", image_size=32, num_classes=6, cls_token_num=4, tokenizer="tiny-d4c16")
     return BitDancePipeline(BitDance(cfg), BinaryTokenizer(cfg.tokenizer))
 
 
@@ -250,6 +258,85 @@ def test_text_to_image_requests(pipe):
 
 
 # --------------------------------------------------------------------------------------------
+# several models (P = 4x and 1x) behind one studio
+# --------------------------------------------------------------------------------------------
+def _pngs(base, urls):
+    import io
+
+    return np.stack([np.asarray(Image.open(io.BytesIO(_get(base + u)[2]))) for u in urls])
+
+
+def test_several_models_share_one_queue(pipe, pipe1x):
+    server = _start({"t4x": pipe, "t1x": pipe1x}, start=False, preview_interval=0)
+    try:
+        info = json.loads(_get(server.url + "/api/info")[2])
+        assert info["default_model"] == "t4x" and info["kind"] == "class_conditional"
+        assert [(m["name"], m["parallel_num"], m["ar_steps"], m["num_classes"], m["resolution"])
+                for m in info["models"]] == [("t4x", 4, 16, 10, "32x32"), ("t1x", 1, 64, 6, "32x32")]
+        # Each model validates its own bounds; an unknown name is refused with the list of served ones.
+        for payload, words in [({"model": "t9x", "classes": [1]}, "unknown model 't9x'; this studio serves: t4x, t1x"),
+                               ({"model": 4, "classes": [1]}, "unknown model 4"),
+                               ({"model": "t1x", "classes": [7]}, "this model has 6 classes")]:
+            code, body = _post(server.url, payload)
+            assert code == 400 and words in body["error"], body
+        assert body["field"] == "classes" and _post(server.url, {"model": "x", "classes": [1]})[1]["field"] == "model"
+        # The worker is stopped: jobs of both models wait in the one queue, in order.
+        ca, a = _post(server.url, {"classes": [3, 7], "num_images": 2, "seed": 5, "steps": 3, "guidance": 2})
+        cb, b = _post(server.url, {"model": "t1x", "classes": [5], "seed": 5, "steps": 3, "guidance": 2})
+        assert ca == cb == 202 and (a["position"], b["position"]) == (0, 1)
+        server.studio.start()
+        sa, sb = _wait_done(server.url, a["id"]), _wait_done(server.url, b["id"])
+        assert sa["status"] == sb["status"] == "done" and (sa["num_steps"], sb["num_steps"]) == (16, 64)
+        ja, jb = server.studio.job(a["id"]), server.studio.job(b["id"])
+        assert ja.finished <= jb.started
+        for s, p, labels in [(sa, pipe, [3, 7]), (sb, pipe1x, [5])]:
+            want = p(labels, num_inference_steps=3, guidance_scale=2.0,
+                     generator=torch.Generator().manual_seed(5), output_type="np").images
+            assert np.array_equal(_pngs(server.url, s["images"]), want)
+        hist = json.loads(_get(server.url + "/api/history")[2])
+        assert [(h["params"]["model"], h["params"]["parallel_num"]) for h in hist] == [("t1x", 1), ("t4x", 4)]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_studio_model_arguments(pipe, pipe1x):
+    st = Studio([pipe, pipe1x], start=False, class_names={"model-2": list("abcdef")})
+    assert list(st.models) == ["model-1", "model-2"] and st.pipe is pipe
+    assert st.models["model-1"].class_names is None and st.models["model-2"].class_names == list("abcdef")
+    assert Studio(pipe, start=False).info()["models"][0]["name"] == "model"
+    with pytest.raises(StudioError, match="at least one model"):
+        Studio({}, start=False)
+    with pytest.raises(StudioError, match="unknown model"):
+        Studio({"a": pipe}, class_names={"b": ["x"]}, start=False)
+    with pytest.raises(StudioError, match="class_names must list 6 names"):
+        Studio({"a": pipe, "b": pipe1x}, class_names=[str(i) for i in range(10)], start=False)
+
+
+def test_model_names(tmp_path):
+    (tmp_path / "r1/model").mkdir(parents=True)
+    (tmp_path / "r2/model").mkdir(parents=True)
+    (tmp_path / "BitDance_B_16x.pt").write_bytes(b"")
+    paths = [tmp_path / "r1/model", tmp_path / "r2/model", tmp_path / "BitDance_B_16x.pt", tmp_path / "r1/model"]
+    assert model_names(paths) == ["r1/model", "r2/model", "BitDance_B_16x", "r1/model-2"]
+
+
+def test_cli_serve_several_models_errors(pipe, pipe1x, tmp_path, capsys):
+    pipe.save_pretrained(tmp_path / "a")
+    pipe1x.save_pretrained(tmp_path / "b")
+    (tmp_path / "broken").mkdir()
+    args = ["serve", "--port", "0", "--model", str(tmp_path / "a")]
+    # A missing path is reported before anything is loaded; a broken one when its turn comes.
+    for extra, words in [(["--model", str(tmp_path / "missing")], f"{tmp_path / 'missing'}: no such file"),
+                         (["--model", str(tmp_path / "b"), "--model", str(tmp_path / "broken")], str(tmp_path / "broken")),
+                         (["--model", str(tmp_path / "b")] + ["--tokenizer", "t.pt"] * 3, "--tokenizer given 3 times for 2"),
+                         (["--model", str(tmp_path / "b"), "--tokenizer", "t.pt"], "every --model is a folder")]:
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bitdance serve: error:") and words in err and "\n" not in err, err
+
+
+# --------------------------------------------------------------------------------------------
 # the page in a real browser
 # --------------------------------------------------------------------------------------------
 def _chromium() -> str:
@@ -263,7 +350,7 @@ def _chromium() -> str:
     return path
 
 
-def test_browser_generation_streams_progress(pipe):
+def test_browser_generation_streams_progress(pipe, pipe1x):
     exe = _chromium()
     from playwright.sync_api import sync_playwright
 
@@ -278,6 +365,7 @@ def test_browser_generation_streams_progress(pipe):
                 page.on("pageerror", lambda e: errors.append(str(e)))
                 page.goto(server.url + "/")
                 page.click("#classes button[data-cls='3']")
+                assert not page.is_visible("#modelsel")  # one model: no selector
                 page.click("#classes button[data-cls='5']")
                 page.fill("#num", "2")
                 page.fill("#steps", "40")
@@ -318,6 +406,32 @@ def test_browser_generation_streams_progress(pipe):
                 finally:
                     t2i.shutdown()
                     t2i.server_close()
+                # Several models: a selector; switching swaps the class picker (10 -> 6 classes).
+                multi = _start({"t4x": pipe, "t1x": pipe1x, "fake-t2i": FakeT2I(pipe)}, preview_interval=0)
+                try:
+                    page.goto(multi.url + "/")
+                    page.wait_for_selector("#classes button", state="attached")
+                    options = page.inner_text("#modelsel").splitlines()
+                    assert len(options) == 3 and "P 4x" in options[0] and "t1x" in options[1] and "P 1x" in options[1]
+                    assert "64 AR steps" in options[1] and "text-to-image" in options[2]
+                    assert len(page.query_selector_all("#classes button")) == 10
+                    page.select_option("#modelsel", "fake-t2i")
+                    assert page.is_visible("#prompt") and not page.is_visible("#classes")
+                    page.select_option("#modelsel", "t1x")
+                    assert len(page.query_selector_all("#classes button")) == 6 and not page.is_visible("#prompt")
+                    assert page.inner_text("#model").startswith("t1x:")
+                    page.click("#classes button[data-cls='5']")
+                    page.fill("#num", "1")
+                    page.fill("#steps", "2")
+                    page.click("#go")
+                    page.wait_for_selector("#history .item img", timeout=60_000)
+                    text = page.inner_text("#history .item")
+                    assert "t1x (P 1x)" in text and "class 5" in text, text
+                    job = multi.studio.job(page.get_attribute("#history .item", "data-job"))
+                    assert job.params["model"] == "t1x" and len(job.images) == 1
+                finally:
+                    multi.shutdown()
+                    multi.server_close()
                 assert not errors, errors
             finally:
                 browser.close()

@@ -354,3 +354,25 @@ def test_sharded_llm_folder(tmp_path):
     os.remove(tmp_path / shards[-1])
     with pytest.raises(CheckpointError, match=shards[-1]):
         BitDanceT2I.from_folder(tmp_path, resolutions=RES)
+
+
+def test_offload_keeps_parts_off_the_device(folder):
+    """offload=("ae", "lm_head") leaves those on the CPU while the rest moves (the meta device stands in
+    for a GPU on this CPU-only test machine: nothing is allocated there)."""
+    m = BitDanceT2I.from_folder(folder, resolutions=RES, device="meta", offload=("ae", "lm_head"))
+    assert m.llm.model.embed_tokens.weight.device.type == "meta"
+    assert m.projector.fc1.weight.device.type == "meta"
+    assert all(p.device.type == "meta" for p in m.vision_head.parameters())
+    assert all(p.device.type == "cpu" for p in m.ae.parameters())
+    assert m.llm.lm_head.weight.device.type == "cpu"
+    plain = BitDanceT2I.from_folder(folder, resolutions=RES, device="meta")
+    assert all(p.device.type == "meta" for p in plain.parameters())
+    with pytest.raises(ValueError, match="offload takes"):
+        BitDanceT2I.from_folder(folder, resolutions=RES, offload=("vision_head",))
+
+
+def test_decode_with_offloaded_ae(model):
+    """The ae may live elsewhere than the latents: decode moves them to it."""
+    lat = torch.ones(1, 32, 2, 2, dtype=torch.float64)  # a dtype the ae does not use
+    img = model.decode(lat)
+    assert img.shape == (1, 3, 32, 32) and img.dtype == next(model.ae.parameters()).dtype
