@@ -176,3 +176,21 @@ def test_full_budget_is_sized_for_a_few_cpu_hours(repro):
     est = repro.estimate_seconds(repro.BUDGETS["full"])
     assert 1.5 * 3600 < est["total"] < 3.5 * 3600
     assert repro.estimate_seconds(repro.BUDGETS["smoke"])["total"] < 300
+
+
+def test_findings_follow_the_numbers(repro):
+    """The findings paragraphs are written from the numbers: agreement and disagreement with the paper."""
+    def tab2(fids):
+        return [{"head": h, "fid": f, "accuracy": 0.8} for h, f in fids.items()]
+
+    tables = {"tab2": tab2({"diffusion": 50.0, "bitwise": 60.0, "token": 58.0}), "tab3": [], "tab4": []}
+    f = repro.findings(tables, 500)
+    assert "agrees with the paper" in f["tab2"] and "500 samples" in f["tab2"]
+    tables["tab2"] = tab2({"diffusion": 50.0, "bitwise": 60.0, "token": 45.0})
+    assert "does **not** reproduce" in repro.findings(tables, 500)["tab2"]
+    tables["tab3"] = [{"parallel_num": P, "fid": fid, "latency_s": lat}
+                      for P, fid, lat in ((1, 40.0, 2.0), (4, 42.0, 0.5), (16, 70.0, 0.2))]
+    assert "Quality drops" in repro.findings(tables, 500)["tab3"]
+    tables["tab4"] = [{"head_steps": s, "fid": fid} for s, fid in ((2, 90.0), (10, 45.0), (25, 41.0), (50, 40.0))]
+    f4 = repro.findings(tables, 500)["tab4"]
+    assert "best is 40.0 at 50 steps" in f4 and "10 steps are within 5 FID" in f4
