@@ -619,8 +619,19 @@ def cmd_sample_npz(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option shows its default, also those without help text (argparse drops it for empty help)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" not in text and action.option_strings and action.default is not None
+                and action.default is not argparse.SUPPRESS):
+            text = f"{text} (default: %(default)s)".strip()
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     p = argparse.ArgumentParser(prog="bitdance", description="BitDance: autoregressive image generation with "
                                 "binary tokens. Run 'bitdance COMMAND --help' for a command's options.")
     p.add_argument("--version", action="version", version=f"bitdance {_version()}")
@@ -648,17 +659,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, help="image height in pixels; None = the model's (text-to-image: the "
                    "largest allowed square, 1024 for the released models)")
     s.add_argument("--width", type=int, help="image width in pixels; None = as --height")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (same seed, same images)")
     s.add_argument("--steps", type=int, default=50, help="diffusion-head sampling steps")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1 = off; None = 4.0 "
                    "class-conditional, 7.5 text-to-image")
     s.add_argument("--schedule", choices=["linear", "constant"],
                    help="guidance schedule of class-conditional models; None = linear")
-    s.add_argument("--sampler", choices=["euler_maruyama", "euler"], default="euler_maruyama")
+    s.add_argument("--sampler", choices=["euler_maruyama", "euler"], default="euler_maruyama",
+                   help="head sampler: Euler-Maruyama (official) or deterministic Euler")
     s.add_argument("--out", default="samples.png", help="grid PNG, or a folder with --separate")
     s.add_argument("--separate", action="store_true", help="one PNG per image into the --out folder")
-    s.add_argument("--nrow", type=int, default=0, help="grid columns (default: min(n, 8))")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--nrow", type=int, default=0, help="grid columns (0 = min(n, 8))")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     s.add_argument("--dtype", choices=["fp32", "bf16"], help="None = fp32 (text-to-image: the stored dtype)")
     s.add_argument("--no-kv-cache", action="store_true", help="recompute the sequence each step (slow, for checks)")
     s.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
@@ -672,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     s.add_argument("--out", default="bitdance-demo", help="output folder")
     s.add_argument("--minutes", type=float, default=12.0, help="time budget; more minutes, better digits")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of both trainings and the samples")
     s.add_argument("--data", default="mnist", help="dataset (mnist, fashion-mnist) at 32x32")
     s.set_defaults(fn=cmd_demo)
 
@@ -715,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache", help="statistics .npz of the real side: written on first use, then read instead of "
                    "re-encoding --real")
     e.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     e.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall")
     e.add_argument("--max-images", type=int, help="use only the first N images of each side")
     e.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
@@ -730,11 +742,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", help="split (default: test where the dataset has one, else all images)")
     e.add_argument("--image-size", type=int, help="image size (default: the dataset's; 256 for a folder)")
     e.add_argument("--num-images", type=int, default=1000, help="images, evenly spread over the split")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=64, help="images per encode/decode batch")
     e.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None,
                    help="compute rFID (default: only on CUDA; slow on CPU)")
     e.add_argument("--seed", type=int, default=0, help="seed of a noise-input (GAN) decoder")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     e.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
     e.set_defaults(fn=cmd_eval_recon, command="eval recon")
 
@@ -744,9 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
         "class they were generated for: an offline stand-in for the Inception Score on MNIST/Fashion-MNIST.")
     e.add_argument("--images", required=True, help=".npz with arr_0 (uint8 NHWC) and labels (e.g. from sample-npz)")
     e.add_argument("--data", required=True, help="classifier: mnist or fashion-mnist")
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=256, help="images per classifier batch")
     e.add_argument("--max-images", type=int, help="only the first N images")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     e.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
     e.set_defaults(fn=cmd_eval_accuracy, command="eval accuracy")
 
@@ -757,17 +769,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(each seeded from --seed and its index), so an interrupted run resumes with identical results.")
     s.add_argument("--model", required=True, help="bitdance folder or official checkpoint (.pt)")
     s.add_argument("--tokenizer", help="tokenizer file if the model has none")
-    s.add_argument("--num-samples", type=int, required=True)
+    s.add_argument("--num-samples", type=int, required=True, help="images to generate")
     s.add_argument("--out", required=True, help="output .npz")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=16, help="images per sampling batch")
+    s.add_argument("--seed", type=int, default=0, help="batch k is seeded from (seed, k)")
     s.add_argument("--steps", type=int, default=50, help="diffusion-head sampling steps")
     s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
     s.add_argument("--schedule", choices=["linear", "constant"], default="linear", help="guidance schedule")
-    s.add_argument("--sampler", choices=["euler_maruyama", "euler"], default="euler_maruyama")
+    s.add_argument("--sampler", choices=["euler_maruyama", "euler"], default="euler_maruyama",
+                   help="head sampler: Euler-Maruyama (official) or deterministic Euler")
     s.add_argument("--classes", default="all", help="'all' or comma-separated class ids, e.g. 0,1,2")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out (and discard partial "
                    "results made with other settings)")
     s.set_defaults(fn=cmd_sample_npz)
@@ -781,12 +794,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=2, help="images per run")
     s.add_argument("--steps", type=int, default=25, help="diffusion-head sampling steps")
     s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--image-size", type=int, default=256, help="image size in pixels")
     s.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="falls back to fp32 without bf16")
-    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to sample")
     s.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     s.add_argument("--repeats", type=int, default=1, help="timed runs (averaged)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--no-decode", action="store_true", help="time the generator only (no tokenizer decode)")
     s.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
                    help="torch.compile the diffusion head's inner loop (reduce-overhead = CUDA graphs on GPU); "

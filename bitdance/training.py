@@ -1108,18 +1108,44 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 # Command line (shared with `bitdance train` / `bitdance train-tokenizer`)
 # --------------------------------------------------------------------------------------------
 _HELP = {
+    "task": "tokenizer | generator | t2i",
     "out": "output folder: checkpoint.pt, metrics.jsonl, samples, exported model",
     "data": "mnist | fashion-mnist | twemoji | path to an image folder (one sub-folder per class)",
+    "split": "dataset split (train/test/none)",
+    "image_size": "image size in pixels (0 = the dataset's own)",
     "model": "generator preset (BitDance-T-4x) or tokenizer preset (tiny-d4c16)",
     "model_overrides": "JSON dict of config overrides, e.g. '{\"dim\": 256}'",
     "tokenizer": "trained tokenizer folder/file (generator task)",
-    "batch_size": "global batch size", "resume": "continue from OUT/checkpoint.pt",
-    "max_minutes": "stop after this many minutes (0 = no limit)", "fsdp": "shard parameters with FSDP",
+    "steps": "optimizer steps", "batch_size": "global batch size",
+    "micro_batch_size": "per-process micro-batch; smaller than batch / world size = gradient accumulation "
+                        "(0 = batch / world size)",
+    "lr": "peak AdamW learning rate", "warmup_steps": "linear warm-up steps before the cosine decay",
+    "min_lr_ratio": "the cosine decays to lr x this", "weight_decay": "AdamW weight decay (not on norms, biases, "
+    "embeddings, query tokens)", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
+    "grad_clip": "gradient-norm clip (0 = off)", "ema_decay": "EMA decay of the exported weights",
+    "ema_warmup": "EMA decay min(ema_decay, (1 + step) / (10 + step)), so short runs get a useful EMA",
+    "precision": "auto (bf16 autocast where the hardware has bf16 units) | bf16 | fp32",
+    "seed": "seed of the weights, the data order and every random draw",
+    "device": "cpu, cuda, ... ('' = cuda if available, else cpu)",
+    "fsdp": "shard parameters with FSDP instead of replicating them (DDP) under torchrun",
+    "log_every": "steps between metric lines", "ckpt_every": "steps between checkpoints",
+    "sample_every": "steps between sample grids (0 = only at the end)",
+    "final_samples": "write a sample grid (or reconstructions) when the run ends",
+    "resume": "continue from OUT/checkpoint.pt",
+    "max_minutes": "stop after this many minutes (0 = no limit)",
+    "cache_latents": "generator: encode the dataset once with the frozen tokenizer",
+    "cache_dir": "where encoded latents are cached ('' = the run folder); share it between runs",
+    "progress": "show a progress bar",
+    "rec_loss": "tokenizer: l1 | l2 reconstruction loss", "entropy_weight": "tokenizer: group-wise entropy loss weight",
+    "commit_weight": "tokenizer: commitment loss weight", "perceptual": "tokenizer: none | inception perceptual loss",
+    "perceptual_weight": "tokenizer: perceptual loss weight",
+    "gan_weight": "tokenizer: PatchGAN loss weight (0 = no discriminator)",
+    "disc_start": "tokenizer: step at which the discriminator starts", "disc_lr": "tokenizer: discriminator lr",
     "llm": "t2i: pretrained Hugging Face Qwen3 folder (or a BitDance T2I folder to continue training)",
     "llm_config": "t2i from scratch: JSON Qwen3Config fields, e.g. '{\"hidden_size\": 256, \"num_hidden_layers\": 4}'",
-    "text_tokenizer": "t2i from scratch: Hugging Face tokenizer folder",
+    "text_tokenizer": "t2i from scratch: Hugging Face tokenizer folder ('' = the --llm folder's)",
     "distill_from": "t2i: a T2I folder (P=16) to inherit from at parallel_num (default 64)",
-    "resolutions": "t2i: HxW[:weight],... in pixels, e.g. 32x32:3,16x16:1",
+    "resolutions": "t2i: HxW[:weight],... in pixels, e.g. 32x32:3,16x16:1 ('' = the dataset's size)",
     "text_dropout": "t2i: probability of the unconditional prompt", "text_weight": "t2i: text loss weight",
     "perturb_rate": "t2i: bit-flip rate p on fed image tokens", "sample_prompts": "t2i: '|'-separated prompts",
 }
@@ -1131,13 +1157,13 @@ def add_train_args(p: argparse.ArgumentParser, task: str | None = None) -> None:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
         flag = "--" + f.name.replace("_", "-")
-        helptext = _HELP.get(f.name, " ")  # non-empty so that --help shows the default
+        helptext = _HELP[f.name]
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
         elif isinstance(default, dict):
             p.add_argument(flag, type=json.loads, default=default, help=helptext)
         elif f.name == "split":
-            p.add_argument(flag, default=default, help="dataset split (train/test/none)")
+            p.add_argument(flag, default=default, help=helptext)
         else:
             p.add_argument(flag, type=type(default), default=default, help=helptext)
 
@@ -1151,12 +1177,20 @@ def config_from_args(args: argparse.Namespace, task: str | None = None) -> Train
     return TrainConfig(**kw)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bitdance.training", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass  # the module docstring as written, and every option's default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m bitdance.training TASK ...`` (also what torchrun runs)."""
+    p = argparse.ArgumentParser(prog="python -m bitdance.training", description=__doc__, formatter_class=_Formatter)
     p.add_argument("task", choices=["tokenizer", "generator", "t2i"])
     add_train_args(p, task="positional")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         summary = train(config_from_args(args, args.task))
     except (TrainingError, ValueError) as e:

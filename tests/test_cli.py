@@ -1,6 +1,7 @@
 """The command line: presets, info, sample, convert, and one-line errors."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -74,3 +75,38 @@ def test_errors_are_one_line(files, tmp_path, capsys):
     assert main(["sample", "--model", str(files / "folder"), "--classes", "10", "--out", str(tmp_path / "y.png")]) == 2
     assert "class labels must be in [0, 9]" in capsys.readouterr().err
     assert not (tmp_path / "y.png").exists()
+
+
+def _commands(parser, prefix=()):
+    """(name, parser) of every leaf command, through nested sub-commands (eval fid, ...)."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield " ".join(prefix), parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from _commands(sub, prefix + (name,))
+
+
+def test_every_command_is_listed_and_every_option_shows_its_default():
+    import argparse
+
+    from bitdance.cli import build_parser
+
+    parser = build_parser()
+    top = parser.format_help()
+    commands = dict(_commands(parser))
+    assert {"sample", "convert", "info", "serve", "bench", "train", "eval fid", "sample-npz"} <= set(commands)
+    for name, sub in commands.items():
+        assert name.split()[0] in top, f"'bitdance --help' does not list {name}"
+        text = sub.format_help()
+        for action in sub._actions:
+            if not action.option_strings or action.default in (None, argparse.SUPPRESS):
+                continue
+            flag = action.option_strings[0]  # listed first (BooleanOptionalAction: --x, --no-x)
+            start = re.search(r"\n  (?:-\w, )?" + re.escape(flag) + r"[ ,\n]", text[text.index("options:"):])
+            assert start, f"bitdance {name} --help does not list {flag}"
+            block = text[text.index("options:") + start.end():]
+            block = block[: block.find("\n  -") if "\n  -" in block else len(block)]  # up to the next option
+            assert "(default:" in block, f"bitdance {name} --help: {flag} does not show its default"
