@@ -193,4 +193,10 @@ def test_findings_follow_the_numbers(repro):
     assert "Quality drops" in repro.findings(tables, 500)["tab3"]
     tables["tab4"] = [{"head_steps": s, "fid": fid} for s, fid in ((2, 90.0), (10, 45.0), (25, 41.0), (50, 40.0))]
     f4 = repro.findings(tables, 500)["tab4"]
-    assert "best is 40.0 at 50 steps" in f4 and "10 steps are within 5 FID" in f4
+    assert "best is 40.0 at 50 steps" in f4 and "from 10 steps on it stays between 40.0 and 45.0" in f4
+    assert "As in the paper" in f4 and "up and down" not in f4
+    tables["tab4"] = [{"head_steps": s, "fid": fid} for s, fid in ((2, 101.9), (5, 92.5), (10, 97.9), (50, 97.5))]
+    f4 = repro.findings(tables, 500)["tab4"]
+    assert "from 5 steps on it stays between 92.5 and 97.9" in f4 and "up and down" in f4
+    tables["tab4"] = [{"head_steps": s, "fid": fid} for s, fid in ((2, 40.0), (10, 60.0), (50, 80.0))]
+    assert "compare" in repro.findings(tables, 500)["tab4"]
