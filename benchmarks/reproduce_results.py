@@ -843,7 +843,7 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str] | None = None
     smp = s["sampling"]
     smoke = results["budget"] == "smoke"
     tables = _decorate(results["tables"])
-    found = {} if results["budget"] == "smoke" else findings(tables, b["fid_images"])
+    found = {} if smoke else findings(tables, b["fid_images"])
     n_ref = next((r["ref_images"] for t in ("tab2", "tab3", "tab4") for r in tables[t]), None)
     tag = " — SMOKE RUN, numbers meaningless" if smoke else ""
     L: list[str] = []

@@ -374,10 +374,9 @@ class BitDanceT2IPipeline:
         bad = sorted(set(config_overrides) - valid)
         if bad:  # a caller's typo, not a broken folder
             raise TypeError(f"unknown text-to-image config field(s) {bad}; T2IConfig has {sorted(valid)}")
-        from .t2i import OFFLOADABLE
+        from .t2i import check_offload
 
-        if isinstance(offload, str) or any(o not in OFFLOADABLE for o in offload):
-            raise ValueError(f"offload takes a list of {' and/or '.join(map(repr, OFFLOADABLE))}, got {offload!r}")
+        offload = check_offload(offload)  # a caller's mistake: checked here so it is not reported as a bad folder
         try:
             model = BitDanceT2I.from_folder(path, dtype=dtype, device=device, low_cpu_mem_usage=low_cpu_mem_usage,
                                             offload=offload, **{**extra, **config_overrides})

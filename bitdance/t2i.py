@@ -479,10 +479,7 @@ class BitDanceT2I(nn.Module):
 
         from .checkpoint import load_tokenizer
 
-        offload = tuple(offload)
-        bad = [o for o in offload if o not in OFFLOADABLE]
-        if bad:
-            raise ValueError(f"offload takes {' and/or '.join(map(repr, OFFLOADABLE))}, got {bad}")
+        offload = check_offload(offload)
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: no such folder")
@@ -539,6 +536,14 @@ class BitDanceT2I(nn.Module):
 
 
 OFFLOADABLE = ("ae", "lm_head")
+
+
+def check_offload(offload: Sequence[str]) -> tuple[str, ...]:
+    """``offload`` as a tuple of OFFLOADABLE names, or a ValueError (a bare string is a mistake: it would
+    split into characters)."""
+    if isinstance(offload, str) or any(o not in OFFLOADABLE for o in offload):
+        raise ValueError(f"offload takes a list of {' and/or '.join(map(repr, OFFLOADABLE))}, got {offload!r}")
+    return tuple(offload)
 
 
 def _to_device_except(module: nn.Module, device, keep: set[int]) -> None:
