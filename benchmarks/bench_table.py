@@ -2,6 +2,7 @@
 
     python benchmarks/bench_table.py --device cpu --out docs/assets/bench_cpu.json      # ~10 min on 2 cores
     python benchmarks/bench_table.py --device cuda --batch 64 --out docs/assets/bench_cuda.json --compile reduce-overhead
+    python benchmarks/bench_table.py --render docs/assets/bench_cuda.json   # the markdown rows of a JSON-lines file
 
 Each configuration runs in its own process (a fresh allocator, so peak memory is per configuration) and
 its JSON line is appended to --out as it finishes (a configuration measured again replaces nothing: both
@@ -35,7 +36,29 @@ def row(r: dict) -> str:
             f"{r['seconds_per_image'] * r['batch']:.2f} | {r['seconds_per_image']:.2f} | {r['images_per_s']:.3f} | "
             f"{gf:,.0f} ({r['generator_flops_per_image'] / 1e9:,.0f} + {r['decode_flops_per_image'] / 1e9:,.0f}) | "
             f"{r['achieved_flops'] / 1e9:,.0f} | {r['peak_flops'] / 1e9:,.0f} | {100 * r['mfu']:.1f}% | "
-            f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB | {agree or '—'} |")
+            f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB | {_budget(r)} | {agree or '—'} |")
+
+
+def _budget(r: dict) -> str:
+    """weights + KV cache + one decode chunk, the memory sampling should stay within."""
+    if r.get("memory_budget_bytes") is None:
+        return "—"
+    return (f"{r['memory_budget_bytes'] / 2**20:,.0f} MiB ({r['weights_bytes'] / 2**20:,.0f} + "
+            f"{r['kv_cache_bytes'] / 2**20:,.0f} + {(r.get('decode_chunk_bytes') or 0) / 2**20:,.0f})")
+
+
+def render(path: Path) -> str:
+    """The table (header + one row per JSON line) of a file written by this script or `bitdance bench --json`."""
+    lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
+    for line in path.read_text().splitlines():
+        if line.strip():
+            lines.append(row(json.loads(line)))
+    return "\n".join(lines)
+
+
+HEADER = ("| preset | px | batch | head steps | cfg | dtype | decode | compile | s / batch | s / image | images/s | "
+          "GFLOP / image (gen + decode) | achieved GFLOP/s | matmul peak GFLOP/s | MFU | peak memory | "
+          "budget: weights + KV + decode chunk | bf16 vs fp32 (bits / tokens / PSNR) |")
 
 
 def main() -> int:
@@ -48,8 +71,14 @@ def main() -> int:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--compile", default="off")
     p.add_argument("--only", help="comma-separated presets to run (default: all)")
-    p.add_argument("--out", type=Path, required=True, help="JSON-lines file, appended to")
+    p.add_argument("--out", type=Path, help="JSON-lines file, appended to")
+    p.add_argument("--render", type=Path, metavar="JSONL", help="only print the table of an existing file")
     args = p.parse_args()
+    if args.render:
+        print(render(args.render))
+        return 0
+    if args.out is None:
+        p.error("--out is required (or --render)")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None

@@ -12,6 +12,9 @@ that the flow does the same work as with trained weights (the cost does not depe
 * Peak memory: CUDA ``torch.cuda.max_memory_allocated`` over the timed runs; CPU the peak resident set size
   during the timed runs minus the RSS before the models were built (Linux ``/proc/self/clear_refs`` resets
   the high-water mark; without it, ``resource.getrusage`` ru_maxrss, the process-lifetime peak).
+* Memory budget: sampling should need no more than the weights, the KV cache and one decode chunk. The bench
+  reports the three (weights and KV cache from their shapes, the decode chunk's activations measured during
+  the FLOP-counting decode) and their sum next to the peak.
 """
 
 from __future__ import annotations
@@ -140,6 +143,42 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _module_bytes(*modules: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+
+
+def kv_cache_bytes(cfg, batch: int, guided: bool, dtype: torch.dtype) -> int:
+    """Size of the static KV cache that ``BitDance.generate`` allocates for ``batch`` images."""
+    rows = batch * (2 if guided else 1)
+    seq = cfg.cls_token_num + cfg.num_tokens - 1
+    return 2 * cfg.n_layer * rows * seq * cfg.dim * torch.empty((), dtype=dtype).element_size()
+
+
+class _PeakSince:
+    """Peak memory growth of a block over what was in use when it began (CUDA: allocated bytes; CPU: RSS,
+    None where the high-water mark cannot be reset)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = device, None
+
+    def __enter__(self):
+        _sync(self.device)
+        if self.device.type == "cuda":
+            self.start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.start = _rss_bytes() if _reset_hwm() else None
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        if self.device.type == "cuda":
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device) - self.start)
+        elif self.start is not None and _hwm_bytes() is not None:
+            self.bytes = max(0, int(_hwm_bytes() - self.start))
+        return False
+
+
 # --------------------------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------------------------
@@ -166,6 +205,11 @@ class BenchResult:
     mfu: float
     peak_memory_bytes: int
     peak_memory_method: str
+    # what sampling should need at most: weights + KV cache + one decode chunk's activations
+    weights_bytes: int = 0
+    kv_cache_bytes: int = 0
+    decode_chunk_bytes: int | None = None
+    memory_budget_bytes: int | None = None
     compile_mode: str = "off"
     # bf16 vs fp32 on the same seed (``compare_fp32``): fraction of equal bits, PSNR of the decoded images
     bf16_bit_agreement: float | None = None
@@ -216,7 +260,9 @@ def _build(preset: str, image_size: int, tokenizer: str | None, seed: int, devic
     if tokenizer:
         overrides["tokenizer"] = tokenizer_preset(tokenizer)
     cfg = bitdance_preset(preset, **overrides)
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus), device:  # built where they run: fast random init on a GPU
         torch.manual_seed(seed)
         gen = BitDance(cfg)
         net = getattr(gen.head, "net", None)
@@ -247,6 +293,7 @@ def run_bench(
     compile: str = "off",
     compare_fp32: bool = False,
     model: str | None = None,
+    profile: str | Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Time ``repeats`` sampling runs (after ``warmup``) of ``batch`` images with random weights, count the
@@ -259,6 +306,9 @@ def run_bench(
     the flow is near-chaotic, so check quality on trained weights).
     ``model``: a class-conditional checkpoint/folder to use instead of random weights (``preset``, ``image_size``
     are then taken from it, ``tokenizer`` is a tokenizer file as for ``bitdance sample``).
+    ``profile``: a folder; one more run goes through ``torch.profiler`` and leaves ``profile.txt`` (the ops
+    that took the most time, on the device and on the host) and ``trace.json.gz`` (open in Perfetto or
+    chrome://tracing) there.
     """
     from .sampler import FlowSampler
 
@@ -287,9 +337,9 @@ def run_bench(
     tok_name = tokenizer if (tokenizer and model is None) else None
     tok_name = tok_name or next((k for k, v in _tokenizer_presets().items() if v == mcfg.tokenizer), "custom")
     if compile != "off":
-        if not hasattr(gen.head, "compile_denoiser"):
+        if not hasattr(gen.head, "compile_sampling"):
             raise ValueError(f"compile applies to the diffusion head; {preset} has head_type={mcfg.head_type!r}")
-        gen.head.compile_denoiser(mode=None if compile == "default" else compile)
+        gen.head.compile_sampling(mode=None if compile == "default" else compile)
     sampler = FlowSampler(num_steps=steps)
     labels = (torch.arange(batch) % mcfg.num_classes).to(dev)
 
@@ -298,7 +348,7 @@ def run_bench(
         return gen.generate(labels, sampler=sampler, guidance_scale=cfg, generator=g), g
 
     def decode_fn(latents, g):
-        return tok.decode(latents.to(tdtype), generator=g, chunk_size=16)
+        return tok.decode(latents.to(tdtype), generator=g, chunk_size=DECODE_CHUNK)
 
     def one_run():
         latents, g = generate()
@@ -335,13 +385,21 @@ def run_bench(
             peak_mem = int(_maxrss_bytes() - maxrss0)
 
         say("counting FLOPs (one more run under FlopCounterMode)")
-        compiled = getattr(gen.head, "_compiled_denoise", None)
+        compiled = getattr(gen.head, "_compiled_step", None)
         if compiled is not None:  # count on the eager head: same ops, and the counter sees every one
-            gen.head._compiled_denoise = None
+            gen.head._compiled_step = None
         gen_flops, (latents, g) = count_flops(generate)
-        dec_flops = count_flops(lambda: decode_fn(latents, g))[0] if decode else 0
+        dec_flops, decode_mem = 0, None
+        if decode:  # the KV cache is gone by now: this peak is one decode chunk's activations (+ outputs)
+            with _PeakSince(dev) as chunk_peak:
+                dec_flops = count_flops(lambda: decode_fn(latents, g))[0]
+            decode_mem = chunk_peak.bytes
         if compiled is not None:
-            gen.head._compiled_denoise = compiled
+            gen.head._compiled_step = compiled
+
+        if profile is not None:
+            say(f"profiling one more run into {profile}")
+            _profile(one_run, dev, Path(profile))
 
         agreement = {}
         if compare_fp32:
@@ -353,6 +411,9 @@ def run_bench(
     peak = measure_matmul_peak(dev, tdtype, size=peak_size)
 
     sec = sum(times) / len(times)
+    weights = _module_bytes(gen, tok)
+    kv = kv_cache_bytes(mcfg, batch, cfg > 1.0, tdtype)
+    budget = None if (decode and decode_mem is None) else weights + kv + (decode_mem or 0)
     flops_per_image = (gen_flops + dec_flops) / batch
     ips = batch / sec
     achieved = flops_per_image * ips
@@ -362,10 +423,38 @@ def run_bench(
         images_per_s=ips, seconds_per_image=sec / batch, flops_per_image=flops_per_image,
         generator_flops_per_image=gen_flops / batch, decode_flops_per_image=dec_flops / batch,
         achieved_flops=achieved, peak_flops=peak, mfu=achieved / peak, peak_memory_bytes=peak_mem,
-        peak_memory_method=mem_method, compile_mode=compile, run_seconds=times, notes=notes, **agreement)
+        peak_memory_method=mem_method, weights_bytes=weights, kv_cache_bytes=kv, decode_chunk_bytes=decode_mem,
+        memory_budget_bytes=budget, compile_mode=compile, run_seconds=times, notes=notes, **agreement)
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+DECODE_CHUNK = 16  # images per tokenizer decode call, as the pipeline's default decode_chunk_size
+
+
+def _profile(fn: Callable[[], Any], dev: torch.device, folder: Path) -> None:
+    """Run ``fn`` under torch.profiler; write the op tables and a gzipped Chrome trace into ``folder``."""
+    import gzip
+    import shutil
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(dev)
+    folder.mkdir(parents=True, exist_ok=True)
+    ka = prof.key_averages()
+    parts = []
+    if dev.type == "cuda":
+        parts += ["# ops by time on the GPU", ka.table(sort_by="self_cuda_time_total", row_limit=30)]
+    parts += ["# ops by time on the host", ka.table(sort_by="self_cpu_time_total", row_limit=30)]
+    (folder / "profile.txt").write_text("\n".join(parts) + "\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with raw.open("rb") as src, gzip.open(folder / "trace.json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def _compare_fp32(preset, image_size, tokenizer, seed, dev, latents, images, labels, sampler, cfg, decode,
@@ -378,7 +467,7 @@ def _compare_fp32(preset, image_size, tokenizer, seed, dev, latents, images, lab
     out = {"bf16_bit_agreement": same.float().mean().item(),
            "bf16_token_agreement": same.all(dim=1).float().mean().item()}  # a token = all d bits of a position
     if decode:
-        ref_img = tok32.decode(ref, generator=g, chunk_size=16)
+        ref_img = tok32.decode(ref, generator=g, chunk_size=DECODE_CHUNK)
         a = ((images.float().clamp(-1, 1) + 1) * 127.5).round()
         b = ((ref_img.float().clamp(-1, 1) + 1) * 127.5).round()
         mse = ((a - b) ** 2).mean().item()

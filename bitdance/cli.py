@@ -246,7 +246,7 @@ def cmd_bench(args) -> None:
     r = run_bench(args.preset, batch=args.batch, steps=args.steps, cfg=args.cfg, image_size=args.image_size,
                   dtype=args.dtype, device=args.device, warmup=args.warmup, repeats=args.repeats,
                   decode=not args.no_decode, tokenizer=args.tokenizer, seed=args.seed, compile=args.compile,
-                  compare_fp32=args.compare_fp32, model=args.model, log=None if args.json else (lambda m: print(m, file=sys.stderr)))
+                  compare_fp32=args.compare_fp32, model=args.model, profile=args.profile, log=None if args.json else (lambda m: print(m, file=sys.stderr)))
     for note in r.notes:
         print(f"note: {note}")
     print(f"{r.preset} + {r.tokenizer} tokenizer, {r.image_size} px, batch {r.batch}, {r.ar_steps} AR steps x "
@@ -260,6 +260,10 @@ def cmd_bench(args) -> None:
     print(f"matmul peak FLOP/s:  {r.peak_flops:.4g} ({r.dtype}, measured)")
     print(f"MFU:                 {100 * r.mfu:.2f}%")
     print(f"peak memory:         {r.peak_memory_bytes / 2**20:.1f} MiB ({r.peak_memory_method})")
+    chunk = "not measured" if r.decode_chunk_bytes is None else f"{r.decode_chunk_bytes / 2**20:.1f} MiB"
+    budget = "" if r.memory_budget_bytes is None else f"{r.memory_budget_bytes / 2**20:.1f} MiB = "
+    print(f"memory budget:       {budget}weights {r.weights_bytes / 2**20:.1f} MiB + KV cache "
+          f"{r.kv_cache_bytes / 2**20:.1f} MiB + one decode chunk {chunk}")
     if r.bf16_bit_agreement is not None:
         psnr = "" if r.bf16_image_psnr is None else f", image PSNR {r.bf16_image_psnr:.2f} dB"
         print(f"{r.dtype} vs fp32:        {100 * r.bf16_bit_agreement:.2f}% of bits, "
@@ -806,6 +810,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "compiled during the warm-up")
     s.add_argument("--compare-fp32", action="store_true",
                    help="also sample the same seed in fp32: report bit/token agreement and image PSNR")
+    s.add_argument("--profile", metavar="DIR", help="profile one more run: DIR/profile.txt (top ops on the device "
+                   "and the host) and DIR/trace.json.gz (Perfetto / chrome://tracing)")
     s.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
     s.set_defaults(fn=cmd_bench)
 

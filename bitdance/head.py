@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rng
 from .config import HeadConfig
 from .quantizer import bits_to_indices, indices_to_bits
-from .sampler import FlowSampler, time_shift
+from .sampler import FlowSampler, flow_update, guided_velocity, time_shift
 
 __all__ = ["attention", "DiffusionHead", "BitwiseHead", "TokenHead", "MLPHeadNet", "TransformerHeadNet", "ClassifierHeadNet",
            "timestep_embedding", "build_head_net", "build_head"]
@@ -234,28 +235,37 @@ class DiffusionHead(nn.Module):
         super().__init__()
         self.config = config
         self.net = build_head_net(config)
-        self._compiled_denoise = None
+        self._compiled_step = None
 
-    def compile_denoiser(self, *, mode: str | None = None, dynamic: bool = False) -> None:
-        """Compile the network evaluation of the sampler's inner loop with ``torch.compile`` (inductor).
+    def compile_sampling(self, *, mode: str | None = None, dynamic: bool = False) -> None:
+        """Compile one sampler update (guidance batch, network, guided velocity, Euler(-Maruyama) step) as a
+        whole with ``torch.compile`` (inductor); only the noise draw stays outside, so a seed keeps its stream.
 
-        The head runs (steps + 1) times per AR step on tensors of one fixed shape, so a static graph
-        (``dynamic=False``) is compiled once per batch size. ``mode="reduce-overhead"`` on CUDA also
-        captures it in a CUDA graph, removing the kernel-launch overhead that dominates small batches.
-        Training (``loss``) keeps the eager network. ``mode="off"`` undoes it.
+        The update runs (steps + 1) times per AR step on tensors of one fixed shape, so a static graph
+        (``dynamic=False``) is compiled once per batch size (and for guided / unguided, stochastic /
+        deterministic steps). ``mode="reduce-overhead"`` on CUDA also captures it in a CUDA graph, removing
+        the kernel-launch overhead that dominates small batches. Training (``loss``) keeps the eager network.
+        ``mode="off"`` undoes it.
         """
         if mode == "off":
-            self._compiled_denoise = None
+            self._compiled_step = None
             return
-        self._compiled_denoise = torch.compile(self.net.denoise, mode=mode, dynamic=dynamic, fullgraph=True)
+        compiled = torch.compile(_flow_step, mode=mode, dynamic=dynamic, fullgraph=True)
+        self._compiled_step = compiled
+        if mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: each replay overwrites the last output,
+            # and the loop feeds that output back in, so keep a copy of our own (65k values at batch 64)
+            def copied(*args):
+                return compiled(*args).clone()
+
+            self._compiled_step = copied
 
     def sample_time(self, n: int, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         cfg = self.config
         if cfg.time_schedule == "logit_normal":
-            z = torch.randn(n, generator=generator, device=device)
+            z = rng.randn((n,), generator=generator, device=device)
             t = (z * cfg.P_std + cfg.P_mean).sigmoid()
         else:
-            t = torch.rand(n, generator=generator, device=device)
+            t = rng.rand((n,), generator=generator, device=device)
         return time_shift(t, cfg.time_shift) if cfg.time_shift != 1.0 else t
 
     def loss(self, target: torch.Tensor, cond: torch.Tensor, *,
@@ -264,7 +274,7 @@ class DiffusionHead(nn.Module):
         n = target.shape[0]
         target = target.float()
         t = self.sample_time(n, device=target.device, generator=generator)
-        noise = torch.randn(target.shape, generator=generator, device=target.device)
+        noise = rng.randn(target.shape, generator=generator, device=target.device)
         ti = t.view(n, *([1] * (target.dim() - 1)))
         x_t = (1 - ti) * noise + ti * target
         denom = (1 - ti).clamp_min(0.05)
@@ -280,12 +290,28 @@ class DiffusionHead(nn.Module):
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Continuous samples (before ``sign``). With guidance, ``cond`` holds conditional rows then
         unconditional rows and the result has half as many rows."""
-        c = self.net.embed_cond(cond)
-        rows = cond.shape[0] // 2 if guidance_scale > 1.0 else cond.shape[0]
+        net, c = self.net, self.net.embed_cond(cond)
+        guided = guidance_scale > 1.0
+        rows = cond.shape[0] // 2 if guided else cond.shape[0]
         shape = (rows, *cond.shape[1:-1], self.config.in_channels)
-        denoise = self._compiled_denoise or self.net.denoise
-        return sampler.sample(lambda x, t: denoise(x, t, c), shape,
-                              guidance_scale=guidance_scale, generator=generator, device=cond.device)
+        step = None
+        if self._compiled_step is not None:
+            # the scale as a tensor: a Python float would be baked into the graph (a recompile per AR step
+            # under the linear guidance schedule)
+            fn, scale = self._compiled_step, torch.full((), float(guidance_scale), device=cond.device)
+
+            def step(x, t, dt, noise):
+                return fn(net, c, scale, guided, x, t, dt, noise)
+
+        return sampler.sample(lambda x, t: net.denoise(x, t, c), shape, guidance_scale=guidance_scale,
+                              generator=generator, device=cond.device, step=step)
+
+
+def _flow_step(net: nn.Module, c: torch.Tensor, scale: torch.Tensor, guided: bool, x: torch.Tensor,
+               t: torch.Tensor, dt: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """One sampler update with the head network: what :meth:`DiffusionHead.compile_sampling` compiles."""
+    v = guided_velocity(lambda xi, ti: net.denoise(xi, ti, c), x, t, scale, guided)
+    return flow_update(x, v, t, dt, noise)
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +391,7 @@ class BitwiseHead(_ClassifierHead):
         if temperature == 0:
             return torch.where(logits > 0, one, -one)
         p = torch.sigmoid(logits / temperature)
-        u = torch.rand(p.shape, generator=generator, device=p.device)
+        u = rng.rand(p.shape, generator=generator, device=p.device)
         return torch.where(u < p, one, -one)
 
 
@@ -407,7 +433,7 @@ class TokenHead(_ClassifierHead):
                 kth = logits.topk(top_k, dim=-1).values[..., -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = logits.softmax(-1).reshape(-1, K)
-            idx = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+            idx = rng.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
         return indices_to_bits(idx.unsqueeze(-1), bits_per_group=self.config.in_channels)
 
 

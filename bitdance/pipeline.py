@@ -328,9 +328,9 @@ class BitDancePipeline:
 
 
 def _compile_head(head, mode: str | None) -> None:
-    if not hasattr(head, "compile_denoiser"):
+    if not hasattr(head, "compile_sampling"):
         raise ValueError(f"compile applies to the diffusion head, not to a {type(head).__name__}")
-    head.compile_denoiser(mode=mode)
+    head.compile_sampling(mode=mode)
 
 
 class BitDanceT2IPipeline:

@@ -13,9 +13,12 @@ from typing import Callable, Literal
 
 import torch
 
-__all__ = ["FlowSampler", "time_shift", "guidance_at"]
+from . import rng
+
+__all__ = ["FlowSampler", "time_shift", "guidance_at", "guided_velocity", "flow_update"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def time_shift(t: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
@@ -72,39 +75,56 @@ class FlowSampler:
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
+        step: Step | None = None,
     ) -> torch.Tensor:
         """Integrate from noise of ``shape`` to (continuous) samples.
 
         ``denoise(x_in, t)`` returns the predicted clean sample for ``x_in``; ``t`` is a 0-d float32
         tensor. With ``guidance_scale > 1`` the denoiser receives ``[x, x]`` (conditional rows first,
         then unconditional rows) and the guided velocity is ``u + s * (c - u)``.
+        ``step(x, t, dt, noise)``, if given, replaces one update ``flow_update(x, guided_velocity(denoise, x,
+        t, guidance_scale), t, dt, noise)`` by an equivalent one (e.g. compiled as a whole); its ``noise`` is
+        None for deterministic steps and its ``t``, ``dt`` are 0-d float32 tensors.
         """
-        guided = guidance_scale > 1.0
-        mult = 2 if guided else 1
-        x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        if step is None:
+            def step(x, t, dt, noise):
+                return flow_update(x, guided_velocity(denoise, x, t, guidance_scale), t, dt, noise)
+
+        x = rng.randn(shape, generator=generator, device=device, dtype=torch.float32)
         dts = self.timesteps(x.device).diff()
         t = torch.zeros((), device=x.device, dtype=torch.float32)
-
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = torch.cat([x] * mult) if guided else x
-            v = (denoise(x_in, t).float() - x_in) / (1 - t).clamp_min(0.05)
-            if guided:
-                cond, uncond = v.chunk(2)
-                v = uncond + guidance_scale * (cond - uncond)
-            return v
-
         stochastic = self.method == "euler_maruyama"
         for i in range(self.num_steps):
-            v = velocity(x, t)
-            dt = dts[i]
-            if stochastic:
-                # Score of the Gaussian path x_t = t x + (1 - t) eps, written as in the reference code.
-                score = (t * v - x) / ((1 - t) ** 2 + t * (1 - t))
-                drift = v + (1 - t) * score
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = x + drift * dt + (2.0 * (1.0 - t) * dt).sqrt() * noise
-            else:
-                x = x + v * dt
-            t = t + dt
+            # drawn before the update (the network draws nothing, so the stream is that of the reference)
+            noise = rng.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if stochastic else None
+            x = step(x, t, dts[i], noise)
+            t = t + dts[i]
+        # a last deterministic Euler step to t = 1
         t_last = torch.full((), 1 - self.last_step_size, device=x.device, dtype=torch.float32)
-        return x + velocity(x, t_last) * self.last_step_size
+        return step(x, t_last, torch.full_like(t_last, self.last_step_size), None)
+
+
+def guided_velocity(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor,
+                    guidance_scale: float | torch.Tensor = 1.0, guided: bool | None = None) -> torch.Tensor:
+    """Velocity of x-prediction, v = (x_pred - x) / max(1 - t, 0.05), with classifier-free guidance
+    ``u + s * (c - u)`` when guided (``guided`` defaults to ``guidance_scale > 1`` for a float scale;
+    a tensor scale, as compiled code passes it, needs ``guided`` given)."""
+    if guided is None:
+        guided = float(guidance_scale) > 1.0
+    x_in = torch.cat([x, x]) if guided else x
+    v = (denoise(x_in, t).float() - x_in) / (1 - t).clamp_min(0.05)
+    if guided:
+        cond, uncond = v.chunk(2)
+        v = uncond + guidance_scale * (cond - uncond)
+    return v
+
+
+def flow_update(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, dt: torch.Tensor,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One step from t to t + dt: Euler-Maruyama with ``noise``, plain Euler without."""
+    if noise is None:
+        return x + v * dt
+    # Score of the Gaussian path x_t = t x + (1 - t) eps, written as in the reference code.
+    score = (t * v - x) / ((1 - t) ** 2 + t * (1 - t))
+    drift = v + (1 - t) * score
+    return x + drift * dt + (2.0 * (1.0 - t) * dt).sqrt() * noise

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rng
 from .config import TokenizerConfig
 from .quantizer import BinaryQuantizer, QuantizerOutput
 
@@ -133,7 +134,7 @@ class Decoder(nn.Module):
     def forward(self, z, *, generator: torch.Generator | None = None):
         style = z
         if self.gan:
-            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            noise = rng.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             z = torch.cat([z, noise], dim=1)
         x = self.conv_in(z)
         for blk in self.mid_block:

@@ -178,6 +178,8 @@ class Dist:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device:
             self.device = torch.device(device)
+            if self.device.type == "cuda" and self.device.index is None:  # torchrun: one GPU per local rank
+                self.device = torch.device("cuda", local)
         elif torch.cuda.is_available():
             self.device = torch.device("cuda", local)
         else:

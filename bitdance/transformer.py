@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rng
 from .config import BitDanceConfig
 from .head import attention, build_head
 from .quantizer import binarize
@@ -78,8 +79,8 @@ def flip_bits(x: torch.Tensor, rate: float, generator: torch.Generator | None = 
     """Bit-flip perturbation of input tokens: flip where r1 < rate * r2 (expected flip rate rate/2)."""
     if rate <= 0:
         return x
-    r1 = torch.rand(x.shape, generator=generator, device=x.device)
-    r2 = torch.rand(x.shape, generator=generator, device=x.device)
+    r1 = rng.rand(x.shape, generator=generator, device=x.device)
+    r2 = rng.rand(x.shape, generator=generator, device=x.device)
     return torch.where(r1 < rate * r2, -x, x)
 
 
@@ -275,7 +276,7 @@ class BitDance(nn.Module):
         if self.training:
             x = flip_bits(x, cfg.perturb_rate, generator)
             if cfg.class_dropout_prob > 0:
-                drop = torch.rand(class_ids.shape, generator=generator, device=class_ids.device)
+                drop = rng.rand(class_ids.shape, generator=generator, device=class_ids.device)
                 class_ids = torch.where(drop < cfg.class_dropout_prob, cfg.num_classes, class_ids)
         dtype = self.proj_in.w1.weight.dtype
         x = torch.cat([self._class_prefix(class_ids), self.proj_in(x.to(dtype))], dim=1)

@@ -28,10 +28,11 @@ def straightforward_generate(model: BitDance, class_ids, sampler: FlowSampler, g
     conditional and unconditional rows go through the head in separate calls, and the head network embeds
     its condition again at every flow step. The Euler(-Maruyama) updates are spelled out here."""
     cfg = model.config
+    dev = model.pos_for_diff.weight.device
     B, P, steps = len(class_ids), cfg.parallel_num, cfg.num_steps
     ids = torch.cat([class_ids, torch.full_like(class_ids, cfg.num_classes)])
-    tokens = torch.zeros(2 * B, cfg.num_tokens, cfg.latent_dim)
-    dts = sampler.timesteps().diff()
+    tokens = torch.zeros(2 * B, cfg.num_tokens, cfg.latent_dim, device=dev)
+    dts = sampler.timesteps(dev).diff()
     for step in range(steps):
         done = step * P
         x = torch.cat([model._class_prefix(ids), model.proj_in(tokens[:, :done])], dim=1)
@@ -50,18 +51,18 @@ def straightforward_generate(model: BitDance, class_ids, sampler: FlowSampler, g
             v_c, v_u = v_of(cond[:B]), v_of(cond[B:])
             return v_u + scale * (v_c - v_u)
 
-        z = torch.randn((rows, P, cfg.latent_dim), generator=generator)
-        t = torch.zeros(())
+        z = torch.randn((rows, P, cfg.latent_dim), generator=generator, device=dev)
+        t = torch.zeros((), device=dev)
         for i in range(sampler.num_steps):
             v, dt = velocity(z, t), dts[i]
             if sampler.method == "euler_maruyama":
                 score = (t * v - z) / ((1 - t) ** 2 + t * (1 - t))
-                noise = torch.randn(z.shape, generator=generator)
+                noise = torch.randn(z.shape, generator=generator, device=dev)
                 z = z + (v + (1 - t) * score) * dt + (2.0 * (1.0 - t) * dt).sqrt() * noise
             else:
                 z = z + v * dt
             t = t + dt
-        t_last = torch.tensor(1 - sampler.last_step_size)
+        t_last = torch.tensor(1 - sampler.last_step_size, device=dev)
         z = z + velocity(z, t_last) * sampler.last_step_size
         new = torch.where(z > 0, 1.0, -1.0)
         tokens[:, done: done + P] = torch.cat([new, new]) if guided else new
@@ -96,11 +97,11 @@ def test_compiled_head_gives_the_same_tokens():
     kw = dict(sampler=sampler, guidance_scale=2.5)
     with torch.inference_mode():
         eager = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
-        model.head.compile_denoiser()
+        model.head.compile_sampling()
         try:
             compiled = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
         finally:
-            model.head.compile_denoiser(mode="off")
+            model.head.compile_sampling(mode="off")
     assert torch.equal(eager, compiled), f"{(eager != compiled).float().mean().item():.4%} of bits differ"
 
 

@@ -24,10 +24,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 GEN_MODEL = '{"dim": 64, "n_layer": 2, "n_head": 2, "head_width": 64, "head_depth": 2, "cls_token_num": 2}'
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def make_workdir(root: Path) -> Path:
     """A 2-class image folder (24 images, 16x16) and a random 4x tokenizer saved in our format."""
-    root = tmp_path_factory.mktemp("train")
     rng = np.random.default_rng(0)
     for c, name in enumerate(["dark", "light"]):
         (root / "data" / name).mkdir(parents=True)
@@ -38,6 +36,11 @@ def workdir(tmp_path_factory):
     tok = BinaryTokenizer(tokenizer_preset("tiny-d4c16"))
     save_tokenizer_folder(tok, root / "tok")
     return root
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return make_workdir(tmp_path_factory.mktemp("train"))
 
 
 def gen_args(w: Path, out: Path, steps: int, **extra) -> list[str]:
@@ -202,3 +205,15 @@ def test_tokenizer_gan_terms_train_the_discriminator(workdir, tmp_path):
     assert rows[-1]["adv_weight"] > 0 and np.isfinite(rows[-1]["g_adv"])
     ck = load_file(out / "checkpoint.pt")
     assert "disc" in ck and "disc_optimizer" in ck
+
+
+def test_cuda_device_follows_the_local_rank(monkeypatch):
+    """`--device cuda` under torchrun: each process takes the GPU of its local rank, not all of them cuda:0."""
+    from bitdance.training import Dist
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # no process group here
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    assert Dist("cuda").device == torch.device("cuda", 1)
+    assert Dist("cuda:0").device == torch.device("cuda", 0)  # an explicit index is kept
+    assert Dist("cpu").device == torch.device("cpu")
