@@ -147,27 +147,21 @@ def _module_bytes(*modules: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
 
 
-def kv_cache_bytes(cfg, batch: int, guided: bool, dtype: torch.dtype) -> int:
-    """Size of the static KV cache that ``BitDance.generate`` allocates for ``batch`` images."""
-    rows = batch * (2 if guided else 1)
-    seq = cfg.cls_token_num + cfg.num_tokens - 1
-    return 2 * cfg.n_layer * rows * seq * cfg.dim * torch.empty((), dtype=dtype).element_size()
-
-
 class _PeakSince:
-    """Peak memory growth of a block over what was in use when it began (CUDA: allocated bytes; CPU: RSS,
-    None where the high-water mark cannot be reset)."""
+    """Peak memory of a block (CUDA: allocated bytes; CPU: RSS) minus ``baseline``, by default what was in use
+    when the block began; ``bytes`` stays None on a CPU whose high-water mark cannot be reset."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.bytes = device, None
+    def __init__(self, device: torch.device, baseline: int | None = None):
+        self.device, self.baseline, self.bytes = device, baseline, None
 
     def __enter__(self):
         _sync(self.device)
         if self.device.type == "cuda":
-            self.start = torch.cuda.memory_allocated(self.device)
+            self.start = torch.cuda.memory_allocated(self.device) if self.baseline is None else self.baseline
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self.start = _rss_bytes() if _reset_hwm() else None
+            now = _rss_bytes() if self.baseline is None else self.baseline
+            self.start = now if _reset_hwm() else None
         return self
 
     def __exit__(self, *exc):
@@ -360,29 +354,25 @@ def run_bench(
             one_run()
         _sync(dev)
 
-        # timed runs, with the memory high-water mark reset just before
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-            mem_method = "cuda max_memory_allocated (weights + activations)"
-        else:
-            hwm_ok = _reset_hwm() and rss0 is not None and _hwm_bytes() is not None
-            mem_method = ("cpu peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the models "
-                          "were built" if hwm_ok else
-                          "cpu getrusage ru_maxrss increase over the start of the bench (lifetime peak)")
+        # timed runs, with the memory high-water mark reset just before (CUDA: absolute; CPU: over the RSS
+        # before the models were built)
         times = []
-        for i in range(repeats):
-            _sync(dev)
-            t0 = time.perf_counter()
-            one_run()
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
-            say(f"timed run {i + 1}/{repeats}: {times[-1]:.3f}s")
+        with _PeakSince(dev, baseline=0 if dev.type == "cuda" else rss0) as timed_peak:
+            for i in range(repeats):
+                _sync(dev)
+                t0 = time.perf_counter()
+                one_run()
+                _sync(dev)
+                times.append(time.perf_counter() - t0)
+                say(f"timed run {i + 1}/{repeats}: {times[-1]:.3f}s")
         if dev.type == "cuda":
-            peak_mem = int(torch.cuda.max_memory_allocated(dev))
-        elif hwm_ok:
-            peak_mem = int(_hwm_bytes() - rss0)
+            peak_mem, mem_method = timed_peak.bytes, "cuda max_memory_allocated (weights + activations)"
+        elif timed_peak.bytes is not None:
+            peak_mem = timed_peak.bytes
+            mem_method = "cpu peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the models were built"
         else:
             peak_mem = int(_maxrss_bytes() - maxrss0)
+            mem_method = "cpu getrusage ru_maxrss increase over the start of the bench (lifetime peak)"
 
         say("counting FLOPs (one more run under FlopCounterMode)")
         compiled = getattr(gen.head, "_compiled_step", None)
@@ -412,7 +402,7 @@ def run_bench(
 
     sec = sum(times) / len(times)
     weights = _module_bytes(gen, tok)
-    kv = kv_cache_bytes(mcfg, batch, cfg > 1.0, tdtype)
+    kv = gen.kv_cache_bytes(batch * (2 if cfg > 1.0 else 1))
     budget = None if (decode and decode_mem is None) else weights + kv + (decode_mem or 0)
     flops_per_image = (gen_flops + dec_flops) / batch
     ips = batch / sec

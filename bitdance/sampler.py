@@ -87,8 +87,10 @@ class FlowSampler:
         None for deterministic steps and its ``t``, ``dt`` are 0-d float32 tensors.
         """
         if step is None:
+            guided = guidance_scale > 1.0
+
             def step(x, t, dt, noise):
-                return flow_update(x, guided_velocity(denoise, x, t, guidance_scale), t, dt, noise)
+                return flow_update(x, guided_velocity(denoise, x, t, guidance_scale, guided), t, dt, noise)
 
         x = rng.randn(shape, generator=generator, device=device, dtype=torch.float32)
         dts = self.timesteps(x.device).diff()

@@ -95,6 +95,10 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
@@ -208,6 +212,15 @@ class BitDance(nn.Module):
     def seq_len(self) -> int:
         """Positions fed to the transformer in training: cls_token_num + N - 1."""
         return self.config.cls_token_num + self.config.num_tokens - 1
+
+    def _kv_cache(self, rows: int, device=None) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.n_layer, rows, cfg.n_head, self.seq_len, cfg.dim // cfg.n_head, device=device,
+                       dtype=self.proj_in.w1.weight.dtype)
+
+    def kv_cache_bytes(self, rows: int) -> int:
+        """Size of the KV cache :meth:`generate` allocates for ``rows`` sequences (2 per image with guidance)."""
+        return self._kv_cache(rows, device="meta").nbytes
 
     @property
     def prefix_len(self) -> int:
@@ -340,10 +353,7 @@ class BitDance(nn.Module):
         dtype = self.proj_in.w1.weight.dtype
         prefix = self._class_prefix(ids)
         tokens = torch.zeros(R, N, cfg.latent_dim, device=prefix.device, dtype=torch.float32)
-        cache = None
-        if use_kv_cache:
-            cache = KVCache(cfg.n_layer, R, cfg.n_head, self.seq_len, cfg.dim // cfg.n_head,
-                            device=prefix.device, dtype=dtype)
+        cache = self._kv_cache(R, device=prefix.device) if use_kv_cache else None
         for step in range(steps):
             done = step * P
             if cache is not None:  # feed only what is new: the prefix, then the last block
