@@ -629,9 +629,9 @@ def _classifier_accuracy() -> float | None:
 
 
 def _bf16() -> bool:
-    from bitdance.training import bf16_supported
+    from bitdance.precision import auto_dtype
 
-    return bf16_supported(torch.device("cpu"))
+    return auto_dtype("cpu") == torch.bfloat16
 
 
 # --------------------------------------------------------------------------------------------

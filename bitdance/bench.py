@@ -217,7 +217,7 @@ class BenchResult:
 
 
 def _resolve(device: str, dtype: str, notes: list[str]) -> tuple[torch.device, torch.dtype, str]:
-    from .training import bf16_supported
+    from .precision import auto_dtype, bf16_supported, cpu_bf16_reason
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -225,10 +225,12 @@ def _resolve(device: str, dtype: str, notes: list[str]) -> tuple[torch.device, t
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
     name = {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
-    if name not in ("bf16", "fp32"):
-        raise ValueError(f"unsupported dtype {dtype!r}; use bf16 or fp32")
-    if name == "bf16" and not bf16_supported(dev):
-        why = "no avx512_bf16/amx_bf16 in /proc/cpuinfo" if dev.type == "cpu" else "the GPU has no bf16"
+    if name not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unsupported dtype {dtype!r}; use auto, bf16 or fp32")
+    if name == "auto":
+        name = "bf16" if auto_dtype(dev) == torch.bfloat16 else "fp32"
+    elif name == "bf16" and not bf16_supported(dev):  # emulated bf16 would time the emulation, not the code
+        why = cpu_bf16_reason() if dev.type == "cpu" else "the GPU has no bf16"
         notes.append(f"bf16 is not supported on this {dev.type} ({why}); falling back to fp32")
         name = "fp32"
     return dev, (torch.bfloat16 if name == "bf16" else torch.float32), name
@@ -276,7 +278,7 @@ def run_bench(
     steps: int = 25,
     cfg: float = 4.0,
     image_size: int = 256,
-    dtype: str = "bf16",
+    dtype: str = "auto",
     device: str = "cpu",
     warmup: int = 1,
     repeats: int = 1,

@@ -158,11 +158,13 @@ def cmd_sample(args) -> None:
     elif args.prompt:
         raise CLIError(f"{model} is a class-conditional model: give --classes ID ..., not --prompt")
     torch.set_grad_enabled(False)
-    # Text-to-image keeps the stored dtype (bf16 in the release) unless --dtype says otherwise.
-    dtype = _dtype(args.dtype) if args.dtype else (None if t2i else torch.float32)
-    if dtype == torch.bfloat16:
-        from .training import bf16_supported
+    from .precision import bf16_supported, forced_dtype
 
+    # Text-to-image keeps the stored dtype (bf16 in the release) unless --dtype or $BITDANCE_DTYPE says otherwise.
+    dtype = _dtype(args.dtype) if args.dtype else (None if t2i else torch.float32)
+    if dtype is None and t2i and forced_dtype() is not None:  # $BITDANCE_DTYPE overrides the stored dtype
+        dtype = _dtype(forced_dtype())
+    if dtype == torch.bfloat16:
         if not bf16_supported(torch.device(args.device or "cpu")):
             print(f"note: no bf16 support on this {args.device or 'cpu'}; sampling in fp32", file=sys.stderr)
             dtype = torch.float32
@@ -799,7 +801,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=25, help="diffusion-head sampling steps")
     s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
     s.add_argument("--image-size", type=int, default=256, help="image size in pixels")
-    s.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="falls back to fp32 without bf16")
+    s.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto = bf16 where the hardware has bf16 units (or $BITDANCE_DTYPE); bf16 falls back to "
+                        "fp32 where it would be emulated")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to sample")
     s.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     s.add_argument("--repeats", type=int, default=1, help="timed runs (averaged)")

@@ -39,6 +39,7 @@ from torch import nn
 
 from .checkpoint import atomic_write, load_file
 from .config import BitDanceConfig, TokenizerConfig, bitdance_preset, tokenizer_preset
+from .precision import auto_dtype, bf16_supported
 
 __all__ = ["TrainConfig", "TrainingError", "train", "main", "bf16_supported"]
 
@@ -131,18 +132,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 # Small utilities
 # --------------------------------------------------------------------------------------------
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
-
-
 def _seed_for(*parts: int) -> int:
     h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 62) - 1)
@@ -780,14 +769,15 @@ class Trainer:
     def _precision(self):
         dev = self.d.device
         want = self.cfg.precision
-        self.precision = "fp32"  # what this run actually uses
-        if want == "fp32" or (want == "auto" and not bf16_supported(dev)):
-            if want == "auto":
-                self.log(f"bf16 not supported natively on this {dev.type}; training in fp32")
+        if want == "auto":  # the hardware decides, unless $BITDANCE_DTYPE does
+            want = "bf16" if auto_dtype(dev) == torch.bfloat16 else "fp32"
+            if want == "fp32":
+                self.log(f"training in fp32 on this {dev.type}")
+        self.precision = want  # what this run actually uses
+        if want == "fp32":
             return nullcontext
-        self.precision = "bf16"
-        if want == "bf16" and not bf16_supported(dev):
-            self.log(f"warning: bf16 requested but this {dev.type} has no native bf16; it will be slow")
+        if not bf16_supported(dev):
+            self.log(f"warning: bf16 on this {dev.type} is emulated, not native; it will be slow")
         return lambda: torch.autocast(dev.type, dtype=torch.bfloat16)
 
     def _wrap(self, model: nn.Module) -> nn.Module:

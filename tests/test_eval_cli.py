@@ -241,14 +241,18 @@ def test_eval_recon_json(tiny_model, tmp_path, capsys):
     assert 1 <= c["perplexity"] <= c["codes_per_group"] and c["tokens_per_image"] == 64  # 8x8 grid (4x down)
     assert "PSNR:" in out and "SSIM:" in out and "rFID: skipped" in out
 
-    # the same numbers by hand: images 0, 1, 2, 3, 4 (5 of 6 spread evenly), uint8 reconstructions
+    # the same numbers by hand: images 0, 1, 2, 3, 4 (5 of 6 spread evenly), uint8 reconstructions, in the
+    # CLI's batches of 2
     tok = BitDancePipeline.from_pretrained(tiny_model).tokenizer
     u8 = torch.from_numpy(pics[[0, 1, 2, 3, 4]]).permute(0, 3, 1, 2)
     with torch.no_grad():
-        rec = to_uint8(tok.decode(tok.encode(u8.float() / 127.5 - 1))).permute(0, 3, 1, 2).double() / 127.5 - 1
+        rec = torch.cat([to_uint8(tok.decode(tok.encode(b.float() / 127.5 - 1))) for b in u8.split(2)])
+        rec = rec.permute(0, 3, 1, 2).double() / 127.5 - 1
     real = u8.double() / 127.5 - 1
-    assert r["psnr_db"] == pytest.approx(float(psnr(real, rec).mean()), rel=1e-9)
-    assert r["ssim"] == pytest.approx(float(ssim(real, rec).mean()), rel=1e-9)
+    # Kernels may round a pixel to the neighbouring uint8 value (another ISA, thread count or memory layout):
+    # that moves these figures by about 1e-6 relative; another image, crop or normalisation moves them by far more.
+    assert r["psnr_db"] == pytest.approx(float(psnr(real, rec).mean()), rel=1e-5)
+    assert r["ssim"] == pytest.approx(float(ssim(real, rec).mean()), rel=1e-5)
 
     rc, out, err = run(capsys, "eval", "recon", "--tokenizer", tiny_model, "--data", folder, "--image-size", 30)
     assert rc == 2 and "divisible" in err

@@ -1,0 +1,89 @@
+"""Which floating-point precision to compute in, on this machine.
+
+bf16 pays only where the hardware has bf16 units (``avx512_bf16`` / ``amx_bf16`` CPUs, Ampere+ GPUs):
+there bf16 matmuls run several times faster than fp32. Everywhere else bf16 is emulated and far
+*slower* than fp32 (measured: 0.4 GFLOP/s against 160 for fp32 on an AVX2 EPYC), so "auto" must never
+pick it there.
+
+``BITDANCE_DTYPE`` overrides the automatic choice for the whole process (training's
+``precision="auto"``, ``bitdance bench``'s default, text-to-image folders loaded in their stored dtype):
+
+* ``fp32``: compute in fp32 even on bf16 hardware (what CPUs without bf16 units do; the test suite
+  passes under it, so one machine can check both kinds);
+* ``bf16``: pick bf16 even where it is emulated (for numerics checks only: it is slow);
+* unset, empty or ``auto``: the hardware decides.
+
+An explicit request (``--precision bf16``, ``--dtype bf16``) is still honoured, with a warning where
+the hardware has no bf16 units.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["DTYPE_ENV", "PrecisionError", "forced_dtype", "bf16_supported", "auto_dtype", "cpu_bf16_reason"]
+
+DTYPE_ENV = "BITDANCE_DTYPE"
+_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "auto": None, "": None}
+
+
+class PrecisionError(ValueError):
+    """A precision setting that names no known dtype."""
+
+
+def forced_dtype() -> str | None:
+    """``"fp32"`` / ``"bf16"`` when ``$BITDANCE_DTYPE`` forces one, else None."""
+    raw = os.environ.get(DTYPE_ENV, "").strip().lower()
+    if raw not in _NAMES:
+        raise PrecisionError(f"{DTYPE_ENV}={os.environ[DTYPE_ENV]!r}: use fp32, bf16 or auto")
+    return _NAMES[raw]
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_bf16_reason() -> str | None:
+    """None when the CPU computes bf16 natively in this process, else why not (one phrase)."""
+    flags = _cpu_flags()
+    if not ({"avx512_bf16", "amx_bf16"} & flags):
+        return "no avx512_bf16/amx_bf16 in /proc/cpuinfo"
+    # The units may be there but switched off for this process: ATEN_CPU_CAPABILITY=avx2 and
+    # ONEDNN_MAX_CPU_ISA=AVX2 make torch emulate bf16 with AVX2 code, which is very slow.
+    cap = torch.backends.cpu.get_cpu_capability().upper()
+    if not cap.startswith("AVX512"):
+        return f"torch runs its {cap} kernels (ATEN_CPU_CAPABILITY)"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa and isa != "ALL" and not ("AVX512" in isa or "AMX" in isa):
+        return f"oneDNN is limited to {isa} (ONEDNN_MAX_CPU_ISA)"
+    return None
+
+
+def bf16_supported(device: torch.device | str) -> bool:
+    """True where bf16 matmuls run natively (fast) on ``device`` in this process."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_bf16_reason() is None
+    return False
+
+
+def auto_dtype(device: torch.device | str) -> torch.dtype:
+    """The compute dtype "auto" means on ``device``: ``$BITDANCE_DTYPE`` if set, else bf16 where native."""
+    forced = forced_dtype()
+    if forced is not None:
+        return torch.bfloat16 if forced == "bf16" else torch.float32
+    return torch.bfloat16 if bf16_supported(device) else torch.float32

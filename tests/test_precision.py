@@ -1,0 +1,56 @@
+"""The precision policy: native bf16 only where the hardware computes it, ``$BITDANCE_DTYPE`` overrides."""
+
+import pytest
+import torch
+
+from bitdance import precision
+from bitdance.precision import DTYPE_ENV, PrecisionError, auto_dtype, bf16_supported, forced_dtype
+
+
+def _flags(monkeypatch, flags):
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset(flags))
+
+
+def test_forced_dtype_values(monkeypatch):
+    for raw, want in [("fp32", "fp32"), ("FP32", "fp32"), ("float32", "fp32"), ("bf16", "bf16"),
+                      ("bfloat16", "bf16"), ("auto", None), ("", None), (" fp32 ", "fp32")]:
+        monkeypatch.setenv(DTYPE_ENV, raw)
+        assert forced_dtype() == want, raw
+    monkeypatch.delenv(DTYPE_ENV)
+    assert forced_dtype() is None
+    monkeypatch.setenv(DTYPE_ENV, "fp16")
+    with pytest.raises(PrecisionError, match="BITDANCE_DTYPE='fp16'"):
+        forced_dtype()
+
+
+def test_no_bf16_units_means_fp32(monkeypatch):
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    _flags(monkeypatch, {"avx2", "fma"})
+    assert not bf16_supported("cpu")
+    assert "avx512_bf16" in precision.cpu_bf16_reason()
+    assert auto_dtype("cpu") == torch.float32
+    monkeypatch.setenv(DTYPE_ENV, "bf16")  # forced: for numerics checks, even where it is emulated
+    assert auto_dtype("cpu") == torch.bfloat16
+
+
+def test_bf16_units_switched_off_count_as_none(monkeypatch):
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    _flags(monkeypatch, {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not bf16_supported("cpu") and "ATEN_CPU_CAPABILITY" in precision.cpu_bf16_reason()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not bf16_supported("cpu") and "ONEDNN_MAX_CPU_ISA" in precision.cpu_bf16_reason()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert bf16_supported("cpu") and auto_dtype("cpu") == torch.bfloat16
+    monkeypatch.setenv(DTYPE_ENV, "fp32")  # the switch the test suite is run under on bf16 machines
+    assert auto_dtype("cpu") == torch.float32
+
+
+def test_training_auto_precision_follows_the_switch(monkeypatch, tmp_path):
+    from bitdance.training import TrainConfig, Trainer
+
+    monkeypatch.setenv(DTYPE_ENV, "fp32")
+    cfg = TrainConfig(task="tokenizer", out=str(tmp_path), data="mnist", split=None, image_size=32,
+                      model="tiny-d4c16", steps=1, batch_size=2, progress=False, precision="auto")
+    assert Trainer(cfg).precision == "fp32"
