@@ -250,9 +250,9 @@ def test_eval_recon_json(tiny_model, tmp_path, capsys):
         rec = rec.permute(0, 3, 1, 2).double() / 127.5 - 1
     real = u8.double() / 127.5 - 1
     # Kernels may round a pixel to the neighbouring uint8 value (another ISA, thread count or memory layout):
-    # that moves these figures by about 1e-6 relative; another image, crop or normalisation moves them by far more.
+    # that moves PSNR by about 1e-6 relative and SSIM by about 1e-5; another image, crop or normalisation by far more.
     assert r["psnr_db"] == pytest.approx(float(psnr(real, rec).mean()), rel=1e-5)
-    assert r["ssim"] == pytest.approx(float(ssim(real, rec).mean()), rel=1e-5)
+    assert r["ssim"] == pytest.approx(float(ssim(real, rec).mean()), abs=1e-4)
 
     rc, out, err = run(capsys, "eval", "recon", "--tokenizer", tiny_model, "--data", folder, "--image-size", 30)
     assert rc == 2 and "divisible" in err
