@@ -231,6 +231,10 @@ def cmd_demo(args) -> None:
     print(f"tokenizer: PSNR {report['tokenizer']['test_psnr_db']:.2f} dB on {report['tokenizer']['test_images']} "
           f"held-out images; generator: final loss {report['generator']['final_loss']:.4f} after "
           f"{report['generator']['steps']} steps; total {report['timings_s']['total_s'] / 60:.1f} min")
+    acc = report["sampling"]["class_accuracy"]
+    if acc is not None:
+        print(f"class accuracy: {100 * acc:.1f}% of {report['sampling']['samples']} samples show the class asked "
+              f"for ({report['sampling']['classifier']['name']} classifier)")
     for name in ("samples.png", "reconstructions.png", "loss_curves.png", "report.json"):
         print(f"wrote {out / name}")
 

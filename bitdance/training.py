@@ -1074,7 +1074,8 @@ class Trainer:
 
 @torch.no_grad()
 def generate_class_grid(model, tokenizer, *, rows: int, cols: int, seed: int = 0, device=None,
-                        num_steps: int = 25, guidance_scale: float = 2.0) -> np.ndarray:
+                        num_steps: int = 25, guidance_scale: float = 2.0,
+                        guidance_schedule: str = "linear") -> np.ndarray:
     """Samples for classes 0..rows-1, ``cols`` each (row-major), as (rows*cols, H, W, 3) uint8."""
     from .pipeline import to_uint8
     from .sampler import FlowSampler
@@ -1082,7 +1083,7 @@ def generate_class_grid(model, tokenizer, *, rows: int, cols: int, seed: int = 0
     labels = torch.arange(rows, device=device).repeat_interleave(cols)
     g = torch.Generator(device=device).manual_seed(seed)
     lat = model.generate(labels, sampler=FlowSampler(num_steps=num_steps), guidance_scale=guidance_scale,
-                         generator=g)
+                         guidance_schedule=guidance_schedule, generator=g)
     return to_uint8(tokenizer.decode(lat.to(next(tokenizer.parameters()).dtype), generator=g)).numpy()
 
 
