@@ -26,15 +26,14 @@ TOKENIZER_SHARE, GENERATOR_SHARE = 0.25, 0.68
 # Sized for CPUs without bf16 units (fp32 at 100-160 GFLOP/s on 2 cores). The head is most of the cost of
 # a step, so it draws one flow time per condition (diff_batch_mul=1; the official 4 quadruples the head's
 # work for a lower-variance loss) and its three blocks share one adaLN linear (the official models share
-# one between 2-3 blocks too). Together that makes a step 2.9x cheaper than the earlier demo model, for
-# the same trunk: on a 2-core AVX2 EPYC, 1.4 s instead of 4.1 s per fp32 step.
+# one between 2-3 blocks too). With the same trunk a step then costs 148 instead of 394 GFLOP: on a 2-core
+# AVX2 EPYC 1.33 s instead of 4.31 s in fp32 (docs/benchmarks.md, benchmarks/demo_train_speed.py).
 GENERATOR_MODEL = {"dim": 256, "n_layer": 4, "n_head": 4, "head_width": 256, "head_depth": 3,
                    "head_adaln_blocks": 1, "cls_token_num": 4, "perturb_rate": 0.1, "diff_batch_mul": 1}
 BATCH_SIZE, GENERATOR_LR = 64, 2e-3
 # Generator steps for digits of the requested class, measured with this model on one fp32 tokenizer
 # (200 samples, guidance 3 constant): 250 steps at lr 2e-3 -> 99.5% classified as asked (88.5% with the
-# linear schedule); at lr 1e-3, 150 steps -> 55%, 250 -> 84% (linear), 300 -> 99%. Fewer steps than this
-# get a warning at the start.
+# linear schedule); at lr 1e-3, 150 steps -> 55%, 300 -> 99%. Fewer steps than this get a warning at the start.
 MIN_GENERATOR_STEPS = 250
 # Samples: SAMPLES_PER_CLASS per digit are classified; the first 10 of each make the picture. Guidance is
 # constant: the official linear ramp (from 1 at the first AR step) leaves the first of only 16 AR steps

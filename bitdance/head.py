@@ -25,6 +25,7 @@ from torch import nn
 
 from . import rng
 from .config import HeadConfig
+from .precision import separate_compile_cache
 from .quantizer import bits_to_indices, indices_to_bits
 from .sampler import FlowSampler, flow_update, guided_velocity, time_shift
 
@@ -250,6 +251,7 @@ class DiffusionHead(nn.Module):
         if mode == "off":
             self._compiled_step = None
             return
+        separate_compile_cache()
         compiled = torch.compile(_flow_step, mode=mode, dynamic=dynamic, fullgraph=True)
         self._compiled_step = compiled
         if mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: each replay overwrites the last output,

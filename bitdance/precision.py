@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DTYPE_ENV", "PrecisionError", "forced_dtype", "bf16_supported", "auto_dtype", "cpu_bf16_reason"]
+__all__ = ["DTYPE_ENV", "PrecisionError", "forced_dtype", "bf16_supported", "auto_dtype", "cpu_bf16_reason",
+           "separate_compile_cache"]
 
 DTYPE_ENV = "BITDANCE_DTYPE"
 _NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "auto": None, "": None}
@@ -87,3 +88,25 @@ def auto_dtype(device: torch.device | str) -> torch.dtype:
     if forced is not None:
         return torch.bfloat16 if forced == "bf16" else torch.float32
     return torch.bfloat16 if bf16_supported(device) else torch.float32
+
+
+def separate_compile_cache() -> str | None:
+    """Keep inductor's compiled CPU kernels of different instruction sets apart; returns the folder chosen.
+
+    Inductor's on-disk cache does not tell kernels built under ``ATEN_CPU_CAPABILITY=avx2`` /
+    ``ONEDNN_MAX_CPU_ISA`` from those built with the CPU's full instruction set, and loading the one in
+    the other process aborted the interpreter (torch 2.13, the compiled sampler step, both orders tried
+    on an AVX-512 CPU). So unless ``TORCHINDUCTOR_CACHE_DIR`` is set, each (capability, oneDNN limit)
+    gets its own folder below inductor's default one. Call before the first compilation.
+    """
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    tag = torch.backends.cpu.get_cpu_capability().lower().replace(" ", "_")
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().lower()
+    if isa and isa != "all":
+        tag += f"-onednn_{isa}"
+    folder = os.path.join(default_cache_dir(), f"bitdance-{tag}")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder

@@ -54,3 +54,21 @@ def test_training_auto_precision_follows_the_switch(monkeypatch, tmp_path):
     cfg = TrainConfig(task="tokenizer", out=str(tmp_path), data="mnist", split=None, image_size=32,
                       model="tiny-d4c16", steps=1, batch_size=2, progress=False, precision="auto")
     assert Trainer(cfg).precision == "fp32"
+
+
+def test_compile_cache_is_kept_apart_per_instruction_set(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    avx2 = precision.separate_compile_cache()
+    assert avx2.endswith("bitdance-avx2")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    limited = precision.separate_compile_cache()
+    assert limited.endswith("bitdance-avx512-onednn_avx2") and limited != avx2
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == limited
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")  # the user's choice is kept
+    assert precision.separate_compile_cache() is None
