@@ -57,8 +57,15 @@ def _fit_in(trainer: Trainer, seconds: float, calib_steps: int = 5, log=print) -
     steps = max(calib_steps + 1, int(seconds / per_step))
     trainer.cfg.steps = steps  # the LR schedule reads cfg.steps, so it stretches to the new length
     trainer.cfg.warmup_steps = _warmup_for(steps)
+    # A shared machine can slow down after the calibration: a hard stop at 1.2x keeps the run's promise
+    # on time (the schedule then ends early, on a small learning rate).
+    trainer.cfg.max_minutes = 1.2 * seconds / 60
     log(f"{trainer.cfg.task}: {per_step:.3f}s/step -> {steps} steps in {seconds / 60:.1f} min")
-    return trainer.fit()
+    summary = trainer.fit()
+    if summary.get("stopped_early"):
+        log(f"{trainer.cfg.task}: the machine slowed down; stopped at step {summary['steps']} of {steps} "
+            f"to stay within the time budget")
+    return summary
 
 
 def generator_step_seconds(*, data_classes: int = 10, repeats: int = 2) -> float:
