@@ -20,13 +20,12 @@ import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from bitdance.bench import count_flops, measure_matmul_peak
-from bitdance.demo import BATCH_SIZE, GENERATOR_MODEL, cpu_model
-from bitdance.precision import auto_dtype
+from bitdance.demo import BATCH_SIZE, GENERATOR_MODEL
+from bitdance.precision import auto_dtype, cpu_description
 from bitdance.training import TrainConfig, Trainer
 
 BEFORE = dict(GENERATOR_MODEL, head_adaln_blocks=3, diff_batch_mul=4)  # and lr 1e-3, warm-up 100
@@ -65,8 +64,9 @@ def main(argv=None) -> int:
             rows[name] = time_trainer(gen, args.steps)
     for r in rows.values():
         r["mfu"] = r["achieved_flops"] / peak
-    result = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+    cpu = cpu_description()
+    result = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "capability": cpu["capability"], "machine": platform.machine(),
               "matmul_peak_flops": peak, "peak_dtype": str(dtype).removeprefix("torch."), "trainings": rows,
               "generator_speedup_vs_before": rows["generator (before)"]["seconds_per_step"]
               / rows["generator"]["seconds_per_step"]}

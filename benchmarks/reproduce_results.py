@@ -169,13 +169,9 @@ def generator_run_name(head: str, parallel_num: int, bits: int) -> str:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from bitdance.precision import cpu_description
+
+    return cpu_description()["model"]
 
 
 def settings_of(budget: Budget, guidance_scale: float) -> dict[str, Any]:
@@ -629,9 +625,9 @@ def _classifier_accuracy() -> float | None:
 
 
 def _bf16() -> bool:
-    from bitdance.precision import auto_dtype
+    from bitdance.precision import auto_precision
 
-    return auto_dtype("cpu") == torch.bfloat16
+    return auto_precision("cpu") == "bf16"
 
 
 # --------------------------------------------------------------------------------------------

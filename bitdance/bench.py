@@ -217,7 +217,7 @@ class BenchResult:
 
 
 def _resolve(device: str, dtype: str, notes: list[str]) -> tuple[torch.device, torch.dtype, str]:
-    from .precision import auto_dtype, bf16_supported, cpu_bf16_reason
+    from .precision import auto_precision, bf16_supported, cpu_bf16_reason
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -228,7 +228,7 @@ def _resolve(device: str, dtype: str, notes: list[str]) -> tuple[torch.device, t
     if name not in ("auto", "bf16", "fp32"):
         raise ValueError(f"unsupported dtype {dtype!r}; use auto, bf16 or fp32")
     if name == "auto":
-        name = "bf16" if auto_dtype(dev) == torch.bfloat16 else "fp32"
+        name = auto_precision(dev)
     elif name == "bf16" and not bf16_supported(dev):  # emulated bf16 would time the emulation, not the code
         why = cpu_bf16_reason() if dev.type == "cpu" else "the GPU has no bf16"
         notes.append(f"bf16 is not supported on this {dev.type} ({why}); falling back to fp32")

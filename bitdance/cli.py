@@ -158,12 +158,10 @@ def cmd_sample(args) -> None:
     elif args.prompt:
         raise CLIError(f"{model} is a class-conditional model: give --classes ID ..., not --prompt")
     torch.set_grad_enabled(False)
-    from .precision import bf16_supported, forced_dtype
+    from .precision import bf16_supported
 
     # Text-to-image keeps the stored dtype (bf16 in the release) unless --dtype or $BITDANCE_DTYPE says otherwise.
     dtype = _dtype(args.dtype) if args.dtype else (None if t2i else torch.float32)
-    if dtype is None and t2i and forced_dtype() is not None:  # $BITDANCE_DTYPE overrides the stored dtype
-        dtype = _dtype(forced_dtype())
     if dtype == torch.bfloat16:
         if not bf16_supported(torch.device(args.device or "cpu")):
             print(f"note: no bf16 support on this {args.device or 'cpu'}; sampling in fp32", file=sys.stderr)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write
-from .training import TrainConfig, Trainer, generate_class_grid
+from .training import Dist, TrainConfig, Trainer, generate_class_grid
 
 __all__ = ["run_demo", "plot_curves"]
 
@@ -68,29 +68,34 @@ def _fit_in(trainer: Trainer, seconds: float, calib_steps: int = 5, log=print) -
     return summary
 
 
-def generator_step_seconds(*, data_classes: int = 10, repeats: int = 2) -> float:
-    """Seconds per demo generator training step on this machine, timed on random tokens before anything
-    is trained (so the demo can say at the start whether the budget is enough)."""
+def generator_step_seconds(device: torch.device, *, data_classes: int = 10, repeats: int = 2) -> float:
+    """Seconds per demo generator training step on ``device``, timed on random tokens before anything is
+    trained (so the demo can say at the start whether the budget is enough), in the precision the
+    trainer will pick."""
     from .config import bitdance_preset, tokenizer_preset
-    from .precision import auto_dtype
+    from .precision import auto_precision
     from .transformer import BitDance
 
     cfg = bitdance_preset("BitDance-T-4x", image_size=32, tokenizer=tokenizer_preset("tiny-d4c16"),
                           num_classes=data_classes, **GENERATOR_MODEL)
-    model = BitDance(cfg).train()
+    model = BitDance(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     lat = torch.randint(0, 2, (BATCH_SIZE, cfg.latent_dim, cfg.grid_size, cfg.grid_size), generator=g).float() * 2 - 1
-    labels = torch.randint(0, data_classes, (BATCH_SIZE,), generator=g)
-    bf16 = auto_dtype("cpu") == torch.bfloat16
+    lat, labels = lat.to(device), torch.randint(0, data_classes, (BATCH_SIZE,), generator=g).to(device)
+    bf16 = auto_precision(device) == "bf16"
     times = []
     for _ in range(repeats + 1):  # the first step pays one-off allocations
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(lat, labels, generator=g)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
     return min(times[1:])
 
@@ -163,7 +168,7 @@ def run_demo(out: str | Path = "bitdance-demo", *, minutes: float = 12.0, seed: 
     from .data import load_dataset
     from .evaluation import class_accuracy, classifier_name, load_classifier
     from .pipeline import make_grid, to_uint8
-    from .precision import auto_dtype
+    from .precision import auto_precision, cpu_description
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,13 +176,13 @@ def run_demo(out: str | Path = "bitdance-demo", *, minutes: float = 12.0, seed: 
     t_start = time.perf_counter()
     budget = 60 * minutes
     timings: dict[str, float] = {}
-    precision = "bf16" if auto_dtype("cpu") == torch.bfloat16 else "fp32"
 
-    # 0. is the budget enough on this machine? --------------------------------------------------
-    step_s = generator_step_seconds()
+    # 0. is the budget enough on this machine? (timed on the device and in the precision the trainers take)
+    device = Dist().device
+    step_s = generator_step_seconds(device)
     planned = int(generator_seconds(budget) / step_s)
-    log(f"demo: {precision} on {torch.get_num_threads()} threads; generator {step_s:.2f} s/step -> about "
-        f"{planned} steps in {minutes:g} min")
+    log(f"demo: {auto_precision(device)} on {device} ({torch.get_num_threads()} threads); generator "
+        f"{step_s:.2f} s/step -> about {planned} steps in {minutes:g} min")
     if planned < MIN_GENERATOR_STEPS:
         log(f"demo: warning: this machine is too slow for a good result in {minutes:g} min: the generator "
             f"needs about {MIN_GENERATOR_STEPS} steps for digits of the requested class, and gets about "
@@ -209,7 +214,6 @@ def run_demo(out: str | Path = "bitdance-demo", *, minutes: float = 12.0, seed: 
 
     # 3. samples, and how often they show the digit asked for -----------------------------------
     t = time.perf_counter()
-    device = gen_trainer.d.device
     model = gen_trainer.inference_copy()
     tokenizer = gen_trainer.task.tokenizer
     arr = generate_class_grid(model, tokenizer, rows=10, cols=SAMPLES_PER_CLASS, seed=seed, device=device,
@@ -265,10 +269,10 @@ def run_demo(out: str | Path = "bitdance-demo", *, minutes: float = 12.0, seed: 
                      "classifier": None if clf is None else {"name": clf_name,
                                                               "test_accuracy": clf.info["test"]["accuracy"]}},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "precision": precision,
+        "precision": gen_trainer.precision,
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
+        "cpu": cpu_description(),
     }
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     return report
@@ -279,18 +283,3 @@ def _per_step(trainer: Trainer) -> float | None:
     rates = [r["img_per_s"] for r in trainer.history if r.get("img_per_s")]
     return round(trainer.cfg.batch_size / float(np.mean(rates)), 4) if rates else None
 
-
-def cpu_model() -> dict[str, Any]:
-    """The CPU this ran on: model name and whether it has bf16 units (for comparing reports)."""
-    from .precision import cpu_bf16_reason
-
-    name = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    reason = cpu_bf16_reason()
-    return {"model": name, "bf16_units": reason is None, **({"no_bf16_because": reason} if reason else {})}

@@ -356,7 +356,8 @@ class BitDanceT2IPipeline:
                         offload: Sequence[str] = (), **config_overrides) -> "BitDanceT2IPipeline":
         """Load a released text-to-image folder (e.g. ``BitDance-14B-16x``) or one written by
         :meth:`save_pretrained`. ``config_overrides`` set :class:`~bitdance.t2i.T2IConfig` fields
-        (e.g. ``resolutions``); ``dtype=None`` keeps the stored dtype (bf16 in the release).
+        (e.g. ``resolutions``); ``dtype=None`` keeps the stored dtype (bf16 in the release) unless
+        ``$BITDANCE_DTYPE`` forces one (:mod:`bitdance.precision`).
         ``offload=("ae", "lm_head")`` keeps the image tokenizer and the unused text output layer on the
         CPU when ``device`` is a GPU (see :meth:`bitdance.t2i.BitDanceT2I.from_folder`)."""
         path = Path(path)
@@ -374,8 +375,11 @@ class BitDanceT2IPipeline:
         bad = sorted(set(config_overrides) - valid)
         if bad:  # a caller's typo, not a broken folder
             raise TypeError(f"unknown text-to-image config field(s) {bad}; T2IConfig has {sorted(valid)}")
+        from .precision import forced_dtype
         from .t2i import check_offload
 
+        if dtype is None and forced_dtype() is not None:
+            dtype = torch.bfloat16 if forced_dtype() == "bf16" else torch.float32
         offload = check_offload(offload)  # a caller's mistake: checked here so it is not reported as a bad folder
         try:
             model = BitDanceT2I.from_folder(path, dtype=dtype, device=device, low_cpu_mem_usage=low_cpu_mem_usage,

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DTYPE_ENV", "PrecisionError", "forced_dtype", "bf16_supported", "auto_dtype", "cpu_bf16_reason",
-           "separate_compile_cache"]
+__all__ = ["DTYPE_ENV", "PrecisionError", "forced_dtype", "bf16_supported", "auto_dtype", "auto_precision",
+           "cpu_bf16_reason", "cpu_description", "separate_compile_cache"]
 
 DTYPE_ENV = "BITDANCE_DTYPE"
 _NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "auto": None, "": None}
@@ -45,15 +45,24 @@ def forced_dtype() -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return {}
+    out: dict[str, str] = {}
     for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _cpu_flags() -> frozenset[str]:
+    info = _cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
 
 
 def cpu_bf16_reason() -> str | None:
@@ -88,6 +97,21 @@ def auto_dtype(device: torch.device | str) -> torch.dtype:
     if forced is not None:
         return torch.bfloat16 if forced == "bf16" else torch.float32
     return torch.bfloat16 if bf16_supported(device) else torch.float32
+
+
+def auto_precision(device: torch.device | str) -> str:
+    """:func:`auto_dtype` as the name the CLI and reports use: ``"bf16"`` or ``"fp32"``."""
+    return "bf16" if auto_dtype(device) == torch.bfloat16 else "fp32"
+
+
+def cpu_description() -> dict:
+    """The CPU this process runs on, for reports: model name, torch's kernel level, bf16 units (and why not)."""
+    import platform
+
+    reason = cpu_bf16_reason()
+    return {"model": _cpuinfo().get("model name") or platform.processor() or platform.machine(),
+            "capability": torch.backends.cpu.get_cpu_capability(), "bf16_units": reason is None,
+            **({"no_bf16_because": reason} if reason else {})}
 
 
 def separate_compile_cache() -> str | None:

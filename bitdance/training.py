@@ -39,7 +39,7 @@ from torch import nn
 
 from .checkpoint import atomic_write, load_file
 from .config import BitDanceConfig, TokenizerConfig, bitdance_preset, tokenizer_preset
-from .precision import auto_dtype, bf16_supported
+from .precision import auto_precision, bf16_supported
 
 __all__ = ["TrainConfig", "TrainingError", "train", "main", "bf16_supported"]
 
@@ -770,7 +770,7 @@ class Trainer:
         dev = self.d.device
         want = self.cfg.precision
         if want == "auto":  # the hardware decides, unless $BITDANCE_DTYPE does
-            want = "bf16" if auto_dtype(dev) == torch.bfloat16 else "fp32"
+            want = auto_precision(dev)
             if want == "fp32":
                 self.log(f"training in fp32 on this {dev.type}")
         self.precision = want  # what this run actually uses

@@ -1,12 +1,6 @@
 import pytest
 import torch
 
-from bitdance.precision import separate_compile_cache
-
-# The suite runs both as it is and with torch forced down to AVX2 kernels on the same machine: compiled
-# kernels of the two must not meet in one cache (see separate_compile_cache).
-separate_compile_cache()
-
 
 @pytest.fixture(scope="module")
 def one_thread():

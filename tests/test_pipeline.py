@@ -249,6 +249,16 @@ def test_to_dtype(files):
     assert loaded.dtype == torch.bfloat16
 
 
+def test_stored_dtype_gives_way_to_bitdance_dtype(files, monkeypatch):
+    """dtype=None keeps the folder's dtype (fp32 here) unless $BITDANCE_DTYPE forces one; an explicit dtype wins."""
+    monkeypatch.setenv("BITDANCE_DTYPE", "bf16")
+    assert BitDanceT2IPipeline.from_pretrained(files / "t2i_official", resolutions=RES).dtype == torch.bfloat16
+    explicit = BitDanceT2IPipeline.from_pretrained(files / "t2i_official", dtype=torch.float32, resolutions=RES)
+    assert explicit.dtype == torch.float32
+    monkeypatch.setenv("BITDANCE_DTYPE", "auto")
+    assert BitDanceT2IPipeline.from_pretrained(files / "t2i_official", resolutions=RES).dtype == torch.float32
+
+
 # --------------------------------------------------------------------------------------------
 # Bad inputs: one-line errors
 # --------------------------------------------------------------------------------------------

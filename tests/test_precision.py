@@ -47,6 +47,14 @@ def test_bf16_units_switched_off_count_as_none(monkeypatch):
     assert auto_dtype("cpu") == torch.float32
 
 
+def test_cpu_description_names_the_cpu_and_its_bf16_units(monkeypatch):
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    monkeypatch.setattr(precision, "_cpuinfo", lambda: {"model name": "Test CPU 9000", "flags": "fpu avx2 fma"})
+    d = precision.cpu_description()
+    assert d["model"] == "Test CPU 9000" and d["bf16_units"] is False and "avx512_bf16" in d["no_bf16_because"]
+    assert precision.auto_precision("cpu") == "fp32"
+
+
 def test_training_auto_precision_follows_the_switch(monkeypatch, tmp_path):
     from bitdance.training import TrainConfig, Trainer
 
