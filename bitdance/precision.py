@@ -121,11 +121,15 @@ def separate_compile_cache() -> str | None:
     ``ONEDNN_MAX_CPU_ISA`` from those built with the CPU's full instruction set, and loading the one in
     the other process aborted the interpreter (torch 2.13, the compiled sampler step, both orders tried
     on an AVX-512 CPU). So unless ``TORCHINDUCTOR_CACHE_DIR`` is set, each (capability, oneDNN limit)
-    gets its own folder below inductor's default one. Call before the first compilation.
+    gets its own folder below inductor's default one. Inductor writes its default folder into that
+    variable the first time it looks (any earlier compilation in the process, e.g. by another library),
+    so that value counts as unset.
     """
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return None
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current and os.path.abspath(current) != os.path.abspath(default_cache_dir()):
+        return None
 
     tag = torch.backends.cpu.get_cpu_capability().lower().replace(" ", "_")
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().lower()

@@ -80,3 +80,7 @@ def test_compile_cache_is_kept_apart_per_instruction_set(monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == limited
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")  # the user's choice is kept
     assert precision.separate_compile_cache() is None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what inductor writes there itself
+    assert precision.separate_compile_cache() == limited
