@@ -333,9 +333,7 @@ def run_bench(
     tok_name = tokenizer if (tokenizer and model is None) else None
     tok_name = tok_name or next((k for k, v in _tokenizer_presets().items() if v == mcfg.tokenizer), "custom")
     if compile != "off":
-        if not hasattr(gen.head, "compile_sampling"):
-            raise ValueError(f"compile applies to the diffusion head; {preset} has head_type={mcfg.head_type!r}")
-        gen.head.compile_sampling(mode=None if compile == "default" else compile)
+        gen.compile_sampling(mode=None if compile == "default" else compile)
     sampler = FlowSampler(num_steps=steps)
     labels = (torch.arange(batch) % mcfg.num_classes).to(dev)
 
@@ -377,17 +375,13 @@ def run_bench(
             mem_method = "cpu getrusage ru_maxrss increase over the start of the bench (lifetime peak)"
 
         say("counting FLOPs (one more run under FlopCounterMode)")
-        compiled = getattr(gen.head, "_compiled_step", None)
-        if compiled is not None:  # count on the eager head: same ops, and the counter sees every one
-            gen.head._compiled_step = None
-        gen_flops, (latents, g) = count_flops(generate)
+        with gen.eager_sampling():  # count on the eager code: same ops, and the counter sees every one
+            gen_flops, (latents, g) = count_flops(generate)
         dec_flops, decode_mem = 0, None
         if decode:  # the KV cache is gone by now: this peak is one decode chunk's activations (+ outputs)
             with _PeakSince(dev) as chunk_peak:
                 dec_flops = count_flops(lambda: decode_fn(latents, g))[0]
             decode_mem = chunk_peak.bytes
-        if compiled is not None:
-            gen.head._compiled_step = compiled
 
         if profile is not None:
             say(f"profiling one more run into {profile}")

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import rng
 from .config import HeadConfig
-from .precision import separate_compile_cache
+from .compiling import FrozenCompiled
 from .quantizer import bits_to_indices, indices_to_bits
 from .sampler import FlowSampler, flow_update, guided_velocity, time_shift
 
@@ -244,22 +244,16 @@ class DiffusionHead(nn.Module):
 
         The update runs (steps + 1) times per AR step on tensors of one fixed shape, so a static graph
         (``dynamic=False``) is compiled once per batch size (and for guided / unguided, stochastic /
-        deterministic steps). ``mode="reduce-overhead"`` on CUDA also captures it in a CUDA graph, removing
-        the kernel-launch overhead that dominates small batches. Training (``loss``) keeps the eager network.
-        ``mode="off"`` undoes it.
+        deterministic steps). On CPUs the weights are frozen into the graph and inductor's C++ GEMM
+        templates replace BLAS for the head's few-row products (see :mod:`bitdance.compiling`; compiled
+        again by itself when the weights change). On GPUs ``mode="reduce-overhead"`` captures the update in
+        a CUDA graph, removing the kernel-launch overhead that dominates small batches. Training (``loss``)
+        keeps the eager network. ``mode="off"`` undoes it.
         """
         if mode == "off":
             self._compiled_step = None
             return
-        separate_compile_cache()
-        compiled = torch.compile(_flow_step, mode=mode, dynamic=dynamic, fullgraph=True)
-        self._compiled_step = compiled
-        if mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: each replay overwrites the last output,
-            # and the loop feeds that output back in, so keep a copy of our own (65k values at batch 64)
-            def copied(*args):
-                return compiled(*args).clone()
-
-            self._compiled_step = copied
+        self._compiled_step = FrozenCompiled(_flow_step, self.net, mode=mode, dynamic=dynamic)
 
     def sample_time(self, n: int, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         cfg = self.config
@@ -301,9 +295,10 @@ class DiffusionHead(nn.Module):
             # the scale as a tensor: a Python float would be baked into the graph (a recompile per AR step
             # under the linear guidance schedule)
             fn, scale = self._compiled_step, torch.full((), float(guidance_scale), device=cond.device)
+            fn.refresh()
 
             def step(x, t, dt, noise):
-                return fn(net, c, scale, guided, x, t, dt, noise)
+                return fn(c, scale, guided, x, t, dt, noise)
 
         return sampler.sample(lambda x, t: net.denoise(x, t, c), shape, guidance_scale=guidance_scale,
                               generator=generator, device=cond.device, step=step)

@@ -19,6 +19,8 @@ head (see :mod:`bitdance.head`); ``order="raster"`` generates tokens in plain ra
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Callable, NamedTuple
 
 import torch
@@ -27,6 +29,7 @@ from torch import nn
 
 from . import rng
 from .config import BitDanceConfig
+from .compiling import FrozenCompiled
 from .head import attention, build_head
 from .quantizer import binarize
 from .sampler import FlowSampler, guidance_at
@@ -99,7 +102,14 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write the new keys/values of ``layer``. ``start`` an int: at positions start.. , returning the
+        filled part; a 1-D tensor of positions (the compiled decode step, whose shapes must not depend on the
+        step): there, returning the whole buffer, whose unwritten part the caller's mask hides."""
+        if isinstance(start, torch.Tensor):
+            self.k[layer].index_copy_(2, start, k)
+            self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -205,6 +215,7 @@ class BitDance(nn.Module):
         else:  # official: the P positions of a block see each other
             mask = block_causal_mask(self.seq_len, cfg.cls_token_num - 1, P)
         self.register_buffer("attn_mask", mask, persistent=False)
+        self._compiled_decode: FrozenCompiled | None = None
         self.initialize_weights()
 
     # ----------------------------------------------------------------------------------------
@@ -278,6 +289,43 @@ class BitDance(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, start)
         return x
+
+    def _decode_block(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Head condition of the next block from the previous block's tokens (R, P, C) at sequence
+        ``positions`` (P,), with the KV cache; every shape is the same at every AR step (attention runs over
+        the whole cache under the training mask's rows), so that one compiled graph serves them all."""
+        P = self.config.parallel_num
+        x = self.emb_norm(self.proj_in(tokens.to(self.proj_in.w1.weight.dtype)))
+        cos, sin, mask = self.rope_cos[positions], self.rope_sin[positions], self.attn_mask[positions]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, positions)
+        return self.norm(x) + self.pos_for_diff.weight[positions - (self.prefix_len - P)]
+
+    def compile_sampling(self, *, mode: str | None = None, dynamic: bool = False) -> None:
+        """``torch.compile`` what :meth:`generate` repeats: the diffusion head's sampler update
+        (:meth:`~bitdance.head.DiffusionHead.compile_sampling`) and the transformer's KV-cached step. On
+        CPUs both get their weights frozen into the graph and inductor's C++ GEMM templates for their
+        few-row products (:mod:`bitdance.compiling`). Compiled once per batch size, at the first
+        ``generate``; the tokens stay those of the eager code up to float rounding. ``mode="off"`` undoes it."""
+        if hasattr(self.head, "compile_sampling"):
+            self.head.compile_sampling(mode=mode, dynamic=dynamic)
+        self._compiled_decode = None if mode == "off" else \
+            FrozenCompiled(BitDance._decode_block, self, mode=mode, dynamic=dynamic)
+
+    @contextlib.contextmanager
+    def eager_sampling(self) -> Iterator[None]:
+        """Within the block, :meth:`generate` runs the eager code even where it is compiled (e.g. so that
+        ``FlopCounterMode`` sees every operation)."""
+        head_step, decode = getattr(self.head, "_compiled_step", None), self._compiled_decode
+        try:
+            if head_step is not None:
+                self.head._compiled_step = None
+            self._compiled_decode = None
+            yield
+        finally:
+            if head_step is not None:
+                self.head._compiled_step = head_step
+            self._compiled_decode = decode
 
     def condition(self, latents: torch.Tensor, class_ids: torch.Tensor, *,
                   generator: torch.Generator | None = None) -> Conditioning:
@@ -354,9 +402,16 @@ class BitDance(nn.Module):
         prefix = self._class_prefix(ids)
         tokens = torch.zeros(R, N, cfg.latent_dim, device=prefix.device, dtype=torch.float32)
         cache = self._kv_cache(R, device=prefix.device) if use_kv_cache else None
+        compiled = self._compiled_decode if cache is not None else None
+        if compiled is not None:
+            compiled.refresh()
         for step in range(steps):
             done = step * P
-            if cache is not None:  # feed only what is new: the prefix, then the last block
+            if compiled is not None and step > 0:
+                start = self.prefix_len + done - P
+                positions = torch.arange(start, start + P, device=prefix.device)
+                cond = compiled(tokens[:, done - P: done].clone(), positions, cache)
+            elif cache is not None:  # feed only what is new: the prefix, then the last block
                 if step == 0:
                     x, start, mask = prefix, 0, self.attn_mask[: self.prefix_len, : self.prefix_len]
                 else:
@@ -367,8 +422,9 @@ class BitDance(nn.Module):
             else:  # recompute the whole sequence
                 x = torch.cat([prefix, self.proj_in(tokens[:, :done].to(dtype))], dim=1)
                 start, mask = 0, self.attn_mask[: x.shape[1], : x.shape[1]]
-            h = self._transformer(x, start, mask, cache)
-            cond = self.norm(h[:, -P:]) + self.pos_for_diff.weight[done: done + P]
+            if compiled is None or step == 0:
+                h = self._transformer(x, start, mask, cache)
+                cond = self.norm(h[:, -P:]) + self.pos_for_diff.weight[done: done + P]
             scale = guidance_at(guidance_scale, step, steps, guidance_schedule)
             sample = self.head.sample(cond, sampler=sampler, guidance_scale=scale, generator=generator, **head_kw)
             new = binarize(sample)

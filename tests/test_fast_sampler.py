@@ -89,20 +89,30 @@ def test_fast_sampler_equals_straightforward(P, method, schedule):
     assert not torch.equal(fast, other)
 
 
-def test_compiled_head_gives_the_same_tokens():
-    """torch.compile (inductor, CPU here) of the head's inner loop changes nothing for a seed in fp32."""
-    model = _model(4)
+@pytest.mark.parametrize("P", [1, 4])
+def test_compiled_sampling_gives_the_same_tokens(P):
+    """torch.compile (inductor, CPU here: weights frozen, C++ GEMM templates) of the head's inner loop and the
+    transformer's cached step gives the tokens of the eager code for a seed in fp32, and follows the weights
+    when they change after compiling."""
+    model, other = _model(P), _model(P, seed=1)
     labels = torch.tensor([1, 2])
-    sampler = FlowSampler(num_steps=3)
-    kw = dict(sampler=sampler, guidance_scale=2.5)
+    kw = dict(sampler=FlowSampler(num_steps=3), guidance_scale=2.5)
     with torch.inference_mode():
         eager = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
-        model.head.compile_sampling()
-        try:
+    model.compile_sampling()
+    try:
+        with torch.inference_mode():
             compiled = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
-        finally:
-            model.head.compile_sampling(mode="off")
-    assert torch.equal(eager, compiled), f"{(eager != compiled).float().mean().item():.4%} of bits differ"
+        assert torch.equal(eager, compiled), f"{(eager != compiled).float().mean().item():.4%} of bits differ"
+        with torch.no_grad():
+            model.load_state_dict(other.state_dict())  # the frozen copies are stale now
+        with torch.inference_mode():
+            reloaded = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
+            expected = other.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
+        assert not torch.equal(expected, eager)
+        assert torch.equal(reloaded, expected)
+    finally:
+        model.compile_sampling(mode="off")
 
 
 @pytest.mark.parametrize("masked", [False, True])

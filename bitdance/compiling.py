@@ -1,0 +1,113 @@
+"""``torch.compile`` of the sampler's hot loops, with the weights frozen into the graph on CPUs.
+
+Sampling multiplies few rows by large weights: a B-4x head step has 16 rows (4 sequences x 4 tokens)
+against 38M parameters, a B-1x transformer step 4 rows against 170M. BLAS handles such products far
+below a CPU's peak (it repacks the weight matrix at every call: measured 11-17 GFLOP/s at 4 rows and
+55-63 at 16 on a 2-core AVX2 EPYC whose large-matmul peak is 180). Inductor's C++ GEMM templates pack
+each weight once, at compile time, and then run close to the memory bandwidth (58 and 107 GFLOP/s),
+but only for weights that are constants of the graph: inductor's "freezing". So on CPUs the compiled
+loops are built with ``freezing`` and ``max_autotune`` (C++ templates and BLAS both measured, the
+faster kept per shape) switched on while they compile.
+
+Frozen weights are copies: a compiled loop notices when the module's parameters were written since
+(``load_state_dict``, an optimizer step) and compiles again. On GPUs the weights stay inputs of the graph,
+and ``mode`` selects the usual inductor modes ("reduce-overhead" = CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .precision import separate_compile_cache
+
+__all__ = ["CPU_INDUCTOR_OPTIONS", "FrozenCompiled"]
+
+# What the CPU compilation switches on (inductor config names).
+CPU_INDUCTOR_OPTIONS: dict[str, Any] = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+}
+
+
+def _bound_forward(self, *args):
+    return self.fn(self.module, *args)
+
+
+class _Bound(nn.Module):
+    """``fn(module, *args)`` as a module whose submodule holds the weights: inductor freezes the parameters
+    of the module it compiles, not those of a module passed in as an argument.
+
+    Dynamo keeps its compiled graphs (and counts them against ``recompile_limit``) per code object, so each
+    instance gets a forward with a code object of its own: otherwise the graphs of every compiled loop in
+    the process (head and transformer, each model, each batch size) would share one count."""
+
+    _count = itertools.count()
+
+    def __init__(self, fn: Callable[..., Any], module: nn.Module):
+        super().__init__()
+        self.fn, self.module = fn, module
+        name = f"forward_{getattr(fn, '__name__', 'fn').strip('_')}_{next(self._count)}"
+        code = _bound_forward.__code__.replace(co_name=name, co_qualname=name)
+        self.forward = types.MethodType(types.FunctionType(code, _bound_forward.__globals__, name), self)
+
+
+def _recompile_room():
+    """One graph per batch size x {guided, unguided} x {stochastic, last} step: more than dynamo's default of
+    8 per code object for a studio serving several batch sizes (``fullgraph`` turns the limit into an error)."""
+    return torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit))
+
+
+class FrozenCompiled:
+    """``fn(module, *args)`` compiled as a whole (``fullgraph``), called as ``compiled(*args)``.
+
+    On CPUs the module's weights are frozen into the graph (see the module docstring) and the graph is
+    compiled again, transparently, when they have been written since. ``mode`` applies to GPUs only
+    ("reduce-overhead" / "max-autotune" capture CUDA graphs; the output is then copied, since each replay
+    overwrites the previous one and sampling loops feed outputs back in)."""
+
+    def __init__(self, fn: Callable[..., Any], module: nn.Module, *, mode: str | None = None,
+                 dynamic: bool = False):
+        self.fn, self.module, self.mode, self.dynamic = fn, module, mode, dynamic
+        params = list(module.parameters())
+        self.device = params[0].device if params else torch.device("cpu")
+        self.frozen = self.device.type == "cpu"
+        self._build()
+
+    def _build(self) -> None:
+        separate_compile_cache()
+        bound = _Bound(self.fn, self.module)
+        if self.frozen:
+            self._compiled = torch.compile(bound, dynamic=self.dynamic, fullgraph=True)
+        else:
+            self._compiled = torch.compile(bound, mode=self.mode, dynamic=self.dynamic, fullgraph=True)
+        self._copy_out = not self.frozen and self.mode in ("reduce-overhead", "max-autotune")
+        self._weights = self._weights_state()
+
+    def _weights_state(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.module.parameters())
+
+    def refresh(self) -> bool:
+        """Compile again if frozen weights were written since; True when it did. Cheap (one pass over the
+        parameters' version counters): samplers call it once per autoregressive step."""
+        if self.frozen and self._weights_state() != self._weights:
+            torch._dynamo.reset()  # the old graphs hold the old weights
+            self._build()
+            return True
+        return False
+
+    def __call__(self, *args):
+        if self.frozen:
+            # compilation happens lazily, inside a call (and again for a new shape): the options must be
+            # active then; outside compilation they cost a few attribute writes
+            with torch._inductor.config.patch(CPU_INDUCTOR_OPTIONS), _recompile_room():
+                return self._compiled(*args)
+        with _recompile_room():
+            out = self._compiled(*args)
+        return out.clone() if self._copy_out else out
