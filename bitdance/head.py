@@ -128,8 +128,9 @@ class FinalLayer(nn.Module):
         self.ada_ln_modulation = nn.Linear(width, 2 * width)
         self.linear = nn.Linear(width, out)
 
-    def forward(self, x, y):
-        scale, shift = self.ada_ln_modulation(y).chunk(2, dim=-1)
+    def forward(self, x, mod):
+        """``mod``: this layer's adaLN output ``ada_ln_modulation(y)`` (computed by the trunk, which may hoist it)."""
+        scale, shift = mod.chunk(2, dim=-1)
         return self.linear(_modulate(self.norm_final(x), scale, shift))
 
 
@@ -165,13 +166,27 @@ class _AdaLNTrunk(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def trunk(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        mods = None
+    @property
+    def modulation_width(self) -> int:
+        """Values per row of :meth:`modulation`'s outputs together."""
+        used = -(-len(self.res_blocks) // self.switch)
+        return (used * self.n_mod + 2) * self.config.width
+
+    def modulation(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every adaLN output for the adaLN input ``y``: one per shared adaLN linear the blocks use, then the
+        final layer's. They depend on the flow time and the condition only, not on the noisy input, so a
+        sampler that knows its flow times in advance can compute them for all steps in one batch."""
+        used = self.ada_ln_blocks[: -(-len(self.res_blocks) // self.switch)]
+        return (*(lin(y) for lin in used), self.final_layer.ada_ln_modulation(y))
+
+    def trunk(self, h: torch.Tensor, y: torch.Tensor | None = None,
+              mods: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """Blocks and final layer on ``h``, modulated by adaLN input ``y`` or by its :meth:`modulation`."""
+        if mods is None:
+            mods = self.modulation(y)
         for i, block in enumerate(self.res_blocks):
-            if i % self.switch == 0:
-                mods = self.ada_ln_blocks[i // self.switch](y).chunk(self.n_mod, dim=-1)
-            h = block(h, *mods)
-        return self.final_layer(h, y)
+            h = block(h, *mods[i // self.switch].chunk(self.n_mod, dim=-1))
+        return self.final_layer(h, mods[-1])
 
 
 class _HeadNet(_AdaLNTrunk):
@@ -195,16 +210,28 @@ class _HeadNet(_AdaLNTrunk):
         """Condition embedding; constant across the flow steps of one AR step, so samplers hoist it."""
         return self.cond_embed(cond)
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x_pred for x_t (N, [P,] C), t (N,) or 0-d, and an embedded condition c from :meth:`embed_cond`."""
+    def adaln_input(self, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """silu(time embedding + c) for times ``t`` and an embedded condition c (N, [P,] W): t 0-d gives
+        c's shape, t (N,) one time per row, t (T,) with ``c`` given a leading axis of 1 (1, N, [P,] W) one
+        slice per time (T, N, [P,] W)."""
+        te = self.time_embed(t)
+        if t.dim() == 1:  # per-row (or per-slice) times broadcast over the remaining axes
+            te = te.view(te.shape[0], *([1] * (c.dim() - 2)), te.shape[-1])
+        return F.silu(te + c)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor,
+                mods: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """x_pred for x_t (N, [P,] C), t (N,) or 0-d, and an embedded condition c from :meth:`embed_cond`;
+        ``mods``, if given, are the adaLN outputs for (t, c) (:meth:`modulation` of :meth:`adaln_input`)."""
         squeeze = self.config.variant == "transformer" and x.dim() == 2
         if squeeze:
             x, c = x.unsqueeze(1), c.unsqueeze(1)
+            if mods is not None:
+                mods = tuple(m.unsqueeze(1) for m in mods)
         h = self.input_proj(x.to(self.input_proj.weight.dtype))
-        te = self.time_embed(t)
-        if t.dim() == 1:  # per-row times broadcast over the token axis
-            te = te.view(te.shape[0], *([1] * (h.dim() - 2)), te.shape[-1])
-        out = self.trunk(h, F.silu(te + c))
+        if mods is None:
+            mods = self.modulation(self.adaln_input(t, c))
+        out = self.trunk(h, mods=mods)
         if self.config.output_activation == "tanh":
             out = 2 * torch.sigmoid(out) - 1
         return out.squeeze(1) if squeeze else out
@@ -231,6 +258,11 @@ def build_head_net(cfg: HeadConfig) -> _HeadNet:
 
 class DiffusionHead(nn.Module):
     """Training loss and sampling around a head network (``self.net``)."""
+
+    # The adaLN outputs of all flow steps are computed up front while they take at most this many elements
+    # (256 MiB in fp32; B-16x at batch 2 with guidance needs 18M); larger batches give the products
+    # enough rows anyway.
+    HOIST_ELEMENTS = 1 << 26
 
     def __init__(self, config: HeadConfig):
         super().__init__()
@@ -290,6 +322,17 @@ class DiffusionHead(nn.Module):
         guided = guidance_scale > 1.0
         rows = cond.shape[0] // 2 if guided else cond.shape[0]
         shape = (rows, *cond.shape[1:-1], self.config.in_channels)
+        times = sampler.flow_times(cond.device)
+        per_step = None
+        if times.numel() * (c.numel() // c.shape[-1]) * net.modulation_width <= self.HOIST_ELEMENTS:
+            # the adaLN outputs of every flow step in one batch: (steps + 1) x more rows per weight read,
+            # which is what small batches lack (on a CPU these products run several times faster then)
+            all_mods = net.modulation(net.adaln_input(times, c.unsqueeze(0)))
+            per_step = iter([tuple(m[k] for m in all_mods) for k in range(times.numel())])
+
+        def mods_now():  # FlowSampler.sample evaluates the network once per flow time, in order
+            return next(per_step) if per_step is not None else None
+
         step = None
         if self._compiled_step is not None:
             # the scale as a tensor: a Python float would be baked into the graph (a recompile per AR step
@@ -298,16 +341,17 @@ class DiffusionHead(nn.Module):
             fn.refresh()
 
             def step(x, t, dt, noise):
-                return fn(c, scale, guided, x, t, dt, noise)
+                return fn(c, mods_now(), scale, guided, x, t, dt, noise)
 
-        return sampler.sample(lambda x, t: net.denoise(x, t, c), shape, guidance_scale=guidance_scale,
+        return sampler.sample(lambda x, t: net.denoise(x, t, c, mods_now()), shape, guidance_scale=guidance_scale,
                               generator=generator, device=cond.device, step=step)
 
 
-def _flow_step(net: nn.Module, c: torch.Tensor, scale: torch.Tensor, guided: bool, x: torch.Tensor,
-               t: torch.Tensor, dt: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+def _flow_step(net: nn.Module, c: torch.Tensor, mods: tuple[torch.Tensor, ...] | None, scale: torch.Tensor,
+               guided: bool, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor,
+               noise: torch.Tensor | None) -> torch.Tensor:
     """One sampler update with the head network: what :meth:`DiffusionHead.compile_sampling` compiles."""
-    v = guided_velocity(lambda xi, ti: net.denoise(xi, ti, c), x, t, scale, guided)
+    v = guided_velocity(lambda xi, ti: net.denoise(xi, ti, c, mods), x, t, scale, guided)
     return flow_update(x, v, t, dt, noise)
 
 

@@ -62,6 +62,19 @@ class FlowSampler:
         t = torch.linspace(0, 1 - self.last_step_size, self.num_steps + 1, device=device, dtype=torch.float32)
         return time_shift(t, self.time_shift)
 
+    def flow_times(self, device=None) -> torch.Tensor:
+        """The num_steps + 1 flow times at which :meth:`sample` evaluates the denoiser, in order (once each):
+        the grid's times accumulated step by step in float32, as the loop does, then 1 - last_step_size.
+        Callers may precompute what depends on the time alone (the head's adaLN outputs)."""
+        dts = self.timesteps(device).diff()
+        t = torch.zeros((), device=device, dtype=torch.float32)
+        out = []
+        for i in range(self.num_steps):
+            out.append(t)
+            t = t + dts[i]
+        out.append(torch.full((), 1 - self.last_step_size, device=device, dtype=torch.float32))
+        return torch.stack(out)
+
     @property
     def num_function_evals(self) -> int:
         return self.num_steps + 1
@@ -94,15 +107,14 @@ class FlowSampler:
 
         x = rng.randn(shape, generator=generator, device=device, dtype=torch.float32)
         dts = self.timesteps(x.device).diff()
-        t = torch.zeros((), device=x.device, dtype=torch.float32)
+        times = self.flow_times(x.device)
         stochastic = self.method == "euler_maruyama"
         for i in range(self.num_steps):
             # drawn before the update (the network draws nothing, so the stream is that of the reference)
             noise = rng.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if stochastic else None
-            x = step(x, t, dts[i], noise)
-            t = t + dts[i]
+            x = step(x, times[i], dts[i], noise)
         # a last deterministic Euler step to t = 1
-        t_last = torch.full((), 1 - self.last_step_size, device=x.device, dtype=torch.float32)
+        t_last = times[-1]
         return step(x, t_last, torch.full_like(t_last, self.last_step_size), None)
 
 

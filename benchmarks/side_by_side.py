@@ -1,0 +1,194 @@
+"""bitdance's sampler against the authors' code, in one run, on this machine (issue 13).
+
+    python benchmarks/side_by_side.py --official ../BitDance --out docs/assets/side_by_side.jsonl
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 BITDANCE_DTYPE=fp32 \
+        python benchmarks/side_by_side.py --official ../BitDance --out docs/assets/side_by_side.jsonl
+    python benchmarks/side_by_side.py --render docs/assets/side_by_side.jsonl
+
+``--official`` is a checkout of github.com/shallowdream204/BitDance (``imagenet_gen/`` is what is used; it
+needs ``pip install einops``). Both sides: random weights, fp32, the same preset, batch, 25 head steps,
+guidance 4 with the linear schedule, generator only (no tokenizer decode), one process each, the threads
+torch picks. bitdance runs ``bitdance bench --no-decode --dtype fp32`` (eager and compiled: one warm-up run,
+which compiles); the authors' sampler (``imagenet_gen/src/model_parallel.py`` for 4x/16x, ``model.py`` for
+1x) runs eager, once (``--official-warmup`` adds an untimed run first; eager code gains little from it: 45 vs 41 s
+for one B-1x image), as its README shows it (its own ``@torch.compile`` recompiles
+at every AR step on a CPU). The 1x model imports ``flash_attn``, which has no CPU build; its uses outside
+the KV-cached path get a stand-in through ``F.scaled_dot_product_attention`` (sampling uses the cache).
+
+Rows are written as they come (one JSON object per line), so an interrupted run keeps what it measured.
+MFU: FLOPs counted by bitdance's bench for the same preset and settings, over the fp32 matmul peak measured
+in bitdance's run of that preset (same process kind, minutes apart); the ratio is what matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PRESETS = ("BitDance-B-16x", "BitDance-B-4x", "BitDance-B-1x")
+
+
+def _official(args) -> None:
+    """Time the authors' sampler (runs in its own process: their modules install global state)."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")  # their forward_model is decorated with torch.compile
+    src = Path(args.official) / "imagenet_gen"
+    if not (src / "src" / "model_parallel.py").is_file():
+        sys.exit(f"--official {args.official}: no imagenet_gen/src/model_parallel.py there "
+                 "(a checkout of github.com/shallowdream204/BitDance is needed)")
+    if "flash_attn" not in sys.modules:  # imported by model.py's layers; no CPU build exists
+        def flash_attn_func(q, k, v, causal=False, dropout_p=0.0, **_):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=causal)
+            return o.transpose(1, 2)
+
+        sys.modules["flash_attn"] = types.SimpleNamespace(flash_attn_func=flash_attn_func)
+    sys.path.insert(0, str(src))
+    P = int(args.preset.rsplit("-", 1)[1].rstrip("x"))
+    size = args.preset.split("-")[1]
+    if P == 1:
+        from src.model import create_model, get_model_args
+        argv = ["--model", f"BitDance-{size}", "--patch-size", "1", "--cls-token-num", "64"]
+    else:
+        from src.model_parallel import create_model, get_model_args
+        argv = ["--model", f"BitDance-{size}", "--parallel-num", str(P), "--patch-size", "1",
+                "--cls-token-num", "64"]
+    model_args = get_model_args().parse_args(argv)
+    torch.manual_seed(0)
+    model = create_model(model_args, "cpu").eval()
+    with torch.no_grad():  # zero-initialised adaLN / output layers get values, so the flow does real work
+        for p in model.parameters():
+            if p.dim() > 0 and p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    model.vae.decode = lambda x: x  # generator only
+    labels = torch.arange(args.batch) % 1000
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.sample(labels, sample_steps=args.steps, cfg_scale=args.cfg, cfg_schedule="linear")
+        return time.perf_counter() - t0
+
+    warm = run() if args.official_warmup else None
+    seconds = run()
+    print(json.dumps({"impl": "official", "preset": args.preset, "batch": args.batch, "steps": args.steps,
+                      "cfg": args.cfg, "threads": torch.get_num_threads(), "seconds": seconds,
+                      "warmup_seconds": warm, "seconds_per_image": seconds / args.batch}))
+
+
+def _json_tail(out: str) -> dict:
+    for line in reversed(out.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"no JSON line in:\n{out[-2000:]}")
+
+
+def _run(cmd: list[str]) -> dict:
+    print("$", " ".join(cmd), flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return _json_tail(p.stdout)
+
+
+def _machine() -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bitdance.precision import cpu_description
+
+    d = cpu_description()
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    keep = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "BITDANCE_DTYPE") if k in os.environ}
+    return {**d, "flags": keep, "cores": os.cpu_count(), "env": env}
+
+
+def measure(args) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = _machine()
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for preset in args.presets:
+        common = ["--preset", preset, "--batch", str(args.batch), "--steps", str(args.steps), "--cfg", str(args.cfg)]
+        row = {"preset": preset, "batch": args.batch, "steps": args.steps, "cfg": args.cfg, "date": stamp,
+               "machine": machine}
+        for compile_mode in args.compile:
+            ours = _run([sys.executable, "-m", "bitdance.cli", "bench", *common, "--dtype", "fp32", "--no-decode",
+                         "--warmup", "1", "--compile", compile_mode, "--json"])
+            row[f"bitdance_{compile_mode}"] = {k: ours[k] for k in ("seconds_per_image", "flops_per_image",
+                                                                     "peak_flops", "mfu", "achieved_flops")}
+        theirs = _run([sys.executable, __file__, "--_official", "--official", args.official, "--preset", preset,
+                       *common[2:], *(["--official-warmup"] if args.official_warmup else [])])
+        row["official"] = theirs
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+def render(path: str) -> str:
+    lines = ["| CPU (forced) | preset | bitdance eager s/img (MFU) | bitdance compiled s/img (MFU) | authors' s/img (MFU) "
+             "| speed-up eager / compiled | fp32 peak GFLOP/s |", "|---|---|---|---|---|---|---|"]
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        m = r["machine"]
+        kind = "AVX2 (forced)" if m["env"].get("ATEN_CPU_CAPABILITY") == "avx2" else m["cpu_capability"]
+        off = r["official"]["seconds_per_image"]
+        cells, ratios, peak = [], [], None
+        for key in ("bitdance_off", "bitdance_default"):
+            b = r.get(key)
+            if b is None:
+                cells.append("—")
+                ratios.append("—")
+                continue
+            peak = b["peak_flops"]
+            cells.append(f"{b['seconds_per_image']:.2f} ({b['mfu']:.1%})")
+            ratios.append(f"{off / b['seconds_per_image']:.2f}x")
+        flops = next(r[k]["flops_per_image"] for k in ("bitdance_default", "bitdance_off") if k in r)
+        off_mfu = flops / off / peak
+        lines.append(f"| {m['model']} {kind} | {r['preset']} | {cells[0]} | {cells[1]} | {off:.2f} ({off_mfu:.1%}) "
+                     f"| {ratios[0]} / {ratios[1]} | {peak / 1e9:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--official", help="checkout of github.com/shallowdream204/BitDance")
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS))
+    ap.add_argument("--preset", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--compile", nargs="+", default=["off", "default"], choices=["off", "default"],
+                    help="bitdance runs to make (eager, compiled)")
+    ap.add_argument("--official-warmup", action="store_true", help="one untimed run of the authors' sampler first")
+    ap.add_argument("--out", default="side_by_side.jsonl")
+    ap.add_argument("--render", metavar="JSONL", help="print the markdown table of a results file and exit")
+    ap.add_argument("--_official", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.render:
+        print(render(args.render))
+    elif args._official:
+        _official(args)
+    else:
+        if not args.official:
+            ap.error("--official PATH (a checkout of github.com/shallowdream204/BitDance) is needed")
+        measure(args)
+
+
+if __name__ == "__main__":
+    main()
