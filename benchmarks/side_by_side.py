@@ -101,7 +101,6 @@ def _run(cmd: list[str]) -> dict:
 
 
 def _machine() -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bitdance.precision import cpu_description
 
     d = cpu_description()
@@ -146,7 +145,7 @@ def render(path: str) -> str:
     for line in Path(path).read_text().splitlines():
         r = json.loads(line)
         m = r["machine"]
-        kind = "AVX2 (forced)" if m["env"].get("ATEN_CPU_CAPABILITY") == "avx2" else m["cpu_capability"]
+        kind = "AVX2 (forced)" if m["env"].get("ATEN_CPU_CAPABILITY") == "avx2" else m["capability"]
         off = r["official"]["seconds_per_image"]
         cells, ratios, peak = [], [], None
         for key in ("bitdance_off", "bitdance_default"):
