@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +125,35 @@ def test_cpu_peak_memory_survives_freed_heap_pages():
     r = run_bench(preset="BitDance-T-4x", image_size=32, batch=1, steps=2, cfg=2.0, tokenizer="tiny-d4c16",
                   dtype="fp32", decode=False, warmup=0, log=lambda *a: None)
     assert r.peak_memory_bytes > 8 * 2**20, r.peak_memory_method  # the weights alone are 36 MB
+
+
+def _side_by_side():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "side_by_side.py"
+    spec = importlib.util.spec_from_file_location("side_by_side", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, path
+
+
+def test_side_by_side_table_and_missing_checkout(tmp_path):
+    """benchmarks/side_by_side.py: the table of a results file (speed-up = the authors' seconds over ours, MFU
+    at bitdance's counted FLOPs), and a clear error where --official is no checkout of the authors' code."""
+    import subprocess
+    import sys
+
+    mod, path = _side_by_side()
+    machine = {"model": "AMD EPYC", "capability": "AVX512", "env": {"ATEN_CPU_CAPABILITY": "avx2"}}
+    ours = lambda s, mfu: {"seconds_per_image": s, "flops_per_image": 1e12, "peak_flops": 1e11, "mfu": mfu,  # noqa: E731
+                           "achieved_flops": 1e12 / s}
+    row = {"preset": "BitDance-B-4x", "machine": machine, "bitdance_off": ours(20.0, 0.5),
+           "bitdance_default": ours(10.0, 1.0), "official": {"seconds_per_image": 30.0}}
+    results = tmp_path / "r.jsonl"
+    results.write_text(json.dumps(row) + "\n")
+    table = mod.render(str(results)).splitlines()
+    assert table[2] == ("| AMD EPYC AVX2 (forced) | BitDance-B-4x | 20.00 (50.0%) | 10.00 (100.0%) | 30.00 (33.3%) "
+                        "| 1.50x / 3.00x | 100 |")
+    p = subprocess.run([sys.executable, str(path), "--_official", "--official", str(tmp_path), "--preset",
+                        "BitDance-B-4x"], capture_output=True, text=True)
+    assert p.returncode != 0 and "no imagenet_gen/src/model_parallel.py there" in p.stderr

@@ -90,6 +90,20 @@ def test_fast_sampler_equals_straightforward(P, method, schedule):
 
 
 @pytest.mark.parametrize("P", [1, 4])
+def test_hoisted_adaln_gives_the_same_tokens(P, monkeypatch):
+    """The head's adaLN outputs computed for all flow steps up front (small batches) or at every flow step
+    (beyond DiffusionHead.HOIST_ELEMENTS) give the same tokens."""
+    model = _model(P)
+    labels = torch.tensor([3, 1])
+    kw = dict(sampler=FlowSampler(num_steps=4), guidance_scale=3.0, guidance_schedule="constant")
+    with torch.inference_mode():
+        hoisted = model.generate(labels, generator=torch.Generator().manual_seed(2), **kw)
+        monkeypatch.setattr(type(model.head), "HOIST_ELEMENTS", 0)
+        per_step = model.generate(labels, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(hoisted, per_step)
+
+
+@pytest.mark.parametrize("P", [1, 4])
 def test_compiled_sampling_gives_the_same_tokens(P):
     """torch.compile (inductor, CPU here: weights frozen, C++ GEMM templates) of the head's inner loop and the
     transformer's cached step gives the tokens of the eager code for a seed in fp32, and follows the weights

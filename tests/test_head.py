@@ -19,6 +19,24 @@ def test_time_grid_and_shift():
         FlowSampler(method="heun")
 
 
+def test_flow_times_are_where_the_sampler_evaluates():
+    """flow_times lists the times the sampler passes to the denoiser, in order, bit for bit (the head
+    precomputes its adaLN outputs for them)."""
+    for sampler in (FlowSampler(num_steps=5), FlowSampler(num_steps=3, time_shift=2.0, method="euler")):
+        seen = []
+
+        def denoise(x, t):
+            seen.append(t.clone())
+            return torch.zeros_like(x)
+
+        sampler.sample(denoise, (2, 3), generator=torch.Generator().manual_seed(0))
+        times = sampler.flow_times()
+        assert times.shape == (sampler.num_steps + 1,)
+        assert torch.equal(torch.stack(seen), times)
+        assert times[-1] == torch.tensor(1 - sampler.last_step_size)
+        assert torch.all(times.diff() > 0)
+
+
 def test_guidance_schedules():
     assert guidance_at(4.0, 0, 16, "linear") == 1.0
     assert guidance_at(4.0, 8, 16, "linear") == pytest.approx(2.5)
