@@ -3,8 +3,9 @@
     python benchmarks/small_gemm.py                       # rows 4 16 64 256
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/small_gemm.py --rows 4 16 64
 
-The products are those of the 6 transformer blocks of the BitDance-B head (width 768: qkv, out, SwiGLU in
-and out, with biases; 120 MB of fp32 weights, more than a 32 MB L3). Three ways, interleaved, best of 3:
+The products are shaped like those of the 6 blocks of the BitDance-B head (width 768: W->3W, 3W->W, SwiGLU
+W->3W and 1.5W->W, with biases; 149 MB of fp32 weights, more than a 32 MB L3). Three ways, interleaved,
+best of 3:
 
 * ``eager``: ``nn.Linear`` (BLAS; it repacks the weight matrix at every call);
 * ``eager W.x^T``: the same product as ``addmm(bias, W, x^T)``, with the weight as the left operand;
