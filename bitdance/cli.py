@@ -682,9 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["fp32", "bf16"], help="None = fp32 (text-to-image: the stored dtype)")
     s.add_argument("--no-kv-cache", action="store_true", help="recompute the sequence each step (slow, for checks)")
     s.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
-                   help="torch.compile the head's inner loop and the transformer's cached step (CPU: weights "
-                        "frozen, C++ GEMM templates, ~2x for fp32 4x/1x models; reduce-overhead = CUDA graphs "
-                        "on GPU); compiling takes about a minute")
+                   help="torch.compile the diffusion head's inner loop (CPU: weights frozen, C++ GEMM templates, "
+                        "1.6-2.4x for fp32 4x/1x models; reduce-overhead = CUDA graphs on GPU); compiling takes "
+                        "a minute or two")
     s.set_defaults(fn=cmd_sample)
 
     from .training import add_train_args
@@ -813,9 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--no-decode", action="store_true", help="time the generator only (no tokenizer decode)")
     s.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
-                   help="torch.compile the head's inner loop and the transformer's cached step (CPU: weights "
-                        "frozen, C++ GEMM templates; reduce-overhead = CUDA graphs on GPU); compiled during the "
-                        "warm-up")
+                   help="torch.compile the diffusion head's inner loop (CPU: weights frozen, C++ GEMM templates; "
+                        "reduce-overhead = CUDA graphs on GPU); compiled during the warm-up")
     s.add_argument("--compare-fp32", action="store_true",
                    help="also sample the same seed in fp32: report bit/token agreement and image PSNR")
     s.add_argument("--profile", metavar="DIR", help="profile one more run: DIR/profile.txt (top ops on the device "

@@ -301,15 +301,17 @@ class BitDance(nn.Module):
             x = layer(x, cos, sin, mask, cache, i, positions)
         return self.norm(x) + self.pos_for_diff.weight[positions - (self.prefix_len - P)]
 
-    def compile_sampling(self, *, mode: str | None = None, dynamic: bool = False) -> None:
+    def compile_sampling(self, *, mode: str | None = None, dynamic: bool = False, transformer: bool = False) -> None:
         """``torch.compile`` what :meth:`generate` repeats: the diffusion head's sampler update
-        (:meth:`~bitdance.head.DiffusionHead.compile_sampling`) and the transformer's KV-cached step. On
-        CPUs both get their weights frozen into the graph and inductor's C++ GEMM templates for their
-        few-row products (:mod:`bitdance.compiling`). Compiled once per batch size, at the first
-        ``generate``; the tokens stay those of the eager code up to float rounding. ``mode="off"`` undoes it."""
+        (:meth:`~bitdance.head.DiffusionHead.compile_sampling`; on CPUs with the weights frozen into the graph
+        and inductor's C++ GEMM templates for its few-row products, see :mod:`bitdance.compiling`) and, with
+        ``transformer=True``, the transformer's KV-cached step as one static-shape graph. The latter is off by
+        default: on a CPU it measured slower than eager (B-4x: 19.8 against 10.5 s of transformer time per
+        2-image batch; B-1x: 39.0 against 35.7 s). Compiled once per batch size, at the first ``generate``; the
+        tokens stay those of the eager code up to float rounding. ``mode="off"`` undoes it."""
         if hasattr(self.head, "compile_sampling"):
             self.head.compile_sampling(mode=mode, dynamic=dynamic)
-        self._compiled_decode = None if mode == "off" else \
+        self._compiled_decode = None if mode == "off" or not transformer else \
             FrozenCompiled(BitDance._decode_block, self, mode=mode, dynamic=dynamic)
 
     @contextlib.contextmanager

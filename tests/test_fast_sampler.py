@@ -113,7 +113,7 @@ def test_compiled_sampling_gives_the_same_tokens(P):
     kw = dict(sampler=FlowSampler(num_steps=3), guidance_scale=2.5)
     with torch.inference_mode():
         eager = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
-    model.compile_sampling()
+    model.compile_sampling(transformer=True)
     try:
         with torch.inference_mode():
             compiled = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
