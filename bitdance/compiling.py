@@ -18,9 +18,10 @@ and ``mode`` selects the usual inductor modes ("reduce-overhead" = CUDA graphs).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -80,6 +81,7 @@ class FrozenCompiled:
         params = list(module.parameters())
         self.device = params[0].device if params else torch.device("cpu")
         self.frozen = self.device.type == "cpu"
+        self._active = False
         self._build()
 
     def _build(self) -> None:
@@ -104,12 +106,27 @@ class FrozenCompiled:
             return True
         return False
 
-    def __call__(self, *args):
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Compilation happens lazily, inside a call (and again for a new shape), so the compile options must
+        be in force then. Setting them costs about 60 us, as much as a small kernel: a loop of calls holds
+        this once around itself instead of paying it per call."""
+        if self._active:
+            yield
+            return
+        patches = [_recompile_room()]
         if self.frozen:
-            # compilation happens lazily, inside a call (and again for a new shape): the options must be
-            # active then; outside compilation they cost a few attribute writes
-            with torch._inductor.config.patch(CPU_INDUCTOR_OPTIONS), _recompile_room():
-                return self._compiled(*args)
-        with _recompile_room():
+            patches.append(torch._inductor.config.patch(CPU_INDUCTOR_OPTIONS))
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
+            self._active = True
+            try:
+                yield
+            finally:
+                self._active = False
+
+    def __call__(self, *args):
+        with self.active():
             out = self._compiled(*args)
         return out.clone() if self._copy_out else out

@@ -17,6 +17,7 @@ token, Infinity-style) and :class:`TokenHead` (a softmax over all 2^d codes of a
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -154,6 +155,7 @@ class _AdaLNTrunk(nn.Module):
         self.res_blocks = nn.ModuleList(blocks)
         self.ada_ln_blocks = nn.ModuleList([nn.Linear(W, self.n_mod * W) for _ in range(cfg.adaln_blocks)])
         self.switch = max(1, cfg.depth // cfg.adaln_blocks)
+        self.adaln_used = -(-cfg.depth // self.switch)  # adaLN linears the blocks use (the config may hold more)
         self.final_layer = FinalLayer(W, out_channels)
 
     def initialize_weights(self):
@@ -169,14 +171,13 @@ class _AdaLNTrunk(nn.Module):
     @property
     def modulation_width(self) -> int:
         """Values per row of :meth:`modulation`'s outputs together."""
-        used = -(-len(self.res_blocks) // self.switch)
-        return (used * self.n_mod + 2) * self.config.width
+        return (self.adaln_used * self.n_mod + 2) * self.config.width
 
     def modulation(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every adaLN output for the adaLN input ``y``: one per shared adaLN linear the blocks use, then the
         final layer's. They depend on the flow time and the condition only, not on the noisy input, so a
         sampler that knows its flow times in advance can compute them for all steps in one batch."""
-        used = self.ada_ln_blocks[: -(-len(self.res_blocks) // self.switch)]
+        used = self.ada_ln_blocks[: self.adaln_used]
         return (*(lin(y) for lin in used), self.final_layer.ada_ln_modulation(y))
 
     def trunk(self, h: torch.Tensor, y: torch.Tensor | None = None,
@@ -343,8 +344,9 @@ class DiffusionHead(nn.Module):
             def step(x, t, dt, noise):
                 return fn(c, mods_now(), scale, guided, x, t, dt, noise)
 
-        return sampler.sample(lambda x, t: net.denoise(x, t, c, mods_now()), shape, guidance_scale=guidance_scale,
-                              generator=generator, device=cond.device, step=step)
+        with self._compiled_step.active() if step is not None else contextlib.nullcontext():
+            return sampler.sample(lambda x, t: net.denoise(x, t, c, mods_now()), shape,
+                                  guidance_scale=guidance_scale, generator=generator, device=cond.device, step=step)
 
 
 def _flow_step(net: nn.Module, c: torch.Tensor, mods: tuple[torch.Tensor, ...] | None, scale: torch.Tensor,

@@ -8,6 +8,7 @@ deterministic Euler step of size ``last_step_size``; classifier-free guidance ac
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -65,15 +66,9 @@ class FlowSampler:
     def flow_times(self, device=None) -> torch.Tensor:
         """The num_steps + 1 flow times at which :meth:`sample` evaluates the denoiser, in order (once each):
         the grid's times accumulated step by step in float32, as the loop does, then 1 - last_step_size.
-        Callers may precompute what depends on the time alone (the head's adaLN outputs)."""
-        dts = self.timesteps(device).diff()
-        t = torch.zeros((), device=device, dtype=torch.float32)
-        out = []
-        for i in range(self.num_steps):
-            out.append(t)
-            t = t + dts[i]
-        out.append(torch.full((), 1 - self.last_step_size, device=device, dtype=torch.float32))
-        return torch.stack(out)
+        Callers may precompute what depends on the time alone (the head's adaLN outputs). Kept per device:
+        the head and the loop both ask at every AR step, and the grid never changes (the sampler is frozen)."""
+        return _flow_times(self, str(torch.device(device) if device is not None else "cpu")).clone()
 
     @property
     def num_function_evals(self) -> int:
@@ -116,6 +111,18 @@ class FlowSampler:
         # a last deterministic Euler step to t = 1
         t_last = times[-1]
         return step(x, t_last, torch.full_like(t_last, self.last_step_size), None)
+
+
+@functools.lru_cache(maxsize=32)
+def _flow_times(sampler: FlowSampler, device: str) -> torch.Tensor:
+    dts = sampler.timesteps(device).diff()
+    t = torch.zeros((), device=device, dtype=torch.float32)
+    out = []
+    for i in range(sampler.num_steps):
+        out.append(t)
+        t = t + dts[i]
+    out.append(torch.full((), 1 - sampler.last_step_size, device=device, dtype=torch.float32))
+    return torch.stack(out)
 
 
 def guided_velocity(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor,
