@@ -12,7 +12,9 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,14 @@ __all__ = [
     "load_official_generator",
     "save_safetensors",
     "atomic_write",
+    "remove_stale_temps",
+    "temp_sibling_prefix",
     "split_prefix",
     "save_official_generator",
     "save_official_tokenizer",
+    "safetensors_shapes",
+    "check_config_fits",
+    "check_shapes_fit",
 ]
 
 SAFE_GLOBALS = [argparse.Namespace]
@@ -69,20 +76,119 @@ def load_file(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, OSError... depending on damage
-        full = str(e)
-        glob = re.search(r"Unsupported global: GLOBAL (\S+)", full)
-        if glob:
-            raise CheckpointError(f"{path}: refusing to unpickle {glob.group(1)} (only tensors, containers and "
-                                  "argparse.Namespace are allowed; not a BitDance checkpoint?)") from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", full)
-        msg = detail.group(1).strip() if detail else _first_line(e)
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (corrupt, truncated or foreign "
-                              f"file): {msg}") from None
+        raise CheckpointError(_refusal(path, str(e)) or f"{path}: cannot read as a PyTorch checkpoint (corrupt, "
+                              f"truncated or foreign file): {_first_line(e)}") from None
+
+
+# The wordings torch has used for a global the safe loader will not import (1.13-2.5, and 2.6+).
+_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL)\s+([\w.<>]+)")
+# Lines of torch's message that are advice to the caller, never passed on: re-running with
+# weights_only=False is exactly what must not be done with a file of unknown origin.
+_ADVICE = ("weights_only", "Weights only load failed", "Check the documentation", "In PyTorch 2.6",
+           "trusted source", "add_safe_globals", "safe_globals")
+
+
+def _refusal(path: Path, message: str) -> str | None:
+    """The safe loader's refusal in our words, or None when it was not a refusal (a damaged file)."""
+    glob = _GLOBAL.search(message)
+    if glob:
+        return (f"{path}: refusing to unpickle {glob.group(1)}: only tensors, containers and argparse.Namespace "
+                "are loaded from .pt files (not a BitDance checkpoint, or a file that runs code when loaded)")
+    if "Weights only load failed" not in message and "WeightsUnpickler" not in message:
+        return None
+    detail = [ln.strip() for ln in message.splitlines()
+              if ln.strip() and not any(a in ln for a in _ADVICE)]
+    detail = [re.sub(r"^WeightsUnpickler error:\s*", "", d) for d in detail]
+    why = detail[0][:200] if detail else "the safe loader refused it"
+    return f"{path}: cannot read as a PyTorch checkpoint (corrupt, truncated or foreign file): {why}"
 
 
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0][:300] if s else type(e).__name__
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header, without reading the tensors (milliseconds)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(int(n) for n in f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # SafetensorsError's import path differs across versions
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+
+
+def _generator_fields(sd: dict[str, torch.Tensor], down_factor: int) -> list[tuple[str, Any, str]]:
+    """(config field, value the tensors imply, the tensor it comes from) for a BitDance state dict."""
+    out: list[tuple[str, Any, str]] = []
+
+    def shape(key):
+        return tuple(sd[key].shape) if key in sd else None
+
+    if shape("emb_norm.weight"):
+        out.append(("dim", shape("emb_norm.weight")[0], "emb_norm.weight"))
+    if any(k.startswith("layers.") for k in sd):
+        out.append(("n_layer", _count(sd, r"layers\.(\d+)\."), "layers.*"))
+    cls = shape("cls_embedding.weight")
+    if cls and shape("emb_norm.weight"):
+        out.append(("num_classes", cls[0] - 1, "cls_embedding.weight"))
+        out.append(("cls_token_num", cls[1] // shape("emb_norm.weight")[0], "cls_embedding.weight"))
+    out.append(("parallel_num", shape("query_token")[1] + 1 if shape("query_token") else 1, "query_token"))
+    if shape("proj_in.w1.weight"):
+        out.append(("tokenizer.z_channels", shape("proj_in.w1.weight")[1], "proj_in.w1.weight"))
+    pos = shape("pos_for_diff.weight")
+    if pos and math.isqrt(pos[0]) ** 2 == pos[0]:
+        out.append(("image_size", math.isqrt(pos[0]) * down_factor, "pos_for_diff.weight"))
+    if shape("head.net.cond_embed.weight"):
+        out.append(("head_width", shape("head.net.cond_embed.weight")[0], "head.net.cond_embed.weight"))
+    if any(k.startswith("head.net.res_blocks.") for k in sd):
+        out.append(("head_depth", _count(sd, r"head\.net\.res_blocks\.(\d+)\."), "head.net.res_blocks.*"))
+    if any(k.startswith("head.net.ada_ln_blocks.") for k in sd):
+        out.append(("head_adaln_blocks", _count(sd, r"head\.net\.ada_ln_blocks\.(\d+)\."),
+                    "head.net.ada_ln_blocks.*"))
+    return out
+
+
+def check_config_fits(config: BitDanceConfig | TokenizerConfig, shapes: dict[str, tuple[int, ...]], *,
+                      what: str) -> None:
+    """Refuse, naming the config key, a config whose sizes disagree with a weights file's tensor shapes.
+
+    Runs on the file's header before anything is built, so ``dim: 1000000000`` in a config.json is
+    refused in milliseconds instead of allocating 176 GB."""
+    sd = _meta(shapes)
+    if isinstance(config, TokenizerConfig):
+        try:
+            found = infer_tokenizer_config(sd, what=what, groups=config.groups)
+        except CheckpointError:
+            return  # not a tokenizer layout we can read sizes off; the full shape check still runs
+        pairs = [(f, getattr(found, f), "encoder.* / decoder.*") for f in
+                 ("ch", "ch_mult", "num_res_blocks", "z_channels", "in_channels", "out_ch", "gan_decoder")]
+    else:
+        pairs = _generator_fields(sd, config.tokenizer.down_factor)
+    for field_name, in_file, source in pairs:
+        owner, attr = (config.tokenizer, field_name.split(".", 1)[1]) if field_name.startswith("tokenizer.") \
+            else (config, field_name)
+        stated = getattr(owner, attr)
+        if stated != in_file:
+            raise CheckpointError(f"{what}: config.json says {field_name} = {stated!r} but the weights have "
+                                  f"{field_name} = {in_file!r} (from {source})")
+
+
+def check_shapes_fit(module: nn.Module, shapes: dict[str, tuple[int, ...]], *, what: str) -> None:
+    """:func:`load_into`'s check against a header's shapes (``module`` may live on the meta device)."""
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own]
+    shape = [f"{k} {shapes[k]} vs {own[k]}" for k in own if k in shapes and shapes[k] != own[k]]
+    _report(what, missing, unexpected, shape)
 
 
 def split_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -96,6 +202,11 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], *, what: str = "mo
     unexpected = [k for k in sd if k not in own]
     shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    _report(what, missing, unexpected, shape)
+    module.load_state_dict(sd, strict=True)
+
+
+def _report(what: str, missing: list[str], unexpected: list[str], shape: list[str]) -> None:
     problems = []
     if missing:
         problems.append(f"missing keys {missing[:3]}{' ...' if len(missing) > 3 else ''} ({len(missing)})")
@@ -106,7 +217,6 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], *, what: str = "mo
         problems.append(f"shape mismatch {shape[:3]}{' ...' if len(shape) > 3 else ''} (file vs model)")
     if problems:
         raise CheckpointError(f"{what}: weights do not fit: " + "; ".join(problems))
-    module.load_state_dict(sd, strict=True)
 
 
 def _count(sd, pattern: str) -> int:
@@ -350,12 +460,71 @@ def load_official_generator(path: str | os.PathLike, *, use_ema: bool = True, n_
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
+def temp_sibling_prefix(path: str | os.PathLike) -> str:
+    """Name prefix of the temporary siblings of ``path`` this process writes (``.NAME.tmp-PID-``): the pid
+    lets the next writer tell an interrupted write (its process gone) from one still running."""
+    return f".{Path(path).name}.tmp-{os.getpid()}-"
+
+
+_STALE = re.compile(r"\.(?P<name>.+)\.(?:tmp-(?P<pid>\d+)-.*|old-(?P<old>\d+))$")
+_LEGACY_STALE_S = 3600.0  # temp names without a pid (written before 0.x): stale once this old
+
+
+def remove_stale_temps(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete what interrupted writes left in ``directory`` (of ``name`` only, if given): temporary files
+    and folders whose writing process is gone, and ``.NAME.old-PID`` folders of an interrupted swap.
+    Returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in directory.iterdir():
+        m = _STALE.match(entry.name)
+        legacy = False
+        if m is None:  # older releases: ``.NAME.XXXXXXXX`` (mkdtemp) and ``.NAME.XXXXXXXX.tmp`` (mkstemp)
+            if name is None or not entry.name.startswith(f".{name}."):
+                continue
+            rest = entry.name[len(name) + 2:]
+            if not re.fullmatch(r"[A-Za-z0-9_]{8}(\.tmp)?", rest):
+                continue
+            legacy = True
+        elif name is not None and m.group("name") != name:
+            continue
+        try:
+            if legacy:
+                if time.time() - entry.lstat().st_mtime < _LEGACY_STALE_S:
+                    continue
+            elif _alive(int(m.group("pid") or m.group("old"))):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass  # another process cleaned it first, or it is not ours to remove
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def atomic_write(path: str | os.PathLike, write_fn) -> None:
     """Write via a temporary file in the same directory and rename, so a crash never leaves a
-    half-written file in place of a good one."""
+    half-written file in place of a good one (the temporary files of earlier crashes are removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=temp_sibling_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write_fn(tmp)

@@ -18,9 +18,25 @@ class CLIError(Exception):
     pass
 
 
+# sample-npz: 10 million 256 px images are 2 TB of uint8; a larger count is a typo.
+MAX_NPZ_SAMPLES = 10_000_000
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+def _integer(text: str) -> int:
+    """argparse type of integer options: Python's int() refuses past 4300 digits with a message that repeats
+    them all; a seed or a count that long is a mistake, said in a few words."""
+    digits = text.strip().lstrip("+-")
+    if len(digits) > 40 and digits.isdigit():
+        raise argparse.ArgumentTypeError(f"a number of {len(digits)} digits is out of range")
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text[:40]!r}") from None
+
+
 def _dtype(name: str):
     import torch
 
@@ -28,12 +44,16 @@ def _dtype(name: str):
             "bfloat16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def _save_png(array, path: Path) -> None:
+def _save_image(array, path: Path) -> None:
+    """Write in the format the extension names (checked before sampling by ``validation.image_output``)."""
     from PIL import Image
 
     from .checkpoint import atomic_write
+    from .validation import image_format
 
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    fmt = image_format(path)
+    extra = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt, **extra))
 
 
 def _match_preset(cfg) -> str | None:
@@ -157,19 +177,35 @@ def cmd_sample(args) -> None:
             raise CLIError("--schedule is for class-conditional models; text-to-image guidance is constant")
     elif args.prompt:
         raise CLIError(f"{model} is a class-conditional model: give --classes ID ..., not --prompt")
+    from . import validation
+
+    # Everything the arguments alone decide is checked before the (possibly slow) model load.
+    validation.flow_steps(args.steps, "--steps")
+    validation.seed(args.seed, "--seed")
+    if args.cfg is not None:
+        validation.guidance_scale(args.cfg, "--cfg")
+    validation.image_side(args.height, "--height")
+    validation.image_side(args.width, "--width")
+    validation.integer(args.nrow, "--nrow", 0, validation.MAX_BATCH)
+    count = len(args.prompt or args.classes or [])
+    if count > validation.MAX_BATCH:
+        raise CLIError(f"{count} images asked for; at most {validation.MAX_BATCH} per call "
+                       "(bitdance sample-npz makes any number in batches)")
+    out_path = validation.image_output(args.out, separate=args.separate)
+    device = validation.device(args.device or "cpu")
     torch.set_grad_enabled(False)
     from .precision import bf16_supported
 
     # Text-to-image keeps the stored dtype (bf16 in the release) unless --dtype or $BITDANCE_DTYPE says otherwise.
     dtype = _dtype(args.dtype) if args.dtype else (None if t2i else torch.float32)
     if dtype == torch.bfloat16:
-        if not bf16_supported(torch.device(args.device or "cpu")):
-            print(f"note: no bf16 support on this {args.device or 'cpu'}; sampling in fp32", file=sys.stderr)
+        if not bf16_supported(device):
+            print(f"note: no bf16 support on this {device}; sampling in fp32", file=sys.stderr)
             dtype = torch.float32
-    pipe = BitDancePipeline.from_pretrained(model, tokenizer=args.tokenizer, device=args.device, dtype=dtype)
+    pipe = BitDancePipeline.from_pretrained(model, tokenizer=args.tokenizer, device=device, dtype=dtype)
     if args.compile != "off":
         pipe.compile(None if args.compile == "default" else args.compile)
-    gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
+    gen = validation.seeded(args.seed, pipe.device, name="--seed")
     common = {"height": args.height, "width": args.width, "num_inference_steps": args.steps,
               "sampler": args.sampler, "generator": gen, "output_type": "np", "use_kv_cache": not args.no_kv_cache}
     t0 = time.perf_counter()
@@ -182,13 +218,12 @@ def cmd_sample(args) -> None:
         out = pipe(labels, guidance_scale=4.0 if args.cfg is None else args.cfg,
                    guidance_schedule=args.schedule or "linear", **common)
     dt = time.perf_counter() - t0
-    out_path = Path(args.out)
     if args.separate:
         out_path.mkdir(parents=True, exist_ok=True)
         for i, (name, im) in enumerate(zip(names, out.images)):
-            _save_png(im, out_path / f"{i:04d}_{name}.png")
+            _save_image(im, out_path / f"{i:04d}_{name}.png")
     else:
-        _save_png(make_grid(np.asarray(out.images), args.nrow or min(len(names), 8)), out_path)
+        _save_image(make_grid(np.asarray(out.images), args.nrow or min(len(names), 8)), out_path)
     print(f"wrote {len(names)} image(s) to {out_path} in {dt:.1f}s ({len(names) / dt:.2f} img/s)")
 
 
@@ -239,14 +274,24 @@ def cmd_demo(args) -> None:
 
 def cmd_serve(args) -> None:
     from .studio import serve
+    from .validation import device
 
+    device(args.device)
     serve(args.model, tokenizer=args.tokenizer, host=args.host, port=args.port, device=args.device,
-          dtype=_dtype(args.dtype) if args.dtype else None, preview_interval=args.preview_interval)
+          dtype=_dtype(args.dtype) if args.dtype else None, preview_interval=args.preview_interval,
+          allow_hosts=args.allow_host or ())
 
 
 def cmd_bench(args) -> None:
+    from . import validation
     from .bench import run_bench
 
+    validation.flow_steps(args.steps, "--steps")
+    validation.guidance_scale(args.cfg, "--cfg")
+    validation.integer(args.batch, "--batch", 1, validation.MAX_BATCH)
+    validation.integer(args.image_size, "--image-size", 16, 4096)
+    validation.seed(args.seed, "--seed")
+    validation.device(args.device)
     r = run_bench(args.preset, batch=args.batch, steps=args.steps, cfg=args.cfg, image_size=args.image_size,
                   dtype=args.dtype, device=args.device, warmup=args.warmup, repeats=args.repeats,
                   decode=not args.no_decode, tokenizer=args.tokenizer, seed=args.seed, compile=args.compile,
@@ -322,7 +367,9 @@ def _check_image_source(label: str, path: Path, *, stats_ok: bool) -> None:
 
 def cmd_eval_fid(args) -> None:
     from .evaluation import InceptionWeightsError, compute_fid
+    from .validation import device as check_device
 
+    check_device(args.device)
     _positive("--batch-size", args.batch_size)
     _positive("--k", args.k)
     _positive("--max-images", args.max_images, 2)
@@ -406,7 +453,9 @@ def cmd_eval_recon(args) -> None:
 
     from .checkpoint import load_tokenizer
     from .evaluation import evaluate_reconstruction
+    from .validation import device as check_device
 
+    check_device(args.device)
     _positive("--num-images", args.num_images)
     _positive("--batch-size", args.batch_size)
     _positive("--image-size", args.image_size)
@@ -442,7 +491,9 @@ def cmd_eval_accuracy(args) -> None:
     import numpy as np
 
     from .evaluation import classifier_name, classify, load_classifier
+    from .validation import device as check_device
 
+    check_device(args.device)
     _positive("--batch-size", args.batch_size)
     path = Path(args.images)
     if not path.is_file():
@@ -548,10 +599,14 @@ def cmd_sample_npz(args) -> None:
     out = Path(args.out)
     if out.suffix.lower() != ".npz":
         raise CLIError(f"--out must be an .npz path, got {out}")
-    _positive("--num-samples", args.num_samples)
-    _positive("--batch-size", args.batch_size)
-    _positive("--steps", args.steps)
-    _positive("--seed", args.seed, 0)
+    from . import validation
+
+    validation.integer(args.num_samples, "--num-samples", 1, MAX_NPZ_SAMPLES)
+    validation.integer(args.batch_size, "--batch-size", 1, validation.MAX_BATCH)
+    validation.flow_steps(args.steps, "--steps")
+    validation.seed(args.seed, "--seed")
+    validation.guidance_scale(args.cfg, "--cfg")
+    device = validation.device(args.device)
     N, bs = args.num_samples, args.batch_size
     if out.exists() and not args.overwrite:
         n = _npz_count(out)
@@ -561,7 +616,7 @@ def cmd_sample_npz(args) -> None:
         raise CLIError(f"{out} already exists ({'not a samples .npz' if n is None else f'{n} samples'}, "
                        f"asked for {N}); pass --overwrite to replace it")
     torch.set_grad_enabled(False)
-    pipe = BitDancePipeline.from_pretrained(args.model, tokenizer=args.tokenizer, device=args.device,
+    pipe = BitDancePipeline.from_pretrained(args.model, tokenizer=args.tokenizer, device=device,
                                             dtype=_dtype(args.dtype))
     classes = _parse_classes(args.classes, pipe.config.num_classes)
     labels = np.array([classes[i % len(classes)] for i in range(N)], dtype=np.int64)
@@ -667,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, help="image height in pixels; None = the model's (text-to-image: the "
                    "largest allowed square, 1024 for the released models)")
     s.add_argument("--width", type=int, help="image width in pixels; None = as --height")
-    s.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (same seed, same images)")
+    s.add_argument("--seed", type=_integer, default=0, help="seed of the sampling generator (same seed, same images)")
     s.add_argument("--steps", type=int, default=50, help="diffusion-head sampling steps")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1 = off; None = 4.0 "
                    "class-conditional, 7.5 text-to-image")
@@ -693,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     s.add_argument("--out", default="bitdance-demo", help="output folder")
     s.add_argument("--minutes", type=float, default=12.0, help="time budget; more minutes, better digits")
-    s.add_argument("--seed", type=int, default=0, help="seed of both trainings and the samples")
+    s.add_argument("--seed", type=_integer, default=0, help="seed of both trainings and the samples")
     s.add_argument("--data", default="mnist", help="dataset (mnist, fashion-mnist) at 32x32")
     s.set_defaults(fn=cmd_demo)
 
@@ -754,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64, help="images per encode/decode batch")
     e.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None,
                    help="compute rFID (default: only on CUDA; slow on CPU)")
-    e.add_argument("--seed", type=int, default=0, help="seed of a noise-input (GAN) decoder")
+    e.add_argument("--seed", type=_integer, default=0, help="seed of a noise-input (GAN) decoder")
     e.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     e.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
     e.set_defaults(fn=cmd_eval_recon, command="eval recon")
@@ -781,7 +836,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, required=True, help="images to generate")
     s.add_argument("--out", required=True, help="output .npz")
     s.add_argument("--batch-size", type=int, default=16, help="images per sampling batch")
-    s.add_argument("--seed", type=int, default=0, help="batch k is seeded from (seed, k)")
+    s.add_argument("--seed", type=_integer, default=0, help="batch k is seeded from (seed, k)")
     s.add_argument("--steps", type=int, default=50, help="diffusion-head sampling steps")
     s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
     s.add_argument("--schedule", choices=["linear", "constant"], default="linear", help="guidance schedule")
@@ -810,7 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to sample")
     s.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     s.add_argument("--repeats", type=int, default=1, help="timed runs (averaged)")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--seed", type=_integer, default=0, help="sampling seed")
     s.add_argument("--no-decode", action="store_true", help="time the generator only (no tokenizer decode)")
     s.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
                    help="torch.compile the diffusion head's inner loop (CPU: weights frozen, C++ GEMM templates; "
@@ -838,6 +893,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     s.add_argument("--dtype", choices=["fp32", "bf16"], help="weights and compute dtype (default: as stored, "
                    "fp32 for class-conditional models)")
+    s.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="a host name the page may be opened under besides localhost and IP addresses (e.g. a "
+                   "machine name on your network); repeat for several. Other names are refused (DNS rebinding)")
     s.add_argument("--preview-interval", type=float, default=0.3,
                    help="least seconds between two progress previews (0: every step)")
     s.set_defaults(fn=cmd_serve)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,6 +51,13 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+               f"{type(cfg).__name__}: {name} must be a positive integer, got {v!r}")
+
+
 def _bytes(n: int) -> str:
     """``17,179,869,184 bytes (16.0 GiB)``."""
     units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
@@ -57,6 +65,41 @@ def _bytes(n: int) -> str:
     while v >= 1024 and i < len(units) - 1:
         v, i = v / 1024, i + 1
     return f"{n:,} bytes ({v:.1f} {units[i]})"
+
+
+def _typed(owner: str, name: str, hint: Any, v: Any) -> Any:
+    """``v`` as the annotated type of field ``name``, or a ConfigError naming the field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def bad(want: str) -> ConfigError:
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:40] + "..."
+        return ConfigError(f"{owner}.{name} must be {want}, got {shown} ({type(v).__name__})")
+
+    if hint is bool:
+        if not isinstance(v, bool):
+            raise bad("true or false")
+        return v
+    if hint is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad("an integer")
+        return v
+    if hint is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise bad("a finite number")
+        return float(v)
+    if origin is Literal:
+        if v not in args or isinstance(v, bool):
+            raise bad(f"one of {list(args)}")
+        return v
+    if origin is tuple:
+        if not isinstance(v, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+            raise bad("a list of integers")
+        return tuple(v)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(v, hint):
+            raise bad("an object of fields")
+        return v
+    return v
 
 
 class _DictMixin:
@@ -73,18 +116,23 @@ class _DictMixin:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
+        """A config from plain data (a parsed config.json): every value is checked against the field's
+        type first, so a string, a bool or a float where a size belongs is refused by name."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{cls.__name__}: expected an object of fields, got {type(d).__name__}")
         names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ConfigError(f"{cls.__name__}: unknown config field(s) {unknown}")
+        hints = typing.get_type_hints(cls)
         kwargs = {}
         for k, v in d.items():
             if k == "tokenizer" and isinstance(v, dict):
                 v = TokenizerConfig.from_dict(v)
             elif k == "head" and isinstance(v, dict):
                 v = HeadConfig.from_dict(v)
-            elif isinstance(v, list):
-                v = tuple(v)
+            else:
+                v = _typed(cls.__name__, k, hints[k], v)
             kwargs[k] = v
         return cls(**kwargs)
 
@@ -113,7 +161,9 @@ class TokenizerConfig(_DictMixin):
     batch_maximization_weight: float = 1.0
 
     def __post_init__(self):
+        _positive(self, "ch", "num_res_blocks", "z_channels", "in_channels", "out_ch", "groups")
         _check(len(self.ch_mult) >= 1, "TokenizerConfig: ch_mult must have at least one level")
+        _check(all(m >= 1 for m in self.ch_mult), f"TokenizerConfig: ch_mult entries must be >= 1, got {self.ch_mult}")
         for m in self.ch_mult:
             _check((self.ch * m) % 32 == 0, f"TokenizerConfig: ch*ch_mult={self.ch * m} must be divisible "
                    "by 32 (GroupNorm uses 32 groups)")
@@ -289,6 +339,8 @@ class BitDanceConfig(_DictMixin):
     tokenizer: TokenizerConfig = field(default_factory=lambda: TOKENIZER_PRESETS["d16c32"])
 
     def __post_init__(self):
+        _positive(self, "dim", "n_layer", "n_head", "head_depth", "head_width", "head_adaln_blocks", "parallel_num",
+                  "image_size", "num_classes", "cls_token_num", "diff_batch_mul")
         _check(self.dim % self.n_head == 0, f"BitDanceConfig: dim={self.dim} not divisible by n_head={self.n_head}")
         _check((self.dim // self.n_head) % 4 == 0,
                f"BitDanceConfig: head size {self.dim // self.n_head} must be divisible by 4 (2D RoPE)")

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import validation
 from .checkpoint import atomic_write
 from .training import Dist, TrainConfig, Trainer, generate_class_grid
 
@@ -170,7 +171,11 @@ def run_demo(out: str | Path = "bitdance-demo", *, minutes: float = 12.0, seed: 
     from .pipeline import make_grid, to_uint8
     from .precision import auto_precision, cpu_description
 
+    validation.number(minutes, "--minutes", 0.01, 24 * 60.0)
+    validation.seed(seed, "--seed")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise validation.InputError(f"--out {out} is an existing file; the demo writes a folder")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     t_start = time.perf_counter()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,6 +39,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .checkpoint import atomic_write
 
 __all__ = [
     "INCEPTION_INSTALL_HINT",
@@ -500,15 +501,12 @@ def save_stats_npz(path: str | os.PathLike, mu, sigma, *, features=None, n: int 
         arrays["n"] = np.asarray(n, np.int64)
     if source is not None:
         arrays["source"] = np.asarray(str(source))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def _read_stats(path: Path, npz) -> FeatureStats:

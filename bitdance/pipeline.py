@@ -32,19 +32,22 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import (CheckpointError, _umask, load_file, load_into, load_official_generator,
-                         load_tokenizer, save_safetensors)
+from .checkpoint import (CheckpointError, _umask, check_config_fits, check_shapes_fit, load_file, load_into,
+                         load_official_generator, load_tokenizer, remove_stale_temps, safetensors_shapes,
+                         save_safetensors, temp_sibling_prefix)
 from .config import BitDanceConfig, ConfigError, TokenizerConfig
 from .sampler import FlowSampler
 from .t2i import AE_WEIGHTS, HEAD_CONFIG, BitDanceT2I, T2IConfig
 from .tokenizer import BinaryTokenizer
 from .transformer import BitDance
+from . import validation
 
 __all__ = ["BitDancePipeline", "BitDanceT2IPipeline", "PipelineOutput", "is_text_to_image_folder", "load_component",
            "save_tokenizer_folder", "to_uint8", "make_grid"]
 
 FORMAT = "bitdance"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+KINDS = ("class_conditional", "tokenizer", "text_to_image")
 # T2IConfig fields that vision_head_config.json does not hold; save_pretrained keeps them in config.json
 # under "bitdance" (Hugging Face configs carry unknown keys along) so a saved model reloads as it was.
 _T2I_EXTRA_FIELDS = ("down_factor", "max_res_tokens", "resolutions", "allow_any_resolution")
@@ -82,7 +85,20 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path}: not a bitdance config (format={cfg.get('format') if isinstance(cfg, dict) else None!r})")
+    if cfg.get("kind") not in KINDS:
+        raise CheckpointError(f"{cfg_path}: unknown kind {cfg.get('kind')!r}; a bitdance folder is one of {list(KINDS)}")
     return cfg
+
+
+def _check_call(output_type: Any, guidance_scale: Any, generator: Any, decode_chunk_size: Any) -> None:
+    """The arguments both pipelines share, checked before any work (see :mod:`bitdance.validation`)."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+    validation.guidance_scale(guidance_scale)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__} (for a seed, "
+                         "pass bitdance.validation.seeded(seed))")
+    validation.integer(decode_chunk_size, "decode_chunk_size", 1, validation.MAX_BATCH)
 
 
 def _check_latents(latents: Any, bits: int) -> torch.Tensor:
@@ -127,20 +143,29 @@ def is_text_to_image_folder(path: str | os.PathLike) -> bool:
 
 
 def load_component(folder: str | os.PathLike, name: str) -> torch.nn.Module:
-    """Load ``tokenizer`` or ``generator`` from one of our folders."""
+    """Load ``tokenizer`` or ``generator`` from one of our folders.
+
+    The config is checked as data (types, signs), then against the weights file's header (every size it
+    states must match the tensors'), and only then is the module built: a hostile or mistyped config.json
+    is refused in milliseconds, naming the key."""
     folder = Path(folder)
     cfg = _read_config(folder)
     if name not in cfg:
         raise CheckpointError(f"{folder}: has no {name} (kind={cfg.get('kind')!r})")
+    cls = BinaryTokenizer if name == "tokenizer" else BitDance
     try:
-        if name == "tokenizer":
-            module = BinaryTokenizer(TokenizerConfig.from_dict(cfg["tokenizer"]))
-        else:
-            module = BitDance(BitDanceConfig.from_dict(cfg["generator"]))
+        config = (TokenizerConfig if name == "tokenizer" else BitDanceConfig).from_dict(cfg[name])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{folder}/config.json: invalid {name} config: {e}") from None
     weights = folder / f"{name}.safetensors"
-    load_into(module, load_file(weights), what=f"{name} {weights}")
+    what = f"{name} {weights}"
+    shapes = safetensors_shapes(weights)
+    check_config_fits(config, shapes, what=f"{folder}/config.json ({name})")
+    with torch.device("meta"):  # sizes agree with the file: build without memory to compare every tensor
+        probe = cls(config)
+    check_shapes_fit(probe, shapes, what=what)
+    module = cls(config)
+    load_into(module, load_file(weights), what=what)
     return module.eval()
 
 
@@ -159,8 +184,11 @@ def _replace_folder(folder: str | os.PathLike, fill: Callable[[Path], None]) -> 
     """``fill`` a fresh sibling folder, then swap it in for ``folder``: a failure midway leaves the
     previous contents untouched."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} is an existing file, not a model folder; give another path")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    remove_stale_temps(folder.parent, folder.name)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_sibling_prefix(folder), dir=folder.parent))
     try:
         fill(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
@@ -298,18 +326,16 @@ class BitDancePipeline:
     ) -> PipelineOutput:
         cfg = self.config
         size = cfg.image_size
+        height = validation.image_side(height, "height")
+        width = validation.image_side(width, "width")
         if (height or size) != size or (width or size) != size:
             raise ValueError(f"this model generates {size}x{size} images; got height={height}, width={width}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels,
-                                 dtype=torch.long).flatten()
-        if labels.numel() == 0:
-            raise ValueError("class_labels is empty")
-        if int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes:
-            raise ValueError(f"class labels must be in [0, {cfg.num_classes - 1}], got {labels.tolist()}")
+        _check_call(output_type, guidance_scale, generator, decode_chunk_size)
+        labels = validation.class_ids(class_labels, cfg.num_classes)
+        if guidance_schedule not in ("linear", "constant"):
+            raise ValueError(f"guidance_schedule must be 'linear' or 'constant', got {guidance_schedule!r}")
         if not isinstance(sampler, FlowSampler):
-            sampler = FlowSampler(num_steps=num_inference_steps, method=sampler,
+            sampler = FlowSampler(num_steps=validation.flow_steps(num_inference_steps), method=sampler,
                                   time_shift=cfg.time_shift if time_shift is None else time_shift)
         latents = self.generator.generate(
             labels.to(self.device), sampler=sampler, guidance_scale=guidance_scale,
@@ -457,6 +483,8 @@ class BitDanceT2IPipeline:
                 f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         if not prompts:
             raise ValueError("prompt list is empty")
+        if len(prompts) > validation.MAX_BATCH:
+            raise validation.InputError(f"prompt: {len(prompts)} images in one call; at most {validation.MAX_BATCH}")
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise ValueError(f"prompt {i} must be a string, got {type(p).__name__}")  # noqa: TRY004
@@ -491,10 +519,11 @@ class BitDanceT2IPipeline:
     ) -> PipelineOutput:
         """Images for ``prompt`` (one or a list). ``height`` / ``width`` default to
         :attr:`default_resolution`; giving only one makes a square. Guidance is a constant scale
-        (``guidance_scale <= 1``: off). ``callback(step, num_steps, partial_latents)`` runs after each AR
+        (1: off; below 1 is refused). ``callback(step, num_steps, partial_latents)`` runs after each AR
         step; ``pipe.decode(partial_latents)`` shows the image so far."""
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        _check_call(output_type, guidance_scale, generator, decode_chunk_size)
+        height = validation.image_side(height, "height")
+        width = validation.image_side(width, "width")
         if height is None and width is None:
             height, width = self.default_resolution
         height = width if height is None else height
@@ -502,7 +531,7 @@ class BitDanceT2IPipeline:
         h, w = self.config.check_resolution(height, width)
         prompts = self._check_prompts(prompt, h, w)
         if not isinstance(sampler, FlowSampler):
-            sampler = FlowSampler(num_steps=num_inference_steps, method=sampler,
+            sampler = FlowSampler(num_steps=validation.flow_steps(num_inference_steps), method=sampler,
                                   time_shift=self.config.time_shift if time_shift is None else time_shift)
         latents = self.model.generate(prompts, height=height, width=width, sampler=sampler,
                                       guidance_scale=guidance_scale, generator=generator,

@@ -14,7 +14,7 @@ from typing import Callable, Literal
 
 import torch
 
-from . import rng
+from . import rng, validation
 
 __all__ = ["FlowSampler", "time_shift", "guidance_at", "guided_velocity", "flow_update"]
 
@@ -52,12 +52,12 @@ class FlowSampler:
     time_shift: float = 1.0
 
     def __post_init__(self):
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        validation.flow_steps(self.num_steps, "num_steps")
         if self.method not in ("euler_maruyama", "euler"):
             raise ValueError(f"unknown sampling method {self.method!r}; use 'euler_maruyama' or 'euler'")
         if not 0.0 < self.last_step_size < 1.0:
             raise ValueError(f"last_step_size must be in (0, 1), got {self.last_step_size}")
+        validation.number(self.time_shift, "time_shift", 1e-3, 1e3)
 
     def timesteps(self, device=None) -> torch.Tensor:
         t = torch.linspace(0, 1 - self.last_step_size, self.num_steps + 1, device=device, dtype=torch.float32)

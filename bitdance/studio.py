@@ -37,7 +37,6 @@ import collections
 import io
 import ipaddress
 import json
-import math
 import os
 import queue
 import sys
@@ -51,11 +50,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import validation
+
 __all__ = ["LIMITS", "Job", "Studio", "StudioError", "make_server", "model_names", "serve"]
 
-# Server-side bounds (the page shows the same ones, but only these are trusted).
+# Server-side bounds (the page shows the same ones, but only these are trusted): tighter than the library's
+# (bitdance.validation) where one request would hold a shared queue for long.
 LIMITS = {"steps": (1, 200), "num_images": (1, 16), "guidance": (1.0, 20.0), "prompt_chars": 500,
-          "seed": (0, 2**63 - 1)}
+          "seed": (0, validation.MAX_SEED)}
 MAX_BODY = 64 * 1024
 KEEPALIVE_S = 15.0
 
@@ -135,22 +137,14 @@ def _t2i_config(pipe) -> Any:
     return None
 
 
-def _int(p: dict, name: str, default: int, bounds: tuple[int, int], what: str | None = None) -> int:
-    v = p.get(name, default)
-    lo, hi = bounds
-    what = what or name
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise StudioError(f"{what} must be an integer between {lo} and {hi}, got {v!r}", field=name)
+def _int(p: dict, name: str, default: int, bounds: tuple[int, int], what: str | None = None,
+         field: str | None = None) -> int:
+    """A JSON integer within bounds: no coercion of strings, floats or booleans (the shared rules of
+    :mod:`bitdance.validation`), refused with the field named."""
     try:
-        f = float(v)
-        ok = math.isfinite(f) and f == int(f)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise StudioError(f"{what} must be an integer between {lo} and {hi}, got {v!r}", field=name)
-    if not lo <= int(f) <= hi:
-        raise StudioError(f"{what} must be between {lo} and {hi}, got {int(f)}", field=name)
-    return int(f)
+        return validation.integer(p.get(name, default), what or name, *bounds)
+    except validation.InputError as e:
+        raise StudioError(str(e), field=field or name) from None
 
 
 def model_names(paths) -> list[str]:
@@ -243,17 +237,11 @@ class _Model:
                               field=unknown[0])
         steps = _int(p, "steps", 25, LIMITS["steps"], "steps")
         seed = _int(p, "seed", 0, LIMITS["seed"], "seed")
-        g = p.get("guidance", 4.0 if self.kind == "class_conditional" else 7.5)
-        lo, hi = LIMITS["guidance"]
         try:
-            guidance = float(g) if not isinstance(g, bool) else float("nan")
-        except (TypeError, ValueError):
-            guidance = float("nan")
-        if not math.isfinite(guidance):
-            raise StudioError(f"guidance must be a number between {lo:g} and {hi:g}, got {g!r}", field="guidance")
-        if not lo <= guidance <= hi:
-            raise StudioError(f"guidance must be between {lo:g} and {hi:g} (1 = no guidance), got {guidance:g}",
-                              field="guidance")
+            guidance = validation.number(p.get("guidance", 4.0 if self.kind == "class_conditional" else 7.5),
+                                         "guidance", *LIMITS["guidance"])
+        except validation.InputError as e:
+            raise StudioError(f"{e} (1 = no guidance)", field="guidance") from None
         out: dict[str, Any] = {"model": self.name, "parallel_num": self.parallel_num,
                                "steps": steps, "seed": seed, "guidance": guidance}
 
@@ -265,7 +253,7 @@ class _Model:
                 raise StudioError("choose at least one class", field="classes")
             ids = []
             for c in classes:
-                cid = _int({"c": c}, "c", 0, (-(2**31), 2**31), "class id")
+                cid = _int({"c": c}, "c", 0, (-(2**31), 2**31), "class id", field="classes")
                 if not 0 <= cid < self.num_classes:
                     raise StudioError(f"class id {cid} is out of range: this model has {self.num_classes} classes "
                                       f"(ids 0 to {self.num_classes - 1})", field="classes")
@@ -275,7 +263,7 @@ class _Model:
                 raise StudioError(f"number of images ({n}) is smaller than the number of chosen classes "
                                   f"({len(ids)}): raise it or choose fewer classes", field="num_images")
             schedule = p.get("schedule", "linear")
-            if schedule not in ("linear", "constant"):
+            if not isinstance(schedule, str) or schedule not in ("linear", "constant"):
                 raise StudioError(f"schedule must be 'linear' or 'constant', got {schedule!r}", field="schedule")
             out.update(classes=ids, labels=[ids[i % len(ids)] for i in range(n)], num_images=n, schedule=schedule)
         else:
@@ -487,8 +475,6 @@ class Studio:
             self.log(f"job {job.id}: {job.status} in {job.seconds:.1f}s" + (f" ({job.error})" if job.error else ""))
 
     def _run(self, job: Job) -> None:
-        import torch
-
         from .pipeline import to_uint8
 
         p = job.params
@@ -516,7 +502,7 @@ class Studio:
                 job.previews.append(_Preview(job.preview_seq, done, src))
                 self._cond.notify_all()
 
-        gen = torch.Generator(device=getattr(pipe, "device", "cpu")).manual_seed(p["seed"])
+        gen = validation.seeded(p["seed"], getattr(pipe, "device", "cpu"))
         if model.kind == "class_conditional":
             out = pipe(p["labels"], num_inference_steps=p["steps"], guidance_scale=p["guidance"],
                        guidance_schedule=p["schedule"], generator=gen, output_type="np", callback=progress)
@@ -544,9 +530,16 @@ def _summary(p: dict[str, Any]) -> str:
 # HTTP
 # --------------------------------------------------------------------------------------------
 class StudioServer(ThreadingHTTPServer):
+    """The studio's HTTP server. ``token`` authorises API calls (the page gets it as a same-site cookie;
+    scripts send ``Authorization: Bearer TOKEN``); ``allowed_hosts`` are the host names a request's Host
+    header may carry (IP literals always pass: DNS rebinding needs a name). See docs/security.md."""
+
     daemon_threads = True  # open event streams must not keep the process alive
     allow_reuse_address = True  # a restart right after Ctrl-C may rebind, but a live server still blocks the port
     studio: Studio | None = None
+    token: str = ""
+    allowed_hosts: frozenset[str] = frozenset()
+    log: Callable[[str], None] = staticmethod(lambda msg: print(msg, file=sys.stderr, flush=True))
 
     @property
     def url(self) -> str:
@@ -554,15 +547,50 @@ class StudioServer(ThreadingHTTPServer):
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}"
 
+    @property
+    def cookie_name(self) -> str:
+        return f"bitdance_studio_{self.server_address[1]}"  # cookies ignore ports: one per studio
+
     def shutdown(self) -> None:
         if self.studio is not None:
             self.studio.close()  # wakes the event streams, so serve_forever's threads finish
         super().shutdown()
 
+    def handle_error(self, request, client_address) -> None:
+        """One line instead of socketserver's traceback (a request the handler did not answer itself)."""
+        e = sys.exc_info()[1]
+        if isinstance(e, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
+            self.log(f"client {client_address[0]} went away")
+        else:
+            self.log(f"request from {client_address[0]} failed: {type(e).__name__}: {e}")
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _host_name(host_header: str) -> str:
+    """``Host`` header -> the lower-case name or address, without port or IPv6 brackets."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: StudioServer
     server_version = "bitdance-studio"
+    protocol_version = "HTTP/1.0"  # one request per connection: a slow client holds only its own thread
 
     def log_message(self, format: str, *args) -> None:
         pass  # one line per poll/preview would drown the job log
@@ -574,6 +602,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Referrer-Policy", "no-referrer")
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         self.end_headers()
@@ -590,73 +620,136 @@ class _Handler(BaseHTTPRequestHandler):
     def studio(self) -> Studio:
         return self.server.studio
 
+    def _cookie_token(self) -> str | None:
+        from http.cookies import CookieError, SimpleCookie
+
+        raw = self.headers.get("Cookie")
+        if not raw:
+            return None
+        try:
+            jar = SimpleCookie(raw)
+        except CookieError:
+            return None
+        morsel = jar.get(self.server.cookie_name)
+        return morsel.value if morsel is not None else None
+
+    def _guard(self, *, api: bool) -> None:
+        """Refuse requests that a web page of another site (or a rebound DNS name) could make."""
+        host = self.headers.get("Host")
+        if not host:
+            raise _Refused(400, "the request has no Host header")
+        name = _host_name(host)
+        if not _is_ip(name) and name not in self.server.allowed_hosts:
+            raise _Refused(403, f"host {host!r} is not served here (DNS rebinding protection); start the studio "
+                                f"with --allow-host {name} to allow it")
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            parts = urlsplit(origin) if origin != "null" else None
+            if parts is None or parts.scheme not in ("http", "https") or parts.netloc.lower() != host.lower():
+                raise _Refused(403, f"cross-origin request from {origin} refused")
+        if api:
+            import hmac
+
+            auth = self.headers.get("Authorization", "")
+            given = auth[7:].strip() if auth.lower().startswith("bearer ") else self._cookie_token()
+            if not given or not hmac.compare_digest(given.encode(), self.server.token.encode()):
+                raise _Refused(401, "missing or wrong studio token: open the studio's page first (it sets a "
+                                    "cookie), or send 'Authorization: Bearer TOKEN' with the token it printed")
+
+    def _answer(self, route: Callable[[], None], *, api: bool) -> None:
+        """Run a route; every failure becomes a status and a message, and a vanished client one log line."""
+        try:
+            try:
+                self._guard(api=api)
+                route()
+            except _Refused as e:
+                self._error(e.status, str(e))
+            except StudioError as e:
+                self._error(e.status, str(e), e.field)
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+                raise
+            except Exception as e:  # noqa: BLE001 - answer instead of dropping the connection
+                self.server.log(f"{self.command} {urlsplit(self.path).path} failed: {type(e).__name__}: {e}")
+                self._error(500, f"internal error: {type(e).__name__}")
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            self.server.log(f"client {self.client_address[0]} went away ({self.command} {urlsplit(self.path).path})")
+
     # ---- routes ----
     def do_HEAD(self) -> None:
         if urlsplit(self.path).path.endswith("/events"):
-            return self._error(405, "HEAD is not supported on an event stream")
+            return self._answer(lambda: self._error(405, "HEAD is not supported on an event stream"), api=False)
         self.do_GET()
 
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
+        self._answer(lambda: self._get(path), api=path.startswith("/api/"))
+
+    def _get(self, path: str) -> None:
         parts = [p for p in path.split("/") if p]
-        try:
-            if path == "/":
-                self._send(200, PAGE.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": CSP})
-            elif path == "/api/info":
-                self._json(200, self.studio.info())
-            elif path == "/api/history":
-                self._json(200, self.studio.history())
-            elif len(parts) >= 3 and parts[:2] == ["api", "jobs"]:
-                job = self.studio.job(parts[2])
-                if job is None:
-                    return self._error(404, f"no job {parts[2]!r} (unknown, or dropped from the history)")
-                rest = parts[3:]
-                if not rest:
-                    self._json(200, self.studio.state(job))
-                elif rest == ["events"]:
-                    self._events(job)
-                elif rest == ["grid.png"] and job.grid is not None:
-                    self._png(job.grid, f"bitdance-{job.id}.png")
-                elif len(rest) == 2 and rest[0] == "images" and rest[1].endswith(".png") and job.images \
-                        and rest[1][:-4].isdigit() and int(rest[1][:-4]) < len(job.images):
-                    k = int(rest[1][:-4])
-                    self._png(job.images[k], f"bitdance-{job.id}-{k}.png")
-                elif rest[0] in ("grid.png", "images") and job.status != "done":
-                    self._error(409, f"job {job.id} is {job.status}; its images are not ready")
-                else:
-                    self._error(404, f"not found: {path}")
-            elif path == "/favicon.ico":
-                self._send(204, b"", "image/x-icon")
+        if path == "/":
+            cookie = f"{self.server.cookie_name}={self.server.token}; Path=/; SameSite=Strict; HttpOnly"
+            self._send(200, PAGE.encode(), "text/html; charset=utf-8",
+                       {"Content-Security-Policy": CSP, "Set-Cookie": cookie})
+        elif path == "/api/info":
+            self._json(200, self.studio.info())
+        elif path == "/api/history":
+            self._json(200, self.studio.history())
+        elif len(parts) >= 3 and parts[:2] == ["api", "jobs"]:
+            job = self.studio.job(parts[2])
+            if job is None:
+                return self._error(404, f"no job {parts[2][:40]!r} (unknown, or dropped from the history)")
+            rest = parts[3:]
+            if not rest:
+                self._json(200, self.studio.state(job))
+            elif rest == ["events"]:
+                self._events(job)
+            elif rest == ["grid.png"] and job.grid is not None:
+                self._png(job.grid, f"bitdance-{job.id}.png")
+            elif len(rest) == 2 and rest[0] == "images" and rest[1].endswith(".png") and job.images \
+                    and rest[1][:-4].isdigit() and len(rest[1]) < 12 and int(rest[1][:-4]) < len(job.images):
+                k = int(rest[1][:-4])
+                self._png(job.images[k], f"bitdance-{job.id}-{k}.png")
+            elif rest[0] in ("grid.png", "images") and job.status != "done":
+                self._error(409, f"job {job.id} is {job.status}; its images are not ready")
             else:
-                self._error(404, f"not found: {path}")
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the browser went away
+                self._error(404, f"not found: {path[:200]}")
+        elif path == "/favicon.ico":
+            self._send(204, b"", "image/x-icon")
+        else:
+            self._error(404, f"not found: {path[:200]}")
 
     def _png(self, data: bytes, name: str) -> None:
         self._send(200, data, "image/png", {"Content-Disposition": f'inline; filename="{name}"'})
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
+        self._answer(lambda: self._post(path), api=True)
+
+    def _post(self, path: str) -> None:
         if path != "/api/generate":
-            return self._error(404, f"not found: {path}")
-        # A page on another site must not be able to queue work on a studio running on localhost.
-        origin = self.headers.get("Origin")
-        if origin and origin != "null" and urlsplit(origin).netloc != self.headers.get("Host"):
-            return self._error(403, f"cross-origin request from {origin} refused")
-        try:
-            n = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            return self._error(400, "invalid Content-Length")
+            return self._error(404, f"not found: {path[:200]}")
+        # JSON only: a form or text/plain POST is what a page of another site can send without asking first.
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            return self._error(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return self._error(411, "Content-Length is required")
+        if not raw.strip().isdigit():
+            return self._error(400, f"invalid Content-Length {raw[:20]!r}")
+        n = int(raw)
         if n > MAX_BODY:
             return self._error(413, f"request body too large ({n} bytes; at most {MAX_BODY})")
+        body = self.rfile.read(n)
+        if len(body) < n:
+            return self._error(400, f"the request body ended after {len(body)} of {n} bytes")
         try:
-            payload = json.loads(self.rfile.read(n).decode("utf-8") or "null")
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return self._error(400, f"the request body is not valid JSON ({e})")
-        try:
-            job = self.studio.submit(payload)
-        except StudioError as e:
-            return self._error(e.status, str(e), e.field)
+            payload = json.loads(body.decode("utf-8") or "null")
+        except (UnicodeDecodeError, ValueError) as e:
+            if "Exceeds the limit" in str(e):  # Python refuses integers past 4300 digits while parsing
+                return self._error(400, "the request body holds a number of more than 4300 digits")
+            return self._error(400, f"the request body is not valid JSON ({str(e)[:200]})")
+        job = self.studio.submit(payload)
         self._json(202, {"id": job.id, "position": self.studio.position(job), "url": f"/api/jobs/{job.id}"})
 
     def _events(self, job: Job) -> None:
@@ -691,25 +784,47 @@ class _Handler(BaseHTTPRequestHandler):
                 return
 
 
-def make_server(pipes, host: str = "127.0.0.1", port: int = 7860, **studio_kw) -> StudioServer:
+def make_server(pipes, host: str = "127.0.0.1", port: int = 7860, *, allow_hosts=(), token: str | None = None,
+                **studio_kw) -> StudioServer:
     """A bound (not yet serving) server for one pipeline, a list or a dict name -> pipeline (see
     :class:`Studio`); run ``server.serve_forever()`` (e.g. in a thread) and stop it
-    with ``server.shutdown(); server.server_close()``. Port 0 picks a free port (see ``server.url``)."""
-    server = _bind(host, port)
+    with ``server.shutdown(); server.server_close()``. Port 0 picks a free port (see ``server.url``).
+    ``allow_hosts``: host names besides ``localhost`` (and the bound name) that requests may address;
+    ``token``: the API token (default: a fresh random one, ``server.token``)."""
+    server = _bind(host, port, allow_hosts=allow_hosts, token=token)
     server.studio = Studio(pipes, **studio_kw)
     return server
 
 
-def _bind(host: str, port: int) -> StudioServer:
+def _allowed_hosts(host: str, extra) -> frozenset[str]:
+    import socket
+
+    names = {"localhost"}
+    if not _is_ip(host.strip("[]")):
+        names.add(host.lower())
+    elif ipaddress.ip_address(host.strip("[]")).is_unspecified:  # every interface: the machine's own name too
+        names.add(socket.gethostname().lower())
+    for h in [extra] if isinstance(extra, str) else extra:
+        h = str(h).strip().lower()
+        if not h or any(c in h for c in "/@ \t") or h.count(":") > 0 and not _is_ip(h.strip("[]")):
+            raise StudioError(f"--allow-host takes a host name without scheme or port, got {h!r}")
+        names.add(h.strip("[]"))
+    return frozenset(names)
+
+
+def _bind(host: str, port: int, *, allow_hosts=(), token: str | None = None) -> StudioServer:
+    import secrets
+
     if not 0 <= int(port) <= 65535:
         raise StudioError(f"port must be in 0..65535, got {port}")
+    hosts = _allowed_hosts(host, allow_hosts)
     cls = StudioServer
     if ":" in host:  # IPv6 literal
         import socket
 
         cls = type("StudioServer6", (StudioServer,), {"address_family": socket.AF_INET6})
     try:
-        return cls((host, int(port)), _Handler)
+        server = cls((host, int(port)), _Handler)
     except OSError as e:
         import errno
 
@@ -717,6 +832,8 @@ def _bind(host: str, port: int) -> StudioServer:
             raise StudioError(f"port {port} on {host} is in use; stop the other server or pick another with "
                               f"--port") from None
         raise StudioError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    server.allowed_hosts, server.token = hosts, token or secrets.token_urlsafe(24)
+    return server
 
 
 def _is_loopback(host: str) -> bool:
@@ -765,7 +882,8 @@ def _load(path, tokenizer, device, dtype):
 
 
 def serve(model, *, tokenizer=None, host: str = "127.0.0.1", port: int = 7860, device=None, dtype=None,
-          preview_interval: float = 0.3, class_names: list[str] | dict[str, list[str]] | None = None) -> None:
+          preview_interval: float = 0.3, class_names: list[str] | dict[str, list[str]] | None = None,
+          allow_hosts=()) -> None:
     """Load ``model`` (a path, or a list of paths: one after another, named by :func:`model_names`) and
     serve the studio until Ctrl-C. ``tokenizer``: a path or a list (see ``_tokenizers``). The port is
     taken before the (possibly slow) model loads, so a port in use is reported at once."""
@@ -781,7 +899,7 @@ def serve(model, *, tokenizer=None, host: str = "127.0.0.1", port: int = 7860, d
         if not Path(path).exists():
             raise CheckpointError(f"{path}: no such file or folder")
     names = model_names(paths)
-    server = _bind(host, port)
+    server = _bind(host, port, allow_hosts=allow_hosts)
     try:
         pipes = {}
         for i, (name, path, tok) in enumerate(zip(names, paths, toks)):
@@ -790,9 +908,10 @@ def serve(model, *, tokenizer=None, host: str = "127.0.0.1", port: int = 7860, d
             pipes[name] = _load(path, tok, device, dtype)
         server.studio = Studio(pipes, class_names=class_names, preview_interval=preview_interval,
                                log=lambda m: print(m, flush=True))
+        server.log = lambda m: print(m, flush=True)
         if not _is_loopback(host):
-            print(f"warning: listening on {host}: anyone who can reach this address can use the studio "
-                  "(there is no authentication)", file=sys.stderr)
+            print(f"warning: listening on {host}: anyone who can reach this address can open the page and use "
+                  "the studio (the token only stops other web sites; see docs/security.md)", file=sys.stderr)
         models = server.studio.info()["models"]
         if len(models) == 1:
             print(f"BitDance studio: {server.url}  ({models[0]['description']}; Ctrl-C to stop)", flush=True)
@@ -800,6 +919,7 @@ def serve(model, *, tokenizer=None, host: str = "127.0.0.1", port: int = 7860, d
             print(f"BitDance studio: {server.url}  ({len(models)} models; Ctrl-C to stop)", flush=True)
             for m in models:
                 print(f"  {m['name']}: P {m['parallel_num']}x, {m['description']}", flush=True)
+        print(f"API token for scripts (the page needs none): Authorization: Bearer {server.token}", flush=True)
         server.serve_forever()
     finally:
         if server.studio is not None:
@@ -975,20 +1095,32 @@ function useModel(name) {
   }
 }
 
+// The server takes JSON numbers only (no coercion); text that is no number is sent as typed, so the
+// server's message names the field.
+const num = v => (String(v).trim() !== "" && Number.isFinite(Number(v))) ? Number(v) : v;
+
 function payload() {
   const m = S.model;
-  const p = {model: m.name, num_images: +$("num").value, seed: $("seed").value, steps: $("steps").value,
-             guidance: $("guidance").value};
+  const p = {model: m.name, num_images: num($("num").value), seed: 0, steps: num($("steps").value),
+             guidance: num($("guidance").value)};
   if (m.kind === "text_to_image") {
     p.prompt = $("prompt").value;
-    if (m.any_resolution) { p.height = $("height").value; p.width = $("width").value; }
+    if (m.any_resolution) { p.height = num($("height").value); p.width = num($("width").value); }
     else { const [h, w] = $("resolution").value.split("x"); p.height = +h; p.width = +w; }
   } else {
     p.schedule = $("schedule").value;
     p.classes = m.num_classes <= 100 ? [...picked].sort((a, b) => a - b)
-      : $("classids").value.split(/[\s,]+/).filter(s => s.length);
+      : $("classids").value.split(/[\s,]+/).filter(s => s.length).map(num);
   }
   return p;
+}
+
+// Seeds go up to 2^63 - 1, past what a JS number holds exactly (2^53): their digits go into the JSON text.
+function body() {
+  const p = payload(), seed = $("seed").value.trim();
+  if (/^\d+$/.test(seed)) return JSON.stringify(p).replace('"seed":0', '"seed":' + seed.replace(/^0+(?=\d)/, ""));
+  p.seed = num(seed);
+  return JSON.stringify(p);
 }
 
 $("dice").addEventListener("click", e => { e.preventDefault(); $("seed").value = Math.floor(Math.random() * 2 ** 31); });
@@ -999,7 +1131,7 @@ $("form").addEventListener("submit", async e => {
   let r, j;
   try {
     r = await fetch("/api/generate", {method: "POST", headers: {"Content-Type": "application/json"},
-                                      body: JSON.stringify(payload())});
+                                      body: body()});
     j = await r.json();
   } catch (err) { $("error").textContent = "the server did not answer: " + err; return; }
   if (!r.ok) { $("error").textContent = j.error || ("HTTP " + r.status); return; }

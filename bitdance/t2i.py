@@ -39,8 +39,10 @@ from torch import nn
 from .checkpoint import (
     CheckpointError,
     atomic_write,
+    infer_head_config,
     load_file,
     load_into,
+    safetensors_shapes,
     save_official_tokenizer,
     split_prefix,
 )
@@ -211,8 +213,20 @@ class T2IConfig:
                  "depth_adanln": "head_adaln", "parallel_num": "parallel_num", "time_shift": "time_shift",
                  "time_schedule": "time_schedule", "P_mean": "P_mean", "P_std": "P_std",
                  "use_swiglu": "use_swiglu", "head_dim": "head_dim", "down_factor": "down_factor"}
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected an object of fields, got {type(d).__name__}")
         for k, v in d.items():
             if k in names:
+                want = bool if k == "use_swiglu" else str if k == "time_schedule" else \
+                    float if k in ("time_shift", "P_mean", "P_std") else int
+                ok = isinstance(v, want) and not (want is not bool and isinstance(v, bool))
+                if want is float:
+                    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                if not ok:
+                    raise ConfigError(f"{k} must be {want.__name__ if want is not float else 'a finite number'}, "
+                                      f"got {v!r:.40}")
+                if want is int and v < 1:
+                    raise ConfigError(f"{k} must be a positive integer, got {v}")
                 kw[names[k]] = v
         valid = {f.name for f in fields(cls)}
         for k, v in overrides.items():
@@ -493,6 +507,7 @@ class BitDanceT2I(nn.Module):
         except ConfigError as e:
             raise CheckpointError(f"{path / HEAD_CONFIG}: {e}") from None
 
+        _check_head_header(path, head_json, config)
         llm = Qwen3ForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto",
                                                low_cpu_mem_usage=low_cpu_mem_usage)
         if head_json.get("ch_cond", llm.config.hidden_size) != llm.config.hidden_size:
@@ -536,6 +551,23 @@ class BitDanceT2I(nn.Module):
 
 
 OFFLOADABLE = ("ae", "lm_head")
+
+
+def _check_head_header(path: Path, head_json: dict[str, Any], config: T2IConfig) -> None:
+    """vision_head_config.json against the head's safetensors header, before anything is built."""
+    shapes = safetensors_shapes(path / HEAD_WEIGHTS)
+    net = {k[len("net."):]: torch.empty(v, device="meta") for k, v in shapes.items() if k.startswith("net.")}
+    try:
+        found = infer_head_config(net, head_dim=config.head_dim)
+    except CheckpointError:
+        return  # not the layout sizes can be read from; load_into's full check still runs
+    pairs = [("ch_latent", config.head_width, found.width), ("depth_latent", config.head_depth, found.depth),
+             ("depth_adanln", config.head_adaln, found.adaln_blocks), ("ch_target", config.latent_dim, found.in_channels)]
+    if "ch_cond" in head_json:
+        pairs.append(("ch_cond", head_json["ch_cond"], found.cond_channels))
+    for key, stated, in_file in pairs:
+        if stated != in_file:
+            raise CheckpointError(f"{path / HEAD_CONFIG}: {key} = {stated!r} but {HEAD_WEIGHTS} has {key} = {in_file}")
 
 
 def check_offload(offload: Sequence[str]) -> tuple[str, ...]:

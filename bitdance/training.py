@@ -37,11 +37,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import atomic_write, load_file
+from .checkpoint import atomic_write, load_file, remove_stale_temps
 from .config import BitDanceConfig, TokenizerConfig, bitdance_preset, tokenizer_preset
 from .precision import auto_precision, bf16_supported
+from . import validation
 
 __all__ = ["TrainConfig", "TrainingError", "train", "main", "bf16_supported"]
+
+
+# TrainConfig fields that steer a run without changing what it computes, so a resume may change them
+# (``steps`` too, with a note: the learning-rate schedule follows it).
+RUN_CONTROL_FIELDS = frozenset({"out", "steps", "log_every", "ckpt_every", "sample_every", "final_samples",
+                                "max_minutes", "resume", "progress", "cache_latents", "cache_dir", "device",
+                                "fsdp", "sample_prompts"})
 
 
 class TrainingError(RuntimeError):
@@ -108,8 +116,10 @@ class TrainConfig:
             raise TrainingError(f"task must be 'tokenizer', 'generator' or 't2i', got {self.task!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise TrainingError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise TrainingError("steps and batch_size must be >= 1")
+        try:
+            self._check_numbers()
+        except validation.InputError as e:
+            raise TrainingError(str(e)) from None
         if self.rec_loss not in ("l1", "l2"):
             raise TrainingError(f"rec_loss must be l1 or l2, got {self.rec_loss!r}")
         if self.task == "generator" and not self.tokenizer:
@@ -123,6 +133,26 @@ class TrainConfig:
                 raise TrainingError("--distill-from takes the LLM from its folder; drop --llm / --llm-config")
             if not 0 <= self.text_dropout <= 1 or not 0 <= self.perturb_rate <= 1:
                 raise TrainingError("text_dropout and perturb_rate must be in [0, 1]")
+
+    def _check_numbers(self) -> None:
+        """Documented bounds of the numeric options (README "Limits"), refused by name before any setup."""
+        validation.integer(self.steps, "steps", 1, 10**9)
+        validation.integer(self.batch_size, "batch_size", 1, 1 << 20)
+        validation.integer(self.micro_batch_size, "micro_batch_size", 0, self.batch_size)
+        validation.integer(self.warmup_steps, "warmup_steps", 0, 10**9)
+        validation.integer(self.image_size, "image_size", 0, 1 << 16)
+        validation.integer(self.log_every, "log_every", 1, 10**9)
+        validation.integer(self.ckpt_every, "ckpt_every", 0, 10**9)
+        validation.integer(self.sample_every, "sample_every", 0, 10**9)
+        validation.seed(self.seed)
+        validation.number(self.lr, "lr", 1e-12, 1e12)
+        validation.number(self.min_lr_ratio, "min_lr_ratio", 0.0, 1.0)
+        validation.number(self.weight_decay, "weight_decay", 0.0, 10.0)
+        validation.number(self.beta1, "beta1", 0.0, 0.999999)
+        validation.number(self.beta2, "beta2", 0.0, 0.999999)
+        validation.number(self.grad_clip, "grad_clip", 0.0, 1e6)
+        validation.number(self.ema_decay, "ema_decay", 0.0, 1.0)
+        validation.number(self.max_minutes, "max_minutes", 0.0, 1e7)
 
     @property
     def model_name(self) -> str:
@@ -728,6 +758,8 @@ class Trainer:
         self.out = Path(cfg.out)
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temps(self.out):  # what interrupted checkpoint and export writes left
+                self.log(f"removed {stale.name}, left by an interrupted write")
         self.d.barrier()
         torch.manual_seed(cfg.seed)
         task_cls = {"tokenizer": TokenizerTask, "generator": GeneratorTask, "t2i": T2ITask}[cfg.task]
@@ -850,6 +882,7 @@ class Trainer:
         if obj["task"] != self.cfg.task or obj["model_config"] != self.task.model_config.to_dict():
             raise TrainingError(f"{self.ckpt_path}: was trained with a different task/model config; "
                                 "use another --out or the same settings")
+        self._check_resume_settings(obj.get("train_config"))
         set_state_dict(self.model, self.opt, model_state_dict=obj["model"], optim_state_dict=obj["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
         self.sched.load_state_dict(obj["scheduler"])
@@ -861,6 +894,22 @@ class Trainer:
         self.step = int(obj["step"])
         self.history = list(obj.get("history", []))
         self.log(f"resumed from {self.ckpt_path} at step {self.step}")
+
+    def _check_resume_settings(self, saved: Any) -> None:
+        """A resumed run continues exactly where the interrupted one stopped only with the same options:
+        refuse, naming them, the ones that change the result; say what a longer --steps changes."""
+        if not isinstance(saved, dict):
+            return  # checkpoints of older releases do not record them
+        now = dataclasses.asdict(self.cfg)
+        changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+                   if k not in RUN_CONTROL_FIELDS and k in saved and saved[k] != now[k]]
+        if changed:
+            raise TrainingError(f"{self.ckpt_path}: cannot resume with other settings than it was trained with "
+                                f"({', '.join(changed)}): they change the result; pass the same values or "
+                                "use another --out")
+        if saved.get("steps") not in (None, now["steps"]):
+            self.log(f"note: --steps {saved['steps']} -> {now['steps']}: the learning-rate schedule stretches to the "
+                     "new length, so the result differs from a run started with it")
 
     def export(self, net: nn.Module) -> None:
         """Write weights as a ready-to-use folder: out/tokenizer or out/model (rank 0)."""

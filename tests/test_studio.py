@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bitdance import BinaryTokenizer, BitDance, BitDancePipeline, bitdance_preset
 from bitdance.cli import main
+from conftest import tiny_pipeline
 from bitdance.studio import Studio, StudioError, make_server, model_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,23 +29,28 @@ INSTALL_HINT = ("the browser test needs Debian's chromium and the playwright Pyt
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.manual_seed(0)
-    cfg = bitdance_preset("BitDance-T-4x", image_size=32, num_classes=10, cls_token_num=4, tokenizer="tiny-d4c16")
-    return BitDancePipeline(BitDance(cfg), BinaryTokenizer(cfg.tokenizer))
+    return tiny_pipeline()
 
 
 @pytest.fixture(scope="module")
 def pipe1x():
     """A second model with another P (1 token per AR step) and another class count."""
-    torch.manual_seed(1)
-    cfg = bitdance_preset("BitDance-T-1x", image_size=32, num_classes=6, cls_token_num=4, tokenizer="tiny-d4c16")
-    return BitDancePipeline(BitDance(cfg), BinaryTokenizer(cfg.tokenizer))
+    return tiny_pipeline("BitDance-T-1x", seed=1, num_classes=6)
+
+
+_TOKENS: dict[str, str] = {}  # server URL -> its API token (the page gets it as a cookie; scripts send it)
 
 
 def _start(pipe, **kw):
     server = make_server(pipe, "127.0.0.1", 0, **kw)
+    _TOKENS[server.url] = server.token
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+def _auth(url: str) -> dict[str, str]:
+    base = "/".join(url.split("/")[:3])
+    return {"Authorization": f"Bearer {_TOKENS[base]}"} if base in _TOKENS else {}
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +62,14 @@ def server(pipe):
 
 
 def _get(url):
-    with urllib.request.urlopen(url, timeout=30) as r:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=_auth(url)), timeout=30) as r:
         return r.status, r.headers.get("Content-Type"), r.read()
 
 
 def _post(base, payload, raw=None):
     data = raw if raw is not None else json.dumps(payload).encode()
-    req = urllib.request.Request(base + "/api/generate", data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(base + "/api/generate", data=data,
+                                 headers={"Content-Type": "application/json", **_auth(base)})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.load(r)

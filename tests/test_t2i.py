@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -127,6 +128,26 @@ def test_missing_file(folder, tmp_path, name):
     if name == "tokenizer.json" and (dst / "vocab.json").exists():
         os.remove(dst / "vocab.json")
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        BitDanceT2I.from_folder(dst, resolutions=RES)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("ch_latent", 10**9, "ch_latent = 1000000000 but vision_head.safetensors has ch_latent = 32"),
+    ("depth_latent", 10**9, "depth_latent = 1000000000 but"),
+    ("ch_cond", 4096, "ch_cond = 4096 but"),
+    ("ch_latent", "32", "ch_latent must be int, got '32'"),
+    ("depth_latent", -2, "depth_latent must be a positive integer"),
+    ("time_shift", "fast", "time_shift must be a finite number"),
+])
+def test_vision_head_config_checked_against_the_weights_first(folder, tmp_path, key, value, words):
+    import shutil
+
+    dst = tmp_path / "f"
+    shutil.copytree(folder, dst)
+    head = json.loads((dst / "vision_head_config.json").read_text())
+    head[key] = value
+    (dst / "vision_head_config.json").write_text(json.dumps(head))
+    with pytest.raises(CheckpointError, match=re.escape(words)):
         BitDanceT2I.from_folder(dst, resolutions=RES)
 
 
