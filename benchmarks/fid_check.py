@@ -32,7 +32,7 @@ import torch
 from bitdance.cli import main as cli_main
 from bitdance.data import load_dataset
 from bitdance.evaluation import InceptionFeatures, feature_statistics, frechet_distance
-from bitdance.pipeline import to_uint8
+from bitdance.images import to_uint8
 
 TOLERANCE = 1e-3
 

@@ -437,7 +437,7 @@ class Reproduction:
         """FID statistics of ``ref_images`` test images (evenly spread; all 10,000 for the full budget),
         computed in chunks of 1,000 that survive a crash, then cached as one .npz."""
         from bitdance.evaluation import feature_statistics, load_stats_npz, save_stats_npz
-        from bitdance.pipeline import to_uint8
+        from bitdance.images import to_uint8
 
         if self._ref is not None:
             return self._ref

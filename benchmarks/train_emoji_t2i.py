@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from bitdance.checkpoint import atomic_write
 from bitdance.demo import plot_curves
-from bitdance.pipeline import to_uint8
+from bitdance.images import to_uint8
 from bitdance.training import TrainConfig, Trainer
 
 IMAGE = 32  # px; the tokenizer is 4x down, so 8x8 tokens (4 patches of 4x4 at P = 16)

@@ -20,8 +20,9 @@ from PIL import Image
 
 from bitdance.checkpoint import atomic_write
 from bitdance.demo import _tokenizer_quality, plot_curves
-from bitdance.pipeline import make_grid, to_uint8
-from bitdance.training import TrainConfig, Trainer, _fetch, generate_class_grid
+from bitdance.images import make_grid, to_uint8
+from bitdance.data import fetch_batch
+from bitdance.training import TrainConfig, Trainer, generate_class_grid
 
 GENERATOR_MODEL = {"dim": 256, "n_layer": 4, "n_head": 4, "head_width": 256, "head_depth": 3,
                    "head_adaln_blocks": 3, "cls_token_num": 4, "perturb_rate": 0.1}
@@ -71,7 +72,7 @@ def main() -> None:
 
     test = load_dataset("fashion-mnist", image_size=32, split="test")
     quality = _tokenizer_quality(tokenizer, test, device, n=1000)
-    x, _ = _fetch(test, torch.arange(16) * 37)
+    x, _ = fetch_batch(test, torch.arange(16) * 37)
     with torch.no_grad():
         rec = tokenizer.decode(tokenizer.encode(x.to(device))).float().cpu()
     save_png(make_grid(np.concatenate([to_uint8(x).numpy(), to_uint8(rec).numpy()]), 16),

@@ -328,9 +328,9 @@ def run_bench(
     maxrss0 = _maxrss_bytes()
     mcfg, gen, tok = _build(preset, image_size, tokenizer, seed, dev, tdtype, model)
     if model is not None:
-        from .cli import _match_preset
+        from .config import match_preset
 
-        preset, image_size = f"{model} ({_match_preset(mcfg) or 'custom'})", mcfg.image_size
+        preset, image_size = f"{model} ({match_preset(mcfg) or 'custom'})", mcfg.image_size
     tok_name = tokenizer if (tokenizer and model is None) else None
     tok_name = tok_name or next((k for k, v in _tokenizer_presets().items() if v == mcfg.tokenizer), "custom")
     if compile != "off":

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -43,6 +43,12 @@ __all__ = [
     "safetensors_shapes",
     "check_config_fits",
     "check_shapes_fit",
+    "FORMAT",
+    "KINDS",
+    "read_folder_config",
+    "load_component",
+    "write_folder",
+    "replace_folder",
 ]
 
 SAFE_GLOBALS = [argparse.Namespace]
@@ -382,8 +388,6 @@ def load_tokenizer(path: str | os.PathLike, *, groups: int | None = None):
 
     path = Path(path)
     if path.is_dir():
-        from .pipeline import load_component
-
         return load_component(path, "tokenizer")
     sd = _tokenizer_state(load_file(path), path)
     overrides: dict[str, Any] = {}
@@ -455,6 +459,96 @@ def load_official_generator(path: str | os.PathLike, *, use_ema: bool = True, n_
         tokenizer.eval()
     info = {"weights": which, "epochs": obj.get("epochs"), "args": _args_dict(args)}
     return model.eval(), tokenizer, info
+
+
+
+# --------------------------------------------------------------------------------------------
+# Our folders: config.json + <component>.safetensors
+# --------------------------------------------------------------------------------------------
+FORMAT = "bitdance"
+KINDS = ("class_conditional", "tokenizer", "text_to_image")
+
+
+def read_folder_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of one of our folders, checked: JSON, our format, a known kind."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{folder}: no config.json (not a bitdance model folder)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path}: not a bitdance config (format={cfg.get('format') if isinstance(cfg, dict) else None!r})")
+    if cfg.get("kind") not in KINDS:
+        raise CheckpointError(f"{cfg_path}: unknown kind {cfg.get('kind')!r}; a bitdance folder is one of {list(KINDS)}")
+    return cfg
+
+
+def load_component(folder: str | os.PathLike, name: str) -> torch.nn.Module:
+    """Load ``tokenizer`` or ``generator`` from one of our folders.
+
+    The config is checked as data (types, signs), then against the weights file's header (every size it
+    states must match the tensors'), and only then is the module built: a hostile or mistyped config.json
+    is refused in milliseconds, naming the key."""
+    folder = Path(folder)
+    cfg = read_folder_config(folder)
+    if name not in cfg:
+        raise CheckpointError(f"{folder}: has no {name} (kind={cfg.get('kind')!r})")
+    from .tokenizer import BinaryTokenizer
+    from .transformer import BitDance
+
+    cls = BinaryTokenizer if name == "tokenizer" else BitDance
+    try:
+        config = (TokenizerConfig if name == "tokenizer" else BitDanceConfig).from_dict(cfg[name])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{folder}/config.json: invalid {name} config: {e}") from None
+    weights = folder / f"{name}.safetensors"
+    what = f"{name} {weights}"
+    shapes = safetensors_shapes(weights)
+    check_config_fits(config, shapes, what=f"{folder}/config.json ({name})")
+    with torch.device("meta"):  # sizes agree with the file: build without memory to compare every tensor
+        probe = cls(config)
+    check_shapes_fit(probe, shapes, what=what)
+    module = cls(config)
+    load_into(module, load_file(weights), what=what)
+    return module.eval()
+
+
+def write_folder(folder: str | os.PathLike, config: dict, modules: dict[str, torch.nn.Module]) -> None:
+    """Write ``config.json`` and ``<name>.safetensors`` into a fresh sibling folder, then swap it in."""
+
+    def fill(tmp: Path) -> None:
+        for name, module in modules.items():
+            save_safetensors(module.state_dict(), tmp / f"{name}.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+    replace_folder(folder, fill)
+
+
+def replace_folder(folder: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """``fill`` a fresh sibling folder, then swap it in for ``folder``: a failure midway leaves the
+    previous contents untouched."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} is an existing file, not a model folder; give another path")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder.parent, folder.name)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_sibling_prefix(folder), dir=folder.parent))
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,17 +56,6 @@ def _save_image(array, path: Path) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt, **extra))
 
 
-def _match_preset(cfg) -> str | None:
-    from .config import GENERATOR_SIZES, PARALLEL_VARIANTS
-
-    for size, dims in GENERATOR_SIZES.items():
-        if all(getattr(cfg, k) == v for k, v in dims.items()):
-            for name, P in PARALLEL_VARIANTS.items():
-                if P == cfg.parallel_num:
-                    return f"BitDance-{size}-{name}"
-    return None
-
-
 def _params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -75,12 +64,12 @@ def describe(path: str | Path) -> dict[str, Any]:
     """What a checkpoint file or folder is (used by ``bitdance info``)."""
     import torch
 
-    from .checkpoint import CheckpointError, load_file, load_official_generator, load_tokenizer
-    from .pipeline import _read_config, load_component
+    from .checkpoint import (CheckpointError, load_component, load_file, load_official_generator, load_tokenizer,
+                             read_folder_config)
 
     path = Path(path)
     if path.is_dir():
-        cfg = _read_config(path)
+        cfg = read_folder_config(path)
         out: dict[str, Any] = {"path": str(path), "format": "bitdance folder", "kind": cfg.get("kind")}
         if "generator" in cfg:
             gen = load_component(path, "generator")
@@ -112,8 +101,10 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 
 def _generator_info(gen) -> dict[str, Any]:
+    from .config import match_preset
+
     c = gen.config
-    return {"preset": _match_preset(c) or "custom", "parameters": _params(gen), "parallel_num": c.parallel_num,
+    return {"preset": match_preset(c) or "custom", "parameters": _params(gen), "parallel_num": c.parallel_num,
             "image_size": c.image_size, "num_classes": c.num_classes, "ar_steps": c.num_steps,
             "head": c.head.variant, "config": c.to_dict()}
 
@@ -159,7 +150,8 @@ def cmd_sample(args) -> None:
     import numpy as np
     import torch
 
-    from .pipeline import BitDancePipeline, is_text_to_image_folder, make_grid
+    from .images import make_grid
+    from .pipeline import BitDancePipeline, is_text_to_image_folder
 
     if args.model_path and args.model and args.model_path != args.model:
         raise CLIError(f"two models given ({args.model_path} and --model {args.model}); give one")
@@ -419,20 +411,20 @@ class _FlatImages:
         import torch
         from PIL import Image
 
-        from .data import _to_rgb, center_crop_resize
+        from .data import center_crop_resize, to_rgb
 
         with Image.open(self.files[i]) as im:
             im.load()
-            im = center_crop_resize(_to_rgb(im), self.image_size)
+            im = center_crop_resize(to_rgb(im), self.image_size)
         x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
         return x.float() / 127.5 - 1, 0
 
 
 def _recon_dataset(name: str, split: str | None, image_size: int | None):
     """(dataset, split used); ``split=None``: "test" where the data set has one, else all images."""
-    from .data import _ALIASES, IMAGE_EXTENSIONS, load_dataset
+    from .data import IMAGE_EXTENSIONS, dataset_key, load_dataset
 
-    key = _ALIASES.get(str(name).strip().lower())
+    key = dataset_key(name)
     if split is None:
         split = "test" if key in ("mnist5k", "fashion-mnist") else None
     root = Path(name)
@@ -903,7 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__
 

@@ -22,6 +22,7 @@ __all__ = [
     "tokenizer_preset",
     "bitdance_preset",
     "list_presets",
+    "match_preset",
     "ConfigError",
     "HEAD_TYPES",
     "BLOCK_ATTENTIONS",
@@ -419,6 +420,16 @@ GENERATOR_SIZES: dict[str, dict[str, int]] = {
     "T": dict(dim=128, n_layer=2, n_head=2, head_depth=2, head_width=128, head_adaln_blocks=2),
 }
 PARALLEL_VARIANTS = {"1x": 1, "4x": 4, "16x": 16, "64x": 64}
+
+
+def match_preset(cfg: BitDanceConfig) -> str | None:
+    """The preset name whose sizes ``cfg`` has (``BitDance-B-16x``), or None for a custom size."""
+    for size, dims in GENERATOR_SIZES.items():
+        if all(getattr(cfg, k) == v for k, v in dims.items()):
+            for name, P in PARALLEL_VARIANTS.items():
+                if P == cfg.parallel_num:
+                    return f"BitDance-{size}-{name}"
+    return None
 
 
 def list_presets() -> list[str]:

@@ -45,7 +45,10 @@ __all__ = [
     "MNIST5k",
     "Twemoji",
     "center_crop_resize",
+    "dataset_key",
+    "fetch_batch",
     "load_dataset",
+    "to_rgb",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -72,6 +75,20 @@ _ALIASES = {
 }
 
 
+def dataset_key(name: str) -> str | None:
+    """The canonical name of a built-in dataset (``"mnist"`` -> ``"mnist5k"``), or None for anything else
+    (e.g. an image folder)."""
+    return _ALIASES.get(str(name).strip().lower())
+
+
+def fetch_batch(ds, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of the items ``idx`` of a dataset, in one call where the dataset offers ``batch``."""
+    if hasattr(ds, "batch"):
+        return ds.batch(idx)
+    items = [ds[int(i)] for i in idx]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
 class DatasetError(ValueError):
     """A dataset is missing, empty or malformed; the message says how to get it."""
 
@@ -79,7 +96,7 @@ class DatasetError(ValueError):
 # ----------------------------------------------------------------------------- image helpers
 
 
-def _to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Convert any PIL mode to RGB; transparent pixels are composited onto ``background``
     (a bare ``convert("RGB")`` would expose whatever colour hides under alpha=0)."""
     if img.mode == "RGB":
@@ -242,8 +259,8 @@ class ImageFolderDataset(Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as img:
-                img.load()  # decode before the file closes; _to_rgb may hand back the same object
-                img = _to_rgb(img)
+                img.load()  # decode before the file closes; to_rgb may hand back the same object
+                img = to_rgb(img)
         except (OSError, ValueError) as e:
             raise DatasetError(f"cannot read image {path}: {e}") from e
         img = center_crop_resize(img, self.image_size)
@@ -445,7 +462,7 @@ class Twemoji(_InMemoryDataset):
                 continue
             with Image.open(art_dir / fname) as img:
                 img.load()
-                img = _to_rgb(img, self.background)  # composite before resizing: no fringe from hidden RGB
+                img = to_rgb(img, self.background)  # composite before resizing: no fringe from hidden RGB
             if img.size != size:
                 img = img.resize(size, Image.Resampling.BICUBIC)
             if category not in self.class_names:
@@ -486,7 +503,7 @@ def load_dataset(name: str | os.PathLike, *, image_size: int | None = None, spli
     image folders have no held-out split, so only ``None``/"train" (= everything) are accepted.
     ``root`` overrides the data location (MNIST-5k: the CSV file; Fashion-MNIST: the IDX folder).
     """
-    key = _ALIASES.get(str(name).strip().lower())
+    key = dataset_key(name)
     is_path = isinstance(name, os.PathLike) or os.sep in str(name) or os.path.exists(name)
     if key is None and not is_path:
         choices = ", ".join(sorted(set(_ALIASES)))

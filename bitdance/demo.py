@@ -154,10 +154,10 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path, *, size=
 @torch.no_grad()
 def _tokenizer_quality(tokenizer, data, device, n: int = 500) -> dict[str, float]:
     from .evaluation import psnr, ssim
-    from .training import _fetch
+    from .data import fetch_batch
 
     idx = torch.arange(min(n, len(data)))
-    x, _ = _fetch(data, idx)
+    x, _ = fetch_batch(data, idx)
     rec = tokenizer.decode(tokenizer.encode(x.to(device))).float().clamp(-1, 1).cpu()
     return {"psnr": float(psnr(rec, x).mean()), "ssim": float(ssim(rec, x).mean()), "images": len(idx)}
 
@@ -168,7 +168,7 @@ def run_demo(out: str | Path = "bitdance-demo", *, minutes: float = 12.0, seed: 
 
     from .data import load_dataset
     from .evaluation import class_accuracy, classifier_name, load_classifier
-    from .pipeline import make_grid, to_uint8
+    from .images import make_grid, to_uint8
     from .precision import auto_precision, cpu_description
 
     validation.number(minutes, "--minutes", 0.01, 24 * 60.0)
@@ -242,9 +242,9 @@ def run_demo(out: str | Path = "bitdance-demo", *, minutes: float = 12.0, seed: 
 
     test = load_dataset(data, image_size=32, split="test" if data.startswith("mnist") else None)
     quality = _tokenizer_quality(tokenizer, test, device)
-    from .training import _fetch
+    from .data import fetch_batch
 
-    x, _ = _fetch(test, torch.arange(0, len(test), max(1, len(test) // 16))[:16])
+    x, _ = fetch_batch(test, torch.arange(0, len(test), max(1, len(test) // 16))[:16])
     rec = tokenizer.decode(tokenizer.encode(x.to(device))).float().cpu()
     rgrid = make_grid(np.concatenate([to_uint8(x).numpy(), to_uint8(rec).numpy()]), 16)
     atomic_write(out / "reconstructions.png", lambda tmp: Image.fromarray(rgrid).resize(

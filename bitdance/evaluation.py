@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import atomic_write
+from .data import fetch_batch
 
 __all__ = [
     "INCEPTION_INSTALL_HINT",
@@ -793,12 +794,6 @@ def class_accuracy(images: Images, labels, *, dataset: str | None = None,
 # Tokenizer reconstruction report
 
 
-def _fetch_batch(ds, idx: torch.Tensor) -> torch.Tensor:
-    if hasattr(ds, "batch"):
-        return ds.batch(idx)[0]
-    return torch.stack([ds[int(i)][0] for i in idx])
-
-
 def _spread_indices(total: int, n: int) -> torch.Tensor:
     """``n`` indices spread evenly over ``range(total)`` (data sets sorted by class stay balanced)."""
     return torch.arange(n, dtype=torch.long) * total // n
@@ -817,7 +812,7 @@ def evaluate_reconstruction(tokenizer, dataset, *, num_images: int | None = 1000
     """
     from tqdm.auto import tqdm
 
-    from .pipeline import to_uint8
+    from .images import to_uint8
 
     total = len(dataset)
     if total == 0:
@@ -839,7 +834,7 @@ def evaluate_reconstruction(tokenizer, dataset, *, num_images: int | None = 1000
     t0 = time.perf_counter()
     idx = _spread_indices(total, n)
     for chunk in tqdm(idx.split(batch_size), desc="reconstructing", unit="batch", disable=not progress):
-        x = _fetch_batch(dataset, chunk).to(device)
+        x = fetch_batch(dataset, chunk)[0].to(device)
         lat = tokenizer.encode(x.to(dtype))
         codes.append(q.indices(lat).cpu())
         rec_u8 = to_uint8(tokenizer.decode(lat, generator=gen).float())  # (B, H, W, 3) uint8, CPU

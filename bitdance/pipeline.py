@@ -21,33 +21,28 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
-from . import __version__
-from .checkpoint import (CheckpointError, _umask, check_config_fits, check_shapes_fit, load_file, load_into,
-                         load_official_generator, load_tokenizer, remove_stale_temps, safetensors_shapes,
-                         save_safetensors, temp_sibling_prefix)
-from .config import BitDanceConfig, ConfigError, TokenizerConfig
+from . import validation
+from .checkpoint import (FORMAT, CheckpointError, load_component, load_official_generator, load_tokenizer,
+                         read_folder_config, replace_folder, write_folder)
+from .config import BitDanceConfig, ConfigError
+from .images import make_grid, to_uint8
 from .sampler import FlowSampler
 from .t2i import AE_WEIGHTS, HEAD_CONFIG, BitDanceT2I, T2IConfig
 from .tokenizer import BinaryTokenizer
 from .transformer import BitDance
-from . import validation
+from .version import __version__
 
 __all__ = ["BitDancePipeline", "BitDanceT2IPipeline", "PipelineOutput", "is_text_to_image_folder", "load_component",
            "save_tokenizer_folder", "to_uint8", "make_grid"]
 
-FORMAT = "bitdance"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-KINDS = ("class_conditional", "tokenizer", "text_to_image")
 # T2IConfig fields that vision_head_config.json does not hold; save_pretrained keeps them in config.json
 # under "bitdance" (Hugging Face configs carry unknown keys along) so a saved model reloads as it was.
 _T2I_EXTRA_FIELDS = ("down_factor", "max_res_tokens", "resolutions", "allow_any_resolution")
@@ -57,37 +52,6 @@ _T2I_EXTRA_FIELDS = ("down_factor", "max_res_tokens", "resolutions", "allow_any_
 class PipelineOutput:
     images: Any  # list of PIL images, (B, H, W, 3) uint8 numpy array, or (B, 3, H, W) tensor in [-1, 1]
     latents: torch.Tensor  # (B, d, h, w) binary tokens
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounding as the reference evaluation does."""
-    return (127.5 * images.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def make_grid(images: np.ndarray, nrow: int) -> np.ndarray:
-    """(B, H, W, 3) uint8 -> one (rows*H, nrow*W, 3) image, row-major, padded with black."""
-    B, H, W, C = images.shape
-    rows = -(-B // nrow)
-    grid = np.zeros((rows * H, nrow * W, C), dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, nrow)
-        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = im
-    return grid
-
-
-def _read_config(folder: Path) -> dict[str, Any]:
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"{folder}: no config.json (not a bitdance model folder)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path}: not a bitdance config (format={cfg.get('format') if isinstance(cfg, dict) else None!r})")
-    if cfg.get("kind") not in KINDS:
-        raise CheckpointError(f"{cfg_path}: unknown kind {cfg.get('kind')!r}; a bitdance folder is one of {list(KINDS)}")
-    return cfg
 
 
 def _check_call(output_type: Any, guidance_scale: Any, generator: Any, decode_chunk_size: Any) -> None:
@@ -142,73 +106,11 @@ def is_text_to_image_folder(path: str | os.PathLike) -> bool:
     return ours.get("format") == FORMAT and ours.get("kind") == "text_to_image"
 
 
-def load_component(folder: str | os.PathLike, name: str) -> torch.nn.Module:
-    """Load ``tokenizer`` or ``generator`` from one of our folders.
-
-    The config is checked as data (types, signs), then against the weights file's header (every size it
-    states must match the tensors'), and only then is the module built: a hostile or mistyped config.json
-    is refused in milliseconds, naming the key."""
-    folder = Path(folder)
-    cfg = _read_config(folder)
-    if name not in cfg:
-        raise CheckpointError(f"{folder}: has no {name} (kind={cfg.get('kind')!r})")
-    cls = BinaryTokenizer if name == "tokenizer" else BitDance
-    try:
-        config = (TokenizerConfig if name == "tokenizer" else BitDanceConfig).from_dict(cfg[name])
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{folder}/config.json: invalid {name} config: {e}") from None
-    weights = folder / f"{name}.safetensors"
-    what = f"{name} {weights}"
-    shapes = safetensors_shapes(weights)
-    check_config_fits(config, shapes, what=f"{folder}/config.json ({name})")
-    with torch.device("meta"):  # sizes agree with the file: build without memory to compare every tensor
-        probe = cls(config)
-    check_shapes_fit(probe, shapes, what=what)
-    module = cls(config)
-    load_into(module, load_file(weights), what=what)
-    return module.eval()
-
-
-def _write_folder(folder: str | os.PathLike, config: dict, modules: dict[str, torch.nn.Module]) -> None:
-    """Write ``config.json`` and ``<name>.safetensors`` into a fresh sibling folder, then swap it in."""
-
-    def fill(tmp: Path) -> None:
-        for name, module in modules.items():
-            save_safetensors(module.state_dict(), tmp / f"{name}.safetensors")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-
-    _replace_folder(folder, fill)
-
-
-def _replace_folder(folder: str | os.PathLike, fill: Callable[[Path], None]) -> None:
-    """``fill`` a fresh sibling folder, then swap it in for ``folder``: a failure midway leaves the
-    previous contents untouched."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise CheckpointError(f"{folder} is an existing file, not a model folder; give another path")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(folder.parent, folder.name)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_sibling_prefix(folder), dir=folder.parent))
-    try:
-        fill(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_tokenizer_folder(tokenizer: BinaryTokenizer, folder: str | os.PathLike, *, meta: dict | None = None) -> None:
     """A tokenizer in our format: config.json (kind "tokenizer") + tokenizer.safetensors."""
     cfg = {"format": FORMAT, "bitdance_version": __version__, "kind": "tokenizer",
            "tokenizer": tokenizer.config.to_dict(), "meta": dict(meta or {})}
-    _write_folder(folder, cfg, {"tokenizer": tokenizer})
+    write_folder(folder, cfg, {"tokenizer": tokenizer})
 
 
 class BitDancePipeline:
@@ -252,7 +154,7 @@ class BitDancePipeline:
         if t2i_overrides:
             raise TypeError(f"unexpected arguments for a class-conditional model: {sorted(t2i_overrides)}")
         if path.is_dir():
-            cfg = _read_config(path)
+            cfg = read_folder_config(path)
             if cfg.get("kind") != "class_conditional":
                 raise CheckpointError(f"{path}: a {cfg.get('kind')!r} folder, not a class-conditional model")
             gen = load_component(path, "generator")
@@ -276,7 +178,7 @@ class BitDancePipeline:
         cfg = {"format": FORMAT, "bitdance_version": __version__, "kind": "class_conditional",
                "generator": self.generator.config.to_dict(), "tokenizer": self.tokenizer.config.to_dict(),
                "meta": self.meta}
-        _write_folder(folder, cfg, {"generator": self.generator, "tokenizer": self.tokenizer})
+        write_folder(folder, cfg, {"generator": self.generator, "tokenizer": self.tokenizer})
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BitDancePipeline":
         self.generator.to(device=device, dtype=dtype)
@@ -434,7 +336,7 @@ class BitDanceT2IPipeline:
                                "t2i": t2i, "meta": {k: v for k, v in self.meta.items() if k != "source"}}
             cfg_path.write_text(json.dumps(cfg, indent=2))
 
-        _replace_folder(folder, fill)
+        replace_folder(folder, fill)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BitDanceT2IPipeline":
         self.model.to(device=device, dtype=dtype)

@@ -47,6 +47,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -112,7 +113,7 @@ def _png(array, *, fast: bool = False) -> bytes:
 def _grid(images) -> Any:
     import numpy as np
 
-    from .pipeline import make_grid
+    from .images import make_grid
 
     arr = np.asarray(images)
     return make_grid(arr, min(len(arr), 4))
@@ -475,7 +476,7 @@ class Studio:
             self.log(f"job {job.id}: {job.status} in {job.seconds:.1f}s" + (f" ({job.error})" if job.error else ""))
 
     def _run(self, job: Job) -> None:
-        from .pipeline import to_uint8
+        from .images import to_uint8
 
         p = job.params
         model = self.models[p["model"]]
@@ -688,8 +689,10 @@ class _Handler(BaseHTTPRequestHandler):
         parts = [p for p in path.split("/") if p]
         if path == "/":
             cookie = f"{self.server.cookie_name}={self.server.token}; Path=/; SameSite=Strict; HttpOnly"
-            self._send(200, PAGE.encode(), "text/html; charset=utf-8",
+            self._send(200, _static("studio.html"), "text/html; charset=utf-8",
                        {"Content-Security-Policy": CSP, "Set-Cookie": cookie})
+        elif len(parts) == 2 and parts[0] == "static" and parts[1] in STATIC_FILES:
+            self._send(200, _static(parts[1]), STATIC_FILES[parts[1]])
         elif path == "/api/info":
             self._json(200, self.studio.info())
         elif path == "/api/history":
@@ -930,273 +933,14 @@ def serve(model, *, tokenizer=None, host: str = "127.0.0.1", port: int = 7860, d
 # --------------------------------------------------------------------------------------------
 # The page
 # --------------------------------------------------------------------------------------------
-CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
-       "connect-src 'self'; form-action 'none'; base-uri 'none'")
+# The page's style and script are files of the studio (no inline code, nothing from elsewhere).
+CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+       "form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
 
-PAGE = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>BitDance studio</title>
-<style>
-:root{--bg:#0f1115;--panel:#181b22;--line:#2a2f3a;--fg:#e6e8eb;--mut:#9aa0aa;--acc:#4f8cff;--err:#ff6b6b}
-*{box-sizing:border-box}
-body{margin:0;font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;background:var(--bg);color:var(--fg)}
-header{padding:12px 20px;border-bottom:1px solid var(--line);display:flex;gap:16px;align-items:baseline}
-h1{font-size:18px;margin:0} h2{font-size:15px;margin:18px 0 8px} #model{color:var(--mut);font-size:12px}
-main{display:grid;grid-template-columns:330px 1fr;gap:16px;padding:16px 20px;align-items:start}
-.panel{background:var(--panel);border:1px solid var(--line);border-radius:8px;padding:14px}
-label{display:block;margin:12px 0 4px;color:var(--mut);font-size:11px;text-transform:uppercase;letter-spacing:.05em}
-input,select,textarea{width:100%;background:var(--bg);color:var(--fg);border:1px solid #353b48;border-radius:6px;
-  padding:6px 8px;font:inherit}
-textarea{resize:vertical}
-.row{display:flex;gap:10px}.row>div{flex:1}
-#classes{display:flex;flex-wrap:wrap;gap:4px;max-height:240px;overflow:auto}
-#classes button{background:var(--bg);color:var(--fg);border:1px solid #353b48;border-radius:5px;padding:4px 8px;
-  cursor:pointer;font:inherit;font-size:12px}
-#classes button.on{background:var(--acc);border-color:var(--acc);color:#fff}
-#go{margin-top:16px;width:100%;padding:10px;background:var(--acc);border:0;border-radius:6px;color:#fff;
-  font-weight:600;font-size:15px;cursor:pointer}
-#error{color:var(--err);min-height:1.3em;margin-top:10px;white-space:pre-wrap}
-.hint{color:var(--mut);font-size:12px;text-transform:none;letter-spacing:0}
-#stage{display:flex;gap:18px;align-items:flex-start;flex-wrap:wrap}
-#frame{width:384px;height:384px;background:#000;border-radius:6px;display:flex;align-items:center;
-  justify-content:center;overflow:hidden;color:var(--mut)}
-#frame img{max-width:100%;max-height:100%;image-rendering:pixelated;width:100%;height:100%;object-fit:contain}
-#side{flex:1;min-width:200px} #status{font-size:15px;margin-bottom:8px} progress{width:100%;height:10px}
-#history{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:12px}
-.item{background:var(--panel);border:1px solid var(--line);border-radius:8px;padding:8px}
-.item img{width:100%;aspect-ratio:1;object-fit:contain;image-rendering:pixelated;background:#000;border-radius:4px}
-.item .meta{font-size:12px;color:var(--mut);margin:4px 0;overflow-wrap:anywhere}
-.item a{color:var(--acc);font-size:12px;margin-right:8px;text-decoration:none}
-#dice{color:var(--acc);text-decoration:none}
-a.download{display:inline-block;border:1px solid var(--acc);border-radius:5px;padding:2px 8px}
-</style></head>
-<body>
-<header><h1>BitDance studio</h1><div id="model">loading model info...</div></header>
-<main>
-<form id="form" class="panel" novalidate>
-  <div id="modelbox" hidden>
-    <label for="modelsel">Model <span class="hint">(P = tokens per AR step)</span></label>
-    <select id="modelsel"></select>
-  </div>
-  <div id="cc" hidden>
-    <label>Classes <span class="hint" id="classhint"></span></label>
-    <div id="classes"></div>
-    <input id="classids" type="text" placeholder="class ids, e.g. 207, 360" hidden>
-    <label for="schedule">Guidance schedule</label>
-    <select id="schedule"><option value="linear">linear (ramps up over the AR steps)</option>
-      <option value="constant">constant</option></select>
-  </div>
-  <div id="t2i" hidden>
-    <label for="prompt">Prompt <span class="hint" id="count"></span></label>
-    <textarea id="prompt" rows="4" placeholder="A red fox in the snow, golden hour"></textarea>
-    <label for="resolution">Resolution (H x W)</label>
-    <select id="resolution"></select>
-    <div class="row" id="anyres" hidden><div><input id="height" type="number"></div><div><input id="width" type="number"></div></div>
-  </div>
-  <div class="row">
-    <div><label for="num">Images</label><input id="num" type="number" min="1" max="16" value="4"></div>
-    <div><label for="seed">Seed <a href="#" id="dice" class="hint" title="pick a random seed">random</a></label>
-      <input id="seed" type="number" min="0" value="0"></div>
-  </div>
-  <div class="row">
-    <div><label for="steps">Steps</label><input id="steps" type="number" min="1" max="200" value="25"></div>
-    <div><label for="guidance">Guidance</label><input id="guidance" type="number" min="1" max="20" step="0.5" value="4"></div>
-  </div>
-  <button id="go" type="submit">Generate</button>
-  <div id="error" role="alert"></div>
-</form>
-<section>
-  <div class="panel" id="stage">
-    <div id="frame"><span id="placeholder">your image appears here, patch by patch</span><img id="preview" alt="" hidden></div>
-    <div id="side"><div id="status">Idle</div><progress id="bar" max="1" value="0"></progress>
-      <div class="hint" id="detail"></div></div>
-  </div>
-  <h2>History</h2>
-  <div id="history"><span class="hint">no results yet</span></div>
-</section>
-</main>
-<script>
-"use strict";
-const $ = id => document.getElementById(id);
-// Also a hook for the browser test: every progress step and preview the page received.
-const S = window.studio = {info: null, progressSteps: [], previewCount: 0, lastPreview: null, current: null, done: []};
-const picked = new Set();
+STATIC = Path(__file__).resolve().parent / "static"
+# Files the studio serves from bitdance/static: name -> content type. Nothing else under that folder is served.
+STATIC_FILES = {"studio.css": "text/css; charset=utf-8", "studio.js": "text/javascript; charset=utf-8"}
 
-function el(tag, props, text) {
-  const e = document.createElement(tag);
-  Object.assign(e, props || {});
-  if (text !== undefined) e.textContent = text;  // never innerHTML: class names and prompts are data
-  return e;
-}
 
-function kindName(m) { return m.kind === "text_to_image" ? "text-to-image" : "class-conditional"; }
-
-async function init() {
-  const info = S.info = await (await fetch("/api/info")).json();
-  S.models = Object.fromEntries(info.models.map(m => [m.name, m]));
-  if (info.models.length > 1) {  // one model: no selector, the page is as it always was
-    for (const m of info.models)
-      $("modelsel").append(el("option", {value: m.name}, m.name + " \u2014 P " + m.parallel_num + "x, " + m.ar_steps +
-        " AR steps, " + m.resolution + " px, " + kindName(m)));  // P first: a narrow select cuts the end
-    $("modelsel").addEventListener("change", () => useModel($("modelsel").value));
-    $("modelbox").hidden = false;
-  }
-  $("prompt").maxLength = info.limits.prompt_chars;
-  const count = () => $("count").textContent = $("prompt").value.length + " / " + info.limits.prompt_chars;
-  $("prompt").addEventListener("input", count); count();
-  useModel(info.default_model);
-  await loadHistory();
-}
-
-// Show the inputs of model `name`: its class picker or prompt box, resolutions and defaults. Seed and
-// steps stay as typed; guidance and the number of images reset only when the kind changes.
-function useModel(name) {
-  const prev = S.model, info = S.model = S.models[name];
-  $("modelsel").value = name; $("modelsel").title = $("modelsel").selectedOptions[0]?.textContent || "";
-  $("model").textContent = (S.info.models.length > 1 ? name + ": " : "") + info.description;
-  const d = info.defaults;
-  if (!prev) { $("steps").value = d.steps; $("seed").value = d.seed; }
-  if (!prev || prev.kind !== info.kind) { $("guidance").value = d.guidance; $("num").value = d.num_images; }
-  $("num").max = info.max_images;
-  $("t2i").hidden = info.kind !== "text_to_image"; $("cc").hidden = info.kind === "text_to_image";
-  if (info.kind === "text_to_image") {
-    $("resolution").replaceChildren();
-    $("resolution").hidden = info.any_resolution; $("anyres").hidden = !info.any_resolution;
-    if (info.any_resolution) {
-      $("height").value = d.height; $("width").value = d.width;
-      $("height").step = $("width").step = info.resolution_unit;
-    } else {
-      for (const [h, w] of info.resolutions) {
-        const o = el("option", {value: h + "x" + w}, h + " x " + w);
-        if (h === d.height && w === d.width) o.selected = true;
-        $("resolution").append(o);
-      }
-    }
-  } else {
-    const n = info.num_classes, names = info.class_names;
-    picked.clear(); $("classes").replaceChildren(); $("classids").value = "";
-    $("classes").hidden = n > 100; $("classids").hidden = n <= 100;
-    if (n <= 100) {
-      $("classhint").textContent = "(click to pick one or more)";
-      for (let i = 0; i < n; i++) {
-        const b = el("button", {type: "button", title: "class " + i}, names ? i + " " + names[i] : String(i));
-        b.dataset.cls = i;
-        b.addEventListener("click", () => {
-          picked.has(i) ? picked.delete(i) : picked.add(i);
-          b.classList.toggle("on", picked.has(i));
-          if (picked.size > +$("num").value) $("num").value = Math.min(picked.size, info.max_images);
-        });
-        $("classes").append(b);
-      }
-    } else {
-      $("classhint").textContent = "(ids 0 to " + (n - 1) + ", comma separated)";
-    }
-  }
-}
-
-// The server takes JSON numbers only (no coercion); text that is no number is sent as typed, so the
-// server's message names the field.
-const num = v => (String(v).trim() !== "" && Number.isFinite(Number(v))) ? Number(v) : v;
-
-function payload() {
-  const m = S.model;
-  const p = {model: m.name, num_images: num($("num").value), seed: 0, steps: num($("steps").value),
-             guidance: num($("guidance").value)};
-  if (m.kind === "text_to_image") {
-    p.prompt = $("prompt").value;
-    if (m.any_resolution) { p.height = num($("height").value); p.width = num($("width").value); }
-    else { const [h, w] = $("resolution").value.split("x"); p.height = +h; p.width = +w; }
-  } else {
-    p.schedule = $("schedule").value;
-    p.classes = m.num_classes <= 100 ? [...picked].sort((a, b) => a - b)
-      : $("classids").value.split(/[\s,]+/).filter(s => s.length).map(num);
-  }
-  return p;
-}
-
-// Seeds go up to 2^63 - 1, past what a JS number holds exactly (2^53): their digits go into the JSON text.
-function body() {
-  const p = payload(), seed = $("seed").value.trim();
-  if (/^\d+$/.test(seed)) return JSON.stringify(p).replace('"seed":0', '"seed":' + seed.replace(/^0+(?=\d)/, ""));
-  p.seed = num(seed);
-  return JSON.stringify(p);
-}
-
-$("dice").addEventListener("click", e => { e.preventDefault(); $("seed").value = Math.floor(Math.random() * 2 ** 31); });
-
-$("form").addEventListener("submit", async e => {
-  e.preventDefault();
-  $("error").textContent = "";
-  let r, j;
-  try {
-    r = await fetch("/api/generate", {method: "POST", headers: {"Content-Type": "application/json"},
-                                      body: body()});
-    j = await r.json();
-  } catch (err) { $("error").textContent = "the server did not answer: " + err; return; }
-  if (!r.ok) { $("error").textContent = j.error || ("HTTP " + r.status); return; }
-  watch(j.id);
-});
-
-function watch(id) {
-  S.current = id;
-  $("preview").hidden = true; $("placeholder").hidden = false; $("bar").value = 0;
-  const es = new EventSource("/api/jobs/" + id + "/events");
-  es.onmessage = ev => {
-    const s = JSON.parse(ev.data);
-    if (s.status === "done" || s.status === "error") es.close();
-    if (S.current === id) show(s);
-    if (s.status === "done") { S.done.push(id); loadHistory(); }
-  };
-  es.onerror = () => { if (es.readyState === EventSource.CLOSED && S.current === id) $("status").textContent = "connection lost"; };
-}
-
-function show(s) {
-  const st = $("status");
-  if (s.status === "queued") st.textContent = s.position ? "Waiting: " + s.position + " request(s) ahead of yours" : "Starting...";
-  else if (s.status === "running") st.textContent = "Generating: step " + s.step + " / " + (s.num_steps || "?");
-  else if (s.status === "done") st.textContent = "Done in " + s.seconds + " s";
-  else { st.textContent = "Failed"; $("error").textContent = s.error; }
-  $("bar").max = s.num_steps || 1; $("bar").value = s.status === "done" ? $("bar").max : s.step;
-  $("detail").textContent = describe(s.params);
-  if (s.preview) {
-    S.progressSteps.push(s.preview.step);
-    if (s.preview.src !== S.lastPreview) { S.previewCount++; S.lastPreview = s.preview.src; }
-    setImage(s.preview.src);
-  }
-  if (s.status === "done") setImage(s.grid_url);
-}
-
-function setImage(src) { $("preview").src = src; $("preview").hidden = false; $("placeholder").hidden = true; }
-
-function describe(p) {
-  if (!p) return "";
-  const m = S.models[p.model] || S.model, names = m.class_names;
-  const what = p.prompt !== undefined ? "\u201c" + p.prompt + "\u201d " + p.height + "x" + p.width
-    : "class " + p.classes.map(c => names ? c + " " + names[c] : c).join(", ");
-  const who = S.info.models.length > 1 ? p.model + " (P " + p.parallel_num + "x) \u00b7 " : "";
-  return who + what + " \u00b7 " + p.num_images + " img \u00b7 seed " + p.seed + " \u00b7 " + p.steps + " steps \u00b7 cfg " + p.guidance;
-}
-
-async function loadHistory() {
-  const items = await (await fetch("/api/history")).json();
-  const h = $("history");
-  h.replaceChildren();
-  if (!items.length) { h.append(el("span", {className: "hint"}, "no results yet")); return; }
-  for (const s of items) {
-    const card = el("div", {className: "item"});
-    card.dataset.job = s.id;
-    card.append(el("img", {src: s.grid_url, alt: describe(s.params), title: describe(s.params)}));
-    card.append(el("div", {className: "meta"}, describe(s.params) + " \u00b7 " + s.seconds + " s"));
-    const dl = el("a", {className: "download", href: s.grid_url, download: "bitdance-" + s.id + ".png"}, "Download");
-    card.append(dl);
-    if (s.images.length > 1) s.images.forEach((u, k) =>
-      card.append(el("a", {href: u, download: "bitdance-" + s.id + "-" + k + ".png", title: "image " + (k + 1)}, "#" + (k + 1))));
-    h.append(card);
-  }
-}
-
-init().catch(err => { $("error").textContent = "could not load the model info: " + err; });
-</script>
-</body></html>
-"""
+def _static(name: str) -> bytes:
+    return (STATIC / name).read_bytes()

@@ -49,6 +49,7 @@ from .checkpoint import (
 from .config import ConfigError, HeadConfig
 from .head import DiffusionHead
 from .sampler import FlowSampler
+from .sampling import block_causal_mask, block_mask, generate_blocks
 from .transformer import flip_bits, generation_order
 
 __all__ = [
@@ -269,10 +270,7 @@ def t2i_attention_mask(valid: torch.Tensor, num_causal: int, block: int) -> torc
     (so padding rows stay finite).
     """
     T = valid.shape[1]
-    pos = torch.arange(T, device=valid.device)
-    blk = torch.where(pos < num_causal, pos, num_causal + torch.div(pos - num_causal, block, rounding_mode="floor"))
-    struct = (pos[None, :] <= pos[:, None]) | (blk[None, :] == blk[:, None])
-    allowed = struct[None] & valid[:, None, :]
+    allowed = block_causal_mask(T, num_causal, block, device=valid.device)[None] & valid[:, None, :]
     return allowed | torch.eye(T, dtype=torch.bool, device=valid.device)[None]
 
 
@@ -412,62 +410,20 @@ class BitDanceT2I(nn.Module):
         ``callback(step, num_steps, latents_so_far)`` runs after each AR step with a fresh (B, d, h, w)
         grid whose not-yet-generated tokens are 0 (same contract as :meth:`BitDance.generate`).
         """
-        from transformers import DynamicCache
-
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:
             raise ValueError("no prompts")
-        sampler = sampler if sampler is not None else FlowSampler(num_steps=50)
         h, w = self.config.check_resolution(height, width)
-        P = self.config.parallel_num
-        B = len(prompts)
-        guided = guidance_scale > 1.0
-        rows: list[str | None] = prompts + ([None] * B if guided else [])
-        R = len(rows)
-        dev, ldt = self.device, self._llm_dtype()
-
-        inp = self.build_inputs(rows, h, w)
-        n_blocks = (h * w) // P
-        Lp = inp.num_causal
-        T = Lp + P * n_blocks  # the last image block is never fed back
-        valid = torch.cat([inp.valid, torch.ones(R, T - inp.valid.shape[1], dtype=torch.bool)], 1).to(dev)
-        positions = self.position_ids(valid)
-        mask = _additive(t2i_attention_mask(valid, Lp, P), ldt)
-        pos_embed = self.image_pos_embed(h, w).to(dev)
-        order = generation_order(h, w, self.config.patch_size).to(dev)
-
-        embeds = self.llm.get_input_embeddings()(inp.input_ids.to(dev))  # (R, Lp + P, hidden)
-        cache = DynamicCache(config=self.llm.config) if use_kv_cache else None
-        head_dtype = self.vision_head.net.cond_embed.weight.dtype
-        d = self.config.latent_dim
-        # Raster-order grid filled as blocks arrive, so a callback can see the partial image.
-        grid = torch.zeros(B, h * w, d, device=dev)
-
-        def as_latents() -> torch.Tensor:
-            return grid.view(B, h, w, d).permute(0, 3, 1, 2).contiguous()
-
-        for k in range(n_blocks):
-            end = Lp + P * (k + 1)
-            start = (0 if k == 0 else end - P) if use_kv_cache else 0
-            x = embeds[:, start:end] if not use_kv_cache or k == 0 else embeds[:, -P:]
-            hid = self.llm.model(inputs_embeds=x.to(ldt), attention_mask=mask[:, :, start:end, :end],
-                                 position_ids=positions[:, start:end], past_key_values=cache,
-                                 use_cache=use_kv_cache).last_hidden_state[:, -P:]
-            blk_pos = pos_embed[k * P:(k + 1) * P]
-            cond = (hid.float() + blk_pos).to(head_dtype)
-            sample = self.vision_head.sample(cond, sampler=sampler, guidance_scale=guidance_scale,
-                                             generator=generator)
-            bits = torch.where(sample >= 0, 1.0, -1.0)  # (B, P, d)
-            grid[:, order[k * P:(k + 1) * P]] = bits.to(grid.dtype)
-            if callback is not None:
-                callback(k, n_blocks, as_latents())
-            if k + 1 < n_blocks:
-                fed = self.embed_image_tokens(bits, blk_pos)
-                fed = torch.cat([fed, fed]) if guided else fed
-                embeds = fed if use_kv_cache else torch.cat([embeds, fed.to(embeds.dtype)], 1)
-        return as_latents()
+        rows: list[str | None] = prompts + ([None] * len(prompts) if guidance_scale > 1.0 else [])
+        source = _TextToImageSource(self, rows, h, w, use_kv_cache)
+        return generate_blocks(source, self.vision_head, batch=len(prompts), grid=(h, w),
+                               order=generation_order(h, w, self.config.patch_size),
+                               parallel_num=self.config.parallel_num, latent_dim=self.config.latent_dim,
+                               sampler=sampler if sampler is not None else FlowSampler(num_steps=50),
+                               guidance_scale=guidance_scale, guidance_schedule="constant", generator=generator,
+                               callback=callback, device=self.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, **kw) -> torch.Tensor:
@@ -548,6 +504,47 @@ class BitDanceT2I(nn.Module):
         atomic_write(path / HEAD_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(head_json, indent=2)))
         save_safetensors({f"net.{k}": v for k, v in self.vision_head.net.state_dict().items()}, path / HEAD_WEIGHTS)
         save_safetensors(dict(self.projector.state_dict()), path / PROJECTOR_WEIGHTS)
+
+
+class _TextToImageSource:
+    """:class:`~bitdance.sampling.BlockSource` of :class:`BitDanceT2I`: the left-padded text (+ vision start,
+    resolution and query tokens) as the prefix, then the fed-back blocks (projector + 2D sin-cos) through the
+    LLM with its KV cache (or a full recompute without it); plain 1D positions per row."""
+
+    def __init__(self, model: BitDanceT2I, rows: list[str | None], h: int, w: int, use_kv_cache: bool):
+        from transformers import DynamicCache
+
+        self.model, self.P = model, model.config.parallel_num
+        dev, self.ldt = model.device, model._llm_dtype()
+        inp = model.build_inputs(rows, h, w)
+        self.Lp = inp.num_causal
+        T = self.Lp + self.P * ((h * w) // self.P)  # the last image block is never fed back
+        valid = torch.cat([inp.valid, torch.ones(len(rows), T - inp.valid.shape[1], dtype=torch.bool)], 1).to(dev)
+        self.positions = model.position_ids(valid)
+        self.mask = _additive(t2i_attention_mask(valid, self.Lp, self.P), self.ldt)
+        self.pos_embed = model.image_pos_embed(h, w).to(dev)
+        self.embeds = model.llm.get_input_embeddings()(inp.input_ids.to(dev))  # (R, Lp + P, hidden)
+        self.cache = DynamicCache(config=model.llm.config) if use_kv_cache else None
+        self.head_dtype = model.vision_head.net.cond_embed.weight.dtype
+
+    def _condition(self, block: int) -> torch.Tensor:
+        """LLM outputs of the P positions that predict ``block``, plus that block's 2D position embedding."""
+        end = self.Lp + self.P * (block + 1)
+        start = (0 if block == 0 else end - self.P) if self.cache is not None else 0
+        x = self.embeds if self.cache is None or block == 0 else self.embeds[:, -self.P:]
+        hid = self.model.llm.model(inputs_embeds=x.to(self.ldt), attention_mask=self.mask[:, :, start:end, :end],
+                                   position_ids=self.positions[:, start:end], past_key_values=self.cache,
+                                   use_cache=self.cache is not None).last_hidden_state[:, -self.P:]
+        blk_pos = self.pos_embed[block * self.P:(block + 1) * self.P]
+        return (hid.float() + blk_pos).to(self.head_dtype)
+
+    def first(self) -> torch.Tensor:
+        return self._condition(0)
+
+    def next(self, block: int, tokens: torch.Tensor) -> torch.Tensor:
+        fed = self.model.embed_image_tokens(tokens, self.pos_embed[block * self.P:(block + 1) * self.P])
+        self.embeds = fed if self.cache is not None else torch.cat([self.embeds, fed.to(self.embeds.dtype)], 1)
+        return self._condition(block + 1)
 
 
 OFFLOADABLE = ("ae", "lm_head")
@@ -708,8 +705,7 @@ def pack_batch(model: BitDanceT2I, samples: Sequence[tuple[str, torch.Tensor]], 
         raise ValueError("no samples")
     sid = torch.tensor(sids)
     blk = torch.tensor(blk_ids)
-    pos = torch.arange(offset)
-    mask = ((pos[None, :] <= pos[:, None]) | (blk[None, :] == blk[:, None])) & (sid[None, :] == sid[:, None])
+    mask = block_mask(blk) & (sid[None, :] == sid[:, None])  # packed samples never see each other
     return PackedBatch(
         input_ids=torch.tensor([ids], dtype=torch.long), image_index=torch.cat(img_idx),
         image_tokens=torch.cat(img_tok).float(), image_pos_embed=torch.cat(img_pe), mask=mask[None],

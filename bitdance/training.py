@@ -37,10 +37,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import validation
 from .checkpoint import atomic_write, load_file, remove_stale_temps
 from .config import BitDanceConfig, TokenizerConfig, bitdance_preset, tokenizer_preset
+from .data import fetch_batch
 from .precision import auto_precision, bf16_supported
-from . import validation
 
 __all__ = ["TrainConfig", "TrainingError", "train", "main", "bf16_supported"]
 
@@ -278,13 +279,6 @@ def _load_data(cfg: TrainConfig):
     return load_dataset(cfg.data, image_size=cfg.image_size or None, split=cfg.split)
 
 
-def _fetch(ds, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(ds, "batch"):
-        return ds.batch(idx)
-    items = [ds[int(i)] for i in idx]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-
-
 @torch.no_grad()
 def encode_dataset(tokenizer, ds, device, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
     """All latents of a dataset as int8 in {-1, +1} (B, d, h, w)."""
@@ -293,7 +287,7 @@ def encode_dataset(tokenizer, ds, device, batch_size: int = 256, progress: bool 
     out = []
     it = range(0, len(ds), batch_size)
     for s in tqdm(it, desc="encoding dataset", disable=not progress, leave=False):
-        x, _ = _fetch(ds, torch.arange(s, min(s + batch_size, len(ds))))
+        x, _ = fetch_batch(ds, torch.arange(s, min(s + batch_size, len(ds))))
         out.append(tokenizer.encode(x.to(device)).to(torch.int8).cpu())
     return torch.cat(out)
 
@@ -344,7 +338,7 @@ class GeneratorTask:
             lat = self.latents[idx].to(device=device, dtype=torch.float32)
             labels = self._labels(idx)
         else:
-            x, labels = _fetch(self.data, idx)
+            x, labels = fetch_batch(self.data, idx)
             with torch.no_grad():
                 lat = self.tokenizer.encode(x.to(device))
         loss = model(lat, labels.to(device), generator=g)
@@ -389,7 +383,7 @@ class TokenizerTask:
 
     def loss(self, model, idx, device, g):
         cfg = self.cfg
-        x, _ = _fetch(self.data, idx)
+        x, _ = fetch_batch(self.data, idx)
         x = x.to(device)
         out = model(x, generator=g)
         rec = out.reconstruction.float()
@@ -680,7 +674,7 @@ class T2ITask:
 
     # data ---------------------------------------------------------------------------------------
     def _images(self, idx: torch.Tensor, res: tuple[int, int]) -> torch.Tensor:
-        x, _ = _fetch(self.data, idx)
+        x, _ = fetch_batch(self.data, idx)
         return _resize(x.float(), *res)
 
     def _cached_latents(self, res: tuple[int, int], d: Dist, log) -> torch.Tensor:
@@ -735,7 +729,7 @@ class T2ITask:
     def sample_images(self, wrapper: nn.Module, prompts: list[str], *, seed: int = 0, num_steps: int = 25,
                       guidance_scale: float = 4.0, res: tuple[int, int] | None = None) -> np.ndarray:
         """(len(prompts), H, W, 3) uint8 generated at ``res`` (default: the first training resolution)."""
-        from .pipeline import to_uint8
+        from .images import to_uint8
         from .sampler import FlowSampler
 
         h, w = res or self.res[0]
@@ -1050,14 +1044,14 @@ class Trainer:
     def sample_grid(self, path: Path) -> None:
         from PIL import Image
 
-        from .pipeline import make_grid, to_uint8
+        from .images import make_grid, to_uint8
 
         msd, _, ema = self.gather(optimizer=False)
         if not self.d.main:
             return
         net = self.inference_copy(msd, ema)
         if self.cfg.task == "tokenizer":
-            x, _ = _fetch(self.task.data, torch.arange(min(16, len(self.task.data))))
+            x, _ = fetch_batch(self.task.data, torch.arange(min(16, len(self.task.data))))
             rec = net.decode(net.encode(x.to(self.d.device)))
             arr = np.concatenate([to_uint8(x).numpy(), to_uint8(rec).numpy()])
             grid = make_grid(arr, len(x))
@@ -1126,7 +1120,7 @@ def generate_class_grid(model, tokenizer, *, rows: int, cols: int, seed: int = 0
                         num_steps: int = 25, guidance_scale: float = 2.0,
                         guidance_schedule: str = "linear") -> np.ndarray:
     """Samples for classes 0..rows-1, ``cols`` each (row-major), as (rows*cols, H, W, 3) uint8."""
-    from .pipeline import to_uint8
+    from .images import to_uint8
     from .sampler import FlowSampler
 
     labels = torch.arange(rows, device=device).repeat_interleave(cols)

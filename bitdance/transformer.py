@@ -31,8 +31,8 @@ from . import rng
 from .config import BitDanceConfig
 from .compiling import FrozenCompiled
 from .head import attention, build_head
-from .quantizer import binarize
-from .sampler import FlowSampler, guidance_at
+from .sampler import FlowSampler
+from .sampling import block_causal_mask, generate_blocks
 
 __all__ = ["BitDance", "KVCache", "generation_order", "block_causal_mask", "rope_2d", "flip_bits"]
 
@@ -48,14 +48,6 @@ def generation_order(h: int, w: int, p: int, order: str = "patch") -> torch.Tens
     if order != "patch":
         raise ValueError(f"unknown token order {order!r}")
     return idx.view(h // p, p, w // p, p).permute(0, 2, 1, 3).flatten()
-
-
-def block_causal_mask(length: int, num_causal: int, block: int, device=None) -> torch.Tensor:
-    """Boolean (length, length), True = may attend: causal for the first ``num_causal`` positions,
-    then blocks of ``block`` positions that see each other and everything before."""
-    pos = torch.arange(length, device=device)
-    blk = torch.where(pos < num_causal, pos, num_causal + (pos - num_causal) // block)
-    return (pos[None, :] <= pos[:, None]) | (blk[None, :] == blk[:, None])
 
 
 def rope_2d(coords: torch.Tensor, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,7 +377,6 @@ class BitDance(nn.Module):
         "token": both); the diffusion head uses ``sampler`` instead and refuses them.
         """
         cfg = self.config
-        sampler = sampler or FlowSampler()
         if cfg.head_type == "diffusion":
             if temperature != 1.0 or top_k is not None:
                 raise ValueError("temperature and top_k apply to the classification heads "
@@ -393,46 +384,54 @@ class BitDance(nn.Module):
             head_kw = {}
         else:
             head_kw = {"temperature": temperature, "top_k": top_k}
-        causal = cfg.block_attention == "causal"
-        guided = guidance_scale > 1.0
-        B, P, N, steps = len(class_ids), cfg.parallel_num, cfg.num_tokens, cfg.num_steps
         ids = class_ids.to(self.cls_embedding.weight.device).long()
-        if guided:
+        if guidance_scale > 1.0:  # the null-class sequences, in the same batch
             ids = torch.cat([ids, torch.full_like(ids, cfg.num_classes)])
-        R = len(ids)
-        dtype = self.proj_in.w1.weight.dtype
-        prefix = self._class_prefix(ids)
-        tokens = torch.zeros(R, N, cfg.latent_dim, device=prefix.device, dtype=torch.float32)
-        cache = self._kv_cache(R, device=prefix.device) if use_kv_cache else None
-        compiled = self._compiled_decode if cache is not None else None
-        if compiled is not None:
-            compiled.refresh()
-        for step in range(steps):
-            done = step * P
-            if compiled is not None and step > 0:
-                start = self.prefix_len + done - P
-                positions = torch.arange(start, start + P, device=prefix.device)
-                cond = compiled(tokens[:, done - P: done].clone(), positions, cache)
-            elif cache is not None:  # feed only what is new: the prefix, then the last block
-                if step == 0:
-                    x, start, mask = prefix, 0, self.attn_mask[: self.prefix_len, : self.prefix_len]
-                else:
-                    x = self.proj_in(tokens[:, done - P: done].to(dtype))
-                    start = self.prefix_len + done - P
-                    # bidirectional: a new block sees everything; causal: not its own later positions
-                    mask = self.attn_mask[start: start + P, : start + P] if causal else None
-            else:  # recompute the whole sequence
-                x = torch.cat([prefix, self.proj_in(tokens[:, :done].to(dtype))], dim=1)
-                start, mask = 0, self.attn_mask[: x.shape[1], : x.shape[1]]
-            if compiled is None or step == 0:
-                h = self._transformer(x, start, mask, cache)
-                cond = self.norm(h[:, -P:]) + self.pos_for_diff.weight[done: done + P]
-            scale = guidance_at(guidance_scale, step, steps, guidance_schedule)
-            sample = self.head.sample(cond, sampler=sampler, guidance_scale=scale, generator=generator, **head_kw)
-            new = binarize(sample)
-            if scale > 1.0:
-                new = torch.cat([new, new])
-            tokens[:, done: done + P] = new
-            if callback is not None:
-                callback(step, steps, self.from_sequence(tokens[:B]))
-        return self.from_sequence(tokens[:B])
+        source = _ClassConditionalSource(self, ids, use_kv_cache)
+        return generate_blocks(source, self.head, batch=len(class_ids), grid=(cfg.grid_size, cfg.grid_size),
+                               order=self.order, parallel_num=cfg.parallel_num, latent_dim=cfg.latent_dim,
+                               sampler=sampler or FlowSampler(), guidance_scale=guidance_scale,
+                               guidance_schedule=guidance_schedule, generator=generator, callback=callback,
+                               head_kwargs=head_kw, device=ids.device)
+
+
+class _ClassConditionalSource:
+    """:class:`~bitdance.sampling.BlockSource` of :class:`BitDance`: class tokens (+ P-1 query tokens) as
+    the prefix, then the fed-back blocks; the KV cache (or a full recompute without it, for checks) and,
+    when compiled, the cached step as one graph."""
+
+    def __init__(self, model: BitDance, ids: torch.Tensor, use_kv_cache: bool):
+        cfg = model.config
+        self.model, self.P = model, cfg.parallel_num
+        self.prefix = model._class_prefix(ids)
+        self.cache = model._kv_cache(len(ids), device=self.prefix.device) if use_kv_cache else None
+        self.compiled = model._compiled_decode if self.cache is not None else None
+        if self.compiled is not None:
+            self.compiled.refresh()
+        # every fed block, for the recompute path (no cache)
+        self.fed = torch.zeros(len(ids), cfg.num_tokens, cfg.latent_dim, device=self.prefix.device)
+        self.causal = cfg.block_attention == "causal"
+
+    def _condition(self, x: torch.Tensor, start: int, mask, done: int) -> torch.Tensor:
+        m = self.model
+        h = m._transformer(x, start, mask, self.cache)
+        return m.norm(h[:, -self.P:]) + m.pos_for_diff.weight[done: done + self.P]
+
+    def first(self) -> torch.Tensor:
+        m = self.model
+        return self._condition(self.prefix, 0, m.attn_mask[: m.prefix_len, : m.prefix_len], 0)
+
+    def next(self, block: int, tokens: torch.Tensor) -> torch.Tensor:
+        m, P = self.model, self.P
+        done = (block + 1) * P
+        self.fed[:, done - P: done] = tokens
+        start = m.prefix_len + done - P
+        if self.compiled is not None:
+            positions = torch.arange(start, start + P, device=tokens.device)
+            return self.compiled(tokens.clone(), positions, self.cache)
+        dtype = m.proj_in.w1.weight.dtype
+        if self.cache is not None:  # feed only the new block; it sees the whole cache (causal: not its later positions)
+            mask = m.attn_mask[start: start + P, : start + P] if self.causal else None
+            return self._condition(m.proj_in(tokens.to(dtype)), start, mask, done)
+        x = torch.cat([self.prefix, m.proj_in(self.fed[:, :done].to(dtype))], dim=1)
+        return self._condition(x, 0, m.attn_mask[: x.shape[1], : x.shape[1]], done)

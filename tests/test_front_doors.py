@@ -471,3 +471,15 @@ def test_saving_a_folder_over_a_file_is_refused(pipe, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="is an existing file, not a model folder"):
         pipe.save_pretrained(target)
     assert target.read_bytes() == b"an unrelated file" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_page_runs_no_inline_code(studio):
+    code, page, r = _request(studio, "GET", "/", token=False)
+    csp = r.getheader("Content-Security-Policy")
+    assert code == 200 and "unsafe-inline" not in csp and "script-src 'self'" in csp
+    assert b"<script>" not in page and b"<style>" not in page and b' style="' not in page
+    for name, ctype in (("studio.js", "text/javascript"), ("studio.css", "text/css")):
+        code, body, r = _request(studio, "GET", f"/static/{name}", token=False)
+        assert code == 200 and r.getheader("Content-Type").startswith(ctype) and len(body) > 100
+    for path in ("/static/studio.html.bak", "/static/../studio.py", "/static/%2e%2e/studio.py", "/static/"):
+        assert _request(studio, "GET", path, token=False)[0] == 404, path

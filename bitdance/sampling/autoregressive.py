@@ -1,0 +1,84 @@
+"""How an image is made: the next-patch loop that every BitDance model runs.
+
+An image is a grid of h x w binary tokens (d bits each). They are generated P at a time, in the model's
+generation order (p x p patches in raster order, raster order inside a patch), in h*w/P autoregressive
+steps. One step:
+
+1. the model turns everything generated so far into a *condition* for each of the next P tokens
+   (a transformer with a KV cache: the model's side, behind :class:`BlockSource`);
+2. the head samples the d bits of those P tokens jointly from the condition (the binary diffusion head:
+   rectified flow, guided with the scale of this step; or one of the classification heads);
+3. the samples are projected onto the hypercube with ``sign`` (:func:`binarize_sample`), written into
+   the grid and fed back.
+
+Guidance runs the unconditional sequences in the same batch: rows 0..B-1 are conditional, rows B..2B-1
+unconditional. Where the step's scale is above 1 the head returns one sample per image and both halves
+are fed the same tokens (the authors' code does the same); where it is 1 (the first steps of the linear
+schedule) the head samples the two halves independently.
+
+The class-conditional model (:meth:`bitdance.BitDance.generate`) and the text-to-image model
+(:meth:`bitdance.t2i.BitDanceT2I.generate`) differ only in their :class:`BlockSource`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from ..sampler import FlowSampler, guidance_at
+
+__all__ = ["BlockSource", "binarize_sample", "generate_blocks"]
+
+
+class BlockSource(Protocol):
+    """The model's side of the loop: conditions for the head, one block of P tokens at a time."""
+
+    def first(self) -> torch.Tensor:
+        """Condition (R, P, width) of block 0, from the prefix alone (class or text tokens)."""
+
+    def next(self, block: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed the tokens (R, P, d) of block ``block``; return the condition of block ``block + 1``."""
+
+
+def binarize_sample(sample: torch.Tensor) -> torch.Tensor:
+    """The head's samples onto {-1, +1}: ``sign``, as the authors' samplers do (an exact 0, which a
+    continuous sample reaches with probability zero, stays 0 there too)."""
+    return torch.sign(sample)
+
+
+def generate_blocks(source: BlockSource, head: Any, *, batch: int, grid: tuple[int, int], order: torch.Tensor,
+                    parallel_num: int, latent_dim: int, sampler: FlowSampler | None = None,
+                    guidance_scale: float = 1.0, guidance_schedule: str = "constant",
+                    generator: torch.Generator | None = None,
+                    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                    head_kwargs: dict[str, Any] | None = None, device=None) -> torch.Tensor:
+    """Binary latents (batch, latent_dim, h, w) generated block by block (see the module docstring).
+
+    ``order[n]`` is the raster index (row * w + col) of the n-th generated token. ``head.sample(cond,
+    sampler=, guidance_scale=, generator=, **head_kwargs)`` samples a block; ``callback(step, num_steps,
+    latents_so_far)`` runs after each step with the grid so far (tokens not generated yet are 0).
+    """
+    h, w = grid
+    P, B = parallel_num, batch
+    num_steps = (h * w) // P
+    latents = torch.zeros(B, h * w, latent_dim, device=device)
+
+    def spatial() -> torch.Tensor:
+        return latents.view(B, h, w, latent_dim).permute(0, 3, 1, 2).contiguous()
+
+    order = order.to(latents.device)
+    cond = source.first()
+    for step in range(num_steps):
+        scale = guidance_at(guidance_scale, step, num_steps, guidance_schedule)
+        sample = head.sample(cond, sampler=sampler, guidance_scale=scale, generator=generator, **(head_kwargs or {}))
+        tokens = binarize_sample(sample)
+        if tokens.shape[0] != cond.shape[0]:  # guided: one sample per image, fed to both halves
+            tokens = torch.cat([tokens] * (cond.shape[0] // tokens.shape[0]))
+        latents[:, order[step * P:(step + 1) * P]] = tokens[:B].to(latents.dtype)
+        if callback is not None:
+            callback(step, num_steps, spatial())
+        if step + 1 < num_steps:
+            cond = source.next(step, tokens)
+    return spatial()
