@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 __all__ = [
@@ -28,6 +28,9 @@ __all__ = [
     "BLOCK_ATTENTIONS",
     "TOKEN_HEAD_MAX_BITS",
     "TOKEN_HEAD_MAX_BYTES",
+    "T2IConfig",
+    "RESOLUTIONS_512",
+    "RESOLUTIONS_1024",
 ]
 
 # Heads that turn the AR condition into tokens (the paper's head ablation): the binary diffusion head,
@@ -451,3 +454,135 @@ def bitdance_preset(name: str, **overrides) -> BitDanceConfig:
         return BitDanceConfig(**kwargs)
     except TypeError as e:  # unknown override name
         raise ConfigError(f"preset {name!r}: {e}") from None
+
+
+# Released resolutions [H, W]; the transposes are added below.
+_BASE_1024 = [(2048, 512), (1920, 512), (1536, 640), (1280, 768), (1152, 896), (1024, 1024)]
+_BASE_512 = [(1024, 256), (896, 256), (640, 384), (512, 512)]
+
+
+def _with_transposes(base):
+    out = []
+    for h, w in base:
+        for r in ((h, w), (w, h)):
+            if r not in out:
+                out.append(r)
+    return tuple(out)
+
+
+RESOLUTIONS_1024: tuple[tuple[int, int], ...] = _with_transposes(_BASE_1024)
+RESOLUTIONS_512: tuple[tuple[int, int], ...] = _with_transposes(_BASE_512)
+
+
+# --------------------------------------------------------------------------------------------
+# Text-to-image: everything of a T2I model besides its LLM
+# --------------------------------------------------------------------------------------------
+@dataclass
+class T2IConfig:
+    """Everything of a T2I model besides the LLM (whose hidden size is the condition width).
+
+    ``resolutions`` lists the accepted [H, W] in pixels (default: the released 1024-area and 512-area
+    lists with their transposes). ``allow_any_resolution=True`` accepts any H, W that are multiples of
+    ``down_factor * sqrt(parallel_num)`` (for custom models), up to ``max_res_tokens * down_factor``.
+    """
+
+    parallel_num: int = 64  # P tokens per step (a square: 16 -> 4x4 patches, 64 -> 8x8)
+    latent_dim: int = 32  # bits per token
+    down_factor: int = 16  # pixels per token side
+    # Vision head (vision_head_config.json: ch_latent, depth_latent, depth_adanln, ...).
+    head_width: int = 5120
+    head_depth: int = 6
+    head_adaln: int = 2
+    head_dim: int = 128
+    time_shift: float = 1.0
+    time_schedule: str = "logit_normal"
+    P_mean: float = 0.0
+    P_std: float = 1.0
+    use_swiglu: bool = True
+    max_res_tokens: int = 256
+    resolutions: tuple[tuple[int, int], ...] = field(default_factory=lambda: RESOLUTIONS_1024 + RESOLUTIONS_512)
+    allow_any_resolution: bool = False
+
+    def __post_init__(self):
+        p = math.isqrt(self.parallel_num) if self.parallel_num >= 1 else 0
+        if p < 1 or p * p != self.parallel_num:
+            raise ConfigError(f"T2IConfig: parallel_num={self.parallel_num} must be a square (16, 64, ...)")
+        if not self.use_swiglu:
+            raise ConfigError("T2IConfig: only use_swiglu=true vision heads are supported")
+        if self.latent_dim < 1 or self.down_factor < 1 or self.max_res_tokens < 1:
+            raise ConfigError("T2IConfig: latent_dim, down_factor and max_res_tokens must be >= 1")
+        self.resolutions = tuple((int(h), int(w)) for h, w in self.resolutions)
+
+    @property
+    def patch_size(self) -> int:
+        return math.isqrt(self.parallel_num)
+
+    def head_config(self, hidden: int) -> HeadConfig:
+        return HeadConfig(variant="transformer", in_channels=self.latent_dim, cond_channels=hidden,
+                          width=self.head_width, depth=self.head_depth, adaln_blocks=self.head_adaln,
+                          head_dim=self.head_dim, parallel_num=self.parallel_num, output_activation="tanh",
+                          time_schedule=self.time_schedule, time_shift=self.time_shift, P_mean=self.P_mean,
+                          P_std=self.P_std)
+
+    def check_resolution(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) token grid for an image of height x width pixels; ValueError if not accepted."""
+        height, width = int(height), int(width)
+        unit = self.down_factor * self.patch_size
+        if self.allow_any_resolution:
+            ok = (height > 0 and width > 0 and height % unit == 0 and width % unit == 0
+                  and max(height, width) <= self.max_res_tokens * self.down_factor)
+            if not ok:
+                raise ValueError(f"resolution {height}x{width} (HxW) is not allowed: height and width must be "
+                                 f"positive multiples of {unit} px (down factor {self.down_factor} x patch "
+                                 f"{self.patch_size}) and at most {self.max_res_tokens * self.down_factor} px")
+        elif (height, width) not in self.resolutions:
+            allowed = ", ".join(f"{h}x{w}" for h, w in self.resolutions)
+            raise ValueError(f"resolution {height}x{width} (HxW) is not allowed; allowed resolutions: {allowed}")
+        h, w = height // self.down_factor, width // self.down_factor
+        if h % self.patch_size or w % self.patch_size or h * self.down_factor != height \
+                or w * self.down_factor != width or max(h, w) > self.max_res_tokens:
+            raise ValueError(f"resolution {height}x{width} does not give a token grid divisible into "
+                             f"{self.patch_size}x{self.patch_size} patches of {self.down_factor} px tokens")
+        return h, w
+
+    # ---- vision_head_config.json ----
+    def vision_head_json(self, hidden: int) -> dict[str, Any]:
+        d = {"ch_target": self.latent_dim, "ch_cond": hidden, "ch_latent": self.head_width,
+             "depth_latent": self.head_depth, "depth_adanln": self.head_adaln, "parallel_num": self.parallel_num,
+             "time_shift": self.time_shift, "time_schedule": self.time_schedule, "P_mean": self.P_mean,
+             "P_std": self.P_std, "use_swiglu": self.use_swiglu}
+        if self.head_dim != 128:  # not in the released files (they all use 128); kept for custom heads
+            d["head_dim"] = self.head_dim
+        if self.down_factor != 16:  # released folders are all 16x; custom (e.g. small-image) models store it
+            d["down_factor"] = self.down_factor
+        return d
+
+    @classmethod
+    def from_vision_head_json(cls, d: dict[str, Any], **overrides) -> T2IConfig:
+        kw: dict[str, Any] = {}
+        names = {"ch_target": "latent_dim", "ch_latent": "head_width", "depth_latent": "head_depth",
+                 "depth_adanln": "head_adaln", "parallel_num": "parallel_num", "time_shift": "time_shift",
+                 "time_schedule": "time_schedule", "P_mean": "P_mean", "P_std": "P_std",
+                 "use_swiglu": "use_swiglu", "head_dim": "head_dim", "down_factor": "down_factor"}
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected an object of fields, got {type(d).__name__}")
+        for k, v in d.items():
+            if k in names:
+                want = bool if k == "use_swiglu" else str if k == "time_schedule" else \
+                    float if k in ("time_shift", "P_mean", "P_std") else int
+                ok = isinstance(v, want) and not (want is not bool and isinstance(v, bool))
+                if want is float:
+                    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                if not ok:
+                    raise ConfigError(f"{k} must be {want.__name__ if want is not float else 'a finite number'}, "
+                                      f"got {v!r:.40}")
+                if want is int and v < 1:
+                    raise ConfigError(f"{k} must be a positive integer, got {v}")
+                kw[names[k]] = v
+        valid = {f.name for f in fields(cls)}
+        for k, v in overrides.items():
+            if k not in valid:
+                raise TypeError(f"T2IConfig has no field {k!r}")
+            if v is not None:
+                kw[k] = v
+        return cls(**kw)

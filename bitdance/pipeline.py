@@ -31,10 +31,11 @@ import torch
 from . import validation
 from .checkpoint import (FORMAT, CheckpointError, load_component, load_official_generator, load_tokenizer,
                          read_folder_config, replace_folder, write_folder)
-from .config import BitDanceConfig, ConfigError
+from .config import BitDanceConfig, ConfigError, T2IConfig
 from .images import make_grid, to_uint8
 from .sampler import FlowSampler
-from .t2i import AE_WEIGHTS, HEAD_CONFIG, BitDanceT2I, T2IConfig
+from .t2i import BitDanceT2I
+from .t2i_folder import AE_WEIGHTS, HEAD_CONFIG, check_offload
 from .tokenizer import BinaryTokenizer
 from .transformer import BitDance
 from .version import __version__
@@ -307,7 +308,6 @@ class BitDanceT2IPipeline:
         if bad:  # a caller's typo, not a broken folder
             raise TypeError(f"unknown text-to-image config field(s) {bad}; T2IConfig has {sorted(valid)}")
         from .precision import forced_dtype
-        from .t2i import check_offload
 
         if dtype is None and forced_dtype() is not None:
             dtype = torch.bfloat16 if forced_dtype() == "bf16" else torch.float32

@@ -184,10 +184,10 @@ def test_batch_padding_does_not_change_result(model):
 
 
 def _hidden(model, inp, attn=None):
-    from bitdance.t2i import _additive
+    from bitdance.t2i import additive_mask
 
     valid = inp.valid
-    mask = _additive(t2i_attention_mask(valid, inp.num_causal, P), torch.float32)
+    mask = additive_mask(t2i_attention_mask(valid, inp.num_causal, P), torch.float32)
     pos = model.position_ids(valid)
     emb = model.llm.get_input_embeddings()(inp.input_ids)
     with torch.no_grad():
@@ -268,7 +268,7 @@ def test_mask_is_applied(attn):
     see each other, padding does not leak, and eager == sdpa."""
     from transformers import Qwen3Config, Qwen3Model
 
-    from bitdance.t2i import _additive
+    from bitdance.t2i import additive_mask
 
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -276,7 +276,7 @@ def test_mask_is_applied(attn):
     cfg._attn_implementation = attn
     net = Qwen3Model(cfg).eval()
     valid = torch.tensor([[True] * 9, [False, False] + [True] * 7])
-    mask = _additive(t2i_attention_mask(valid, 3, 3), torch.float32)
+    mask = additive_mask(t2i_attention_mask(valid, 3, 3), torch.float32)
     pos = (valid.long().cumsum(1) - 1).clamp_min(0)
     x = torch.randn(2, 9, 32)
 

@@ -18,18 +18,14 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from bitdance.sampler import FlowSampler
 from bitdance.t2i import (
-    IGNORE_INDEX,
     BitDanceT2I,
     T2IConfig,
-    _additive,
-    distill_from,
-    pack_batch,
-    packed_head_condition,
+    additive_mask,
     query_token,
     special_tokens,
     t2i_attention_mask,
-    training_loss,
 )
+from bitdance.t2i_training import IGNORE_INDEX, distill_from, pack_batch, packed_head_condition, training_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,7 +84,7 @@ def unpacked_condition(model, prompt, lat):
                         model.embed_image_tokens(tokens[:, :-Pn], pe[:-Pn])], 1)
     T = embeds.shape[1]
     valid = torch.cat([inp.valid, torch.ones(1, T - inp.valid.shape[1], dtype=torch.bool)], 1)
-    mask = _additive(t2i_attention_mask(valid, inp.num_causal, Pn), embeds.dtype)
+    mask = additive_mask(t2i_attention_mask(valid, inp.num_causal, Pn), embeds.dtype)
     hid = model.llm.model(inputs_embeds=embeds, attention_mask=mask,
                           position_ids=model.position_ids(valid)).last_hidden_state
     return hid[0, inp.num_causal:] + pe
@@ -128,11 +124,11 @@ def test_position_ids_and_labels(model, samples):
     assert torch.equal(pos[starts[1]:], torch.arange(len(pos) - starts[1]))
     ids, lab = packed.input_ids[0], packed.labels[0]
     for s, (prompt, _) in enumerate(samples):
-        text = model._text_ids(model.prompt_text(prompt))
+        text = model.text_ids(model.prompt_text(prompt))
         st = starts[s]
         assert ids[st:st + len(text)].tolist() == text
         assert lab[st:st + len(text) - 1].tolist() == text[1:]
-    n_text = sum(len(model._text_ids(model.prompt_text(p))) - 1 for p, _ in samples)
+    n_text = sum(len(model.text_ids(model.prompt_text(p))) - 1 for p, _ in samples)
     assert int((lab != IGNORE_INDEX).sum()) == n_text
 
 
@@ -174,7 +170,7 @@ def test_text_dropout(model, samples):
     packed = pack_batch(model, samples, text_dropout=1.0)
     assert packed.dropped == [True, True]
     assert (packed.labels == IGNORE_INDEX).all()
-    uncond = model._text_ids(model.prompt_text(None))
+    uncond = model.text_ids(model.prompt_text(None))
     assert packed.input_ids[0, :len(uncond)].tolist() == uncond
     with torch.no_grad():
         cond, _ = packed_head_condition(model, packed)
