@@ -40,7 +40,7 @@ from .tokenizer import BinaryTokenizer
 from .transformer import BitDance
 from .version import __version__
 
-__all__ = ["BitDancePipeline", "BitDanceT2IPipeline", "PipelineOutput", "is_text_to_image_folder", "load_component",
+__all__ = ["Pipeline", "BitDancePipeline", "BitDanceT2IPipeline", "PipelineOutput", "is_text_to_image_folder", "load_component",
            "save_tokenizer_folder", "to_uint8", "make_grid"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -114,7 +114,46 @@ def save_tokenizer_folder(tokenizer: BinaryTokenizer, folder: str | os.PathLike,
     write_folder(folder, cfg, {"tokenizer": tokenizer})
 
 
-class BitDancePipeline:
+class Pipeline:
+    """What both pipelines share: argument checks, the flow sampler, decoding and the output formats.
+
+    A subclass names its ``kind``, its ``image_tokenizer`` (the binary autoencoder that decodes latents),
+    its default flow-time shift (``config.time_shift``) and how it generates; :meth:`_run` does the rest.
+    """
+
+    kind = ""
+
+    def __init__(self, *, meta: dict | None = None):
+        self.meta = dict(meta or {})
+
+    @property
+    def image_tokenizer(self) -> BinaryTokenizer:
+        raise NotImplementedError
+
+    def _sampler(self, sampler: str | FlowSampler, num_inference_steps: int, time_shift: float | None) -> FlowSampler:
+        if isinstance(sampler, FlowSampler):
+            return sampler
+        return FlowSampler(num_steps=validation.flow_steps(num_inference_steps), method=sampler,
+                           time_shift=self.config.time_shift if time_shift is None else time_shift)
+
+    def _finish(self, latents: torch.Tensor, output_type: str, generator, decode_chunk_size: int) -> PipelineOutput:
+        if output_type == "latent":
+            return PipelineOutput(images=latents, latents=latents)
+        images = self.decode(latents, generator=generator, chunk_size=decode_chunk_size)
+        return _format_images(images, latents, output_type)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, *, generator=None, chunk_size: int = 16) -> torch.Tensor:
+        """(B, d, h, w) tokens -> float images (B, 3, H, W) in [-1, 1]. Partial grids from a ``callback``
+        (ungenerated tokens 0) decode too: that is how a UI shows the image forming. Runs where the image
+        tokenizer lives (the CPU when a text-to-image model offloads it)."""
+        tok = self.image_tokenizer
+        latents = _check_latents(latents, tok.bits)
+        p = next(tok.parameters())
+        return tok.decode(latents.to(p.device, p.dtype), generator=generator, chunk_size=chunk_size).float().clamp(-1, 1)
+
+
+class BitDancePipeline(Pipeline):
     """Class-conditional BitDance: generator + tokenizer.
 
     ``from_pretrained`` returns a :class:`BitDanceT2IPipeline` for text-to-image folders (like diffusers'
@@ -130,8 +169,8 @@ class BitDancePipeline:
         if generator.config.down_size != tokenizer.down_factor:
             raise ConfigError(f"generator expects a {generator.config.down_size}x tokenizer, "
                               f"got {tokenizer.down_factor}x")
+        super().__init__(meta=meta)
         self.generator, self.tokenizer = generator.eval(), tokenizer.eval()
-        self.meta = dict(meta or {})
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -237,26 +276,15 @@ class BitDancePipeline:
         labels = validation.class_ids(class_labels, cfg.num_classes)
         if guidance_schedule not in ("linear", "constant"):
             raise ValueError(f"guidance_schedule must be 'linear' or 'constant', got {guidance_schedule!r}")
-        if not isinstance(sampler, FlowSampler):
-            sampler = FlowSampler(num_steps=validation.flow_steps(num_inference_steps), method=sampler,
-                                  time_shift=cfg.time_shift if time_shift is None else time_shift)
         latents = self.generator.generate(
-            labels.to(self.device), sampler=sampler, guidance_scale=guidance_scale,
-            guidance_schedule=guidance_schedule, generator=generator, use_kv_cache=use_kv_cache,
-            callback=callback)
-        if output_type == "latent":
-            return PipelineOutput(images=latents, latents=latents)
-        images = self.decode(latents, generator=generator, chunk_size=decode_chunk_size)
-        return _format_images(images, latents, output_type)
+            labels.to(self.device), sampler=self._sampler(sampler, num_inference_steps, time_shift),
+            guidance_scale=guidance_scale, guidance_schedule=guidance_schedule, generator=generator,
+            use_kv_cache=use_kv_cache, callback=callback)
+        return self._finish(latents, output_type, generator, decode_chunk_size)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, *, generator=None, chunk_size: int = 16) -> torch.Tensor:
-        """(B, d, h, w) tokens -> float images (B, 3, H, W) in [-1, 1]. Partial grids from a ``callback``
-        (ungenerated tokens 0) decode too: that is how a UI shows the image forming."""
-        latents = _check_latents(latents, self.tokenizer.bits)
-        images = self.tokenizer.decode(latents.to(self.device, self.dtype), generator=generator,
-                                       chunk_size=chunk_size)
-        return images.float().clamp(-1, 1)
+    @property
+    def image_tokenizer(self) -> BinaryTokenizer:
+        return self.tokenizer
 
 
 def _compile_head(head, mode: str | None) -> None:
@@ -265,7 +293,7 @@ def _compile_head(head, mode: str | None) -> None:
     head.compile_sampling(mode=mode)
 
 
-class BitDanceT2IPipeline:
+class BitDanceT2IPipeline(Pipeline):
     """Text-to-image BitDance (Qwen3 LLM + projector + vision head + image tokenizer), diffusers-style.
 
     Reads and writes the released folder layout (see :mod:`bitdance.t2i`); the same ``__call__`` options,
@@ -278,8 +306,8 @@ class BitDanceT2IPipeline:
     def __init__(self, model: BitDanceT2I, *, meta: dict | None = None):
         if model.ae is None:
             raise ConfigError("a text-to-image pipeline needs the model's image tokenizer (ae)")
+        super().__init__(meta=meta)
         self.model = model.eval()
-        self.meta = dict(meta or {})
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -432,22 +460,13 @@ class BitDanceT2IPipeline:
         width = height if width is None else width
         h, w = self.config.check_resolution(height, width)
         prompts = self._check_prompts(prompt, h, w)
-        if not isinstance(sampler, FlowSampler):
-            sampler = FlowSampler(num_steps=validation.flow_steps(num_inference_steps), method=sampler,
-                                  time_shift=self.config.time_shift if time_shift is None else time_shift)
-        latents = self.model.generate(prompts, height=height, width=width, sampler=sampler,
+        latents = self.model.generate(prompts, height=height, width=width,
+                                      sampler=self._sampler(sampler, num_inference_steps, time_shift),
                                       guidance_scale=guidance_scale, generator=generator,
                                       use_kv_cache=use_kv_cache, callback=callback)
-        if output_type == "latent":
-            return PipelineOutput(images=latents, latents=latents)
-        images = self.decode(latents, generator=generator, chunk_size=decode_chunk_size)
-        return _format_images(images, latents, output_type)
+        return self._finish(latents, output_type, generator, decode_chunk_size)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, *, generator=None, chunk_size: int = 16) -> torch.Tensor:
-        """(B, d, h, w) tokens -> float images (B, 3, H, W) in [-1, 1]; partial grids (zeros) work too."""
-        ae = self.model.ae
-        latents = _check_latents(latents, ae.bits)
-        p = next(ae.parameters())
-        return ae.decode(latents.to(p.device, p.dtype), generator=generator, chunk_size=chunk_size).float().clamp(-1, 1)
+    @property
+    def image_tokenizer(self) -> BinaryTokenizer:
+        return self.model.ae
 
