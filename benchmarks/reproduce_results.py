@@ -148,14 +148,9 @@ class Reproduction:
 
                         shutil.copyfile(src, dst)
 
-        class _Trainer(Trainer):
-            def sample_grid(self, path):  # generator grids come from the FID samples instead
-                if self.cfg.task == "tokenizer":
-                    super().sample_grid(path)
-
         self.log(f"[train] {name}: {cfg.steps} steps at batch {cfg.batch_size}")
         t0 = time.perf_counter()
-        trainer = _Trainer(cfg)
+        trainer = Trainer(cfg)
         try:
             summary = trainer.fit()
         finally:
@@ -213,7 +208,7 @@ class Reproduction:
                           warmup_steps=min(GENERATOR_TRAIN["warmup_steps"], b.generator_steps // 4),
                           ema_decay=GENERATOR_TRAIN["ema_decay"], seed=TRAIN_SEED, log_every=b.log_every,
                           ckpt_every=b.ckpt_every, resume=True, cache_latents=b.cache_latents,
-                          progress=b.name == "full")
+                          progress=b.name == "full", final_samples=False)  # grids come from the FID samples
         same_tok = [generator_run_name(h, P, bits) for h in HEAD_TYPES for P in PARALLEL_NUMS]
         info = self._train(name, cfg, "model", link_from=[n for n in same_tok if n != name])
         return self.runs / name / "model", info
