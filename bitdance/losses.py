@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .evaluation import INCEPTION_LAYERS, INCEPTION_SIZE, load_fid_inception
+from .fid import INCEPTION_LAYERS, INCEPTION_SIZE, load_fid_inception
 
 __all__ = [
     "DEFAULT_PERCEPTUAL_LAYERS",

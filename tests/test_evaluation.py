@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from bitdance import evaluation as ev
+from bitdance.fid import RunningStats
 from bitdance.evaluation import (
     INCEPTION_INSTALL_HINT,
     InceptionFeatures,
@@ -85,7 +86,7 @@ def test_feature_statistics_and_running_stats():
     mu, sigma = feature_statistics(f)
     np.testing.assert_allclose(mu, f.mean(0))
     np.testing.assert_allclose(sigma, np.cov(f, rowvar=False))
-    acc = ev._RunningStats()
+    acc = RunningStats()
     for chunk in np.array_split(f, [10, 11, 30]):
         acc.update(chunk)
     np.testing.assert_allclose(acc.stats().mu, mu, rtol=1e-12)
