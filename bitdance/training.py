@@ -31,16 +31,14 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from .checkpoint import atomic_write, load_file, remove_stale_temps
-from .data import fetch_batch
 from .distributed import Dist
 from .precision import auto_precision, bf16_supported
 from .training_config import RUN_CONTROL_FIELDS, TrainConfig, TrainingError, add_train_args, config_from_args
-from .training_tasks import GeneratorTask, T2ITask, TokenizerTask, dataset_captions
+from .training_tasks import GeneratorTask, T2ITask, TokenizerTask, dataset_captions, generate_class_grid
 
 __all__ = ["TrainConfig", "TrainingError", "Trainer", "train", "main", "bf16_supported", "dataset_captions",
            "generate_class_grid", "global_batch_indices", "lr_lambda", "add_train_args", "config_from_args", "Dist"]
@@ -284,44 +282,14 @@ class Trainer:
 
     def export(self, net: nn.Module) -> None:
         """Write weights as a ready-to-use folder: out/tokenizer or out/model (rank 0)."""
-        from .pipeline import BitDancePipeline, save_tokenizer_folder
-
-        if self.cfg.task == "tokenizer":
-            save_tokenizer_folder(net, self.out / "tokenizer", meta={"step": self.step})
-        elif self.cfg.task == "t2i":
-            self._export_t2i(net)
-        else:
-            BitDancePipeline(net, self.task.tokenizer, meta={"step": self.step}).save_pretrained(self.out / "model")
-
-    def _export_t2i(self, wrapper: nn.Module) -> None:
-        """OUT/model in the released folder layout (BitDanceT2I.save_folder), written to a temporary
-        sibling folder and swapped in, so a crash never leaves a half-written model."""
-        import copy
-
-        import dataclasses
-
-        from .pipeline import BitDanceT2IPipeline
-
-        net = wrapper.net
-        net.ae = copy.deepcopy(self.task.tokenizer).float().cpu()
-        net.cpu()
-        # The trained resolutions become the model's allowed list (stored in config.json under
-        # "bitdance"), so BitDancePipeline.from_pretrained(OUT/model) accepts them as they are.
-        trained = tuple(tuple(int(v) for v in r) for r in self.task.res)
-        if not net.config.allow_any_resolution:
-            net.config = dataclasses.replace(net.config, resolutions=tuple(dict.fromkeys(trained)))
-        meta = {"step": self.step, "resolutions": [list(r) for r in trained]}
-        BitDanceT2IPipeline(net, meta=meta).save_pretrained(self.out / "model")
+        self.task.export(net, self.out, self.step)
 
     def inference_copy(self, msd: dict | None = None, ema: dict | None = None) -> nn.Module:
         """A plain (unwrapped, unsharded) module with the EMA weights (raw ones without EMA).
         Without ``msd``/``ema`` it gathers them, which is collective under FSDP."""
         if msd is None:
             msd, _, ema = self.gather(optimizer=False)
-        if hasattr(self.task, "new_model"):
-            net = self.task.new_model().to(self.d.device)
-        else:
-            net = type(self.model)(self.task.model_config).to(self.d.device)
+        net = self.task.new_model().to(self.d.device)
         net.load_state_dict({_strip(k): v for k, v in msd.items()})
         if ema is not None:
             with torch.no_grad():
@@ -352,7 +320,7 @@ class Trainer:
                                                 d.device, g)
                 # Always backward, even on a non-finite loss: every rank must reach the gradient
                 # all-reduce; the check below stops the run before the optimizer uses those gradients.
-                self._gan_terms(loss * scale, logs).backward()
+                self.task.adversarial(loss * scale, logs, self.step).backward()
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float() * scale
         keys = sorted(sums)
@@ -383,31 +351,12 @@ class Trainer:
         raise TrainingError(f"non-finite {what} at step {self.step} ({metrics}); stopping. Last good "
                             f"checkpoint: {self.ckpt_path} ({last}); lower --lr or use --precision fp32")
 
-    # GAN (tokenizer task only) -----------------------------------------------------------------
-    def _gan_terms(self, loss: torch.Tensor, logs: dict) -> torch.Tensor:
-        disc = getattr(self.task, "disc", None)
-        if disc is None or self.step < self.cfg.disc_start:
-            return loss
-        from .losses import adaptive_weight, generator_adv_loss
-
-        x, rec, nll = self.task._last
-        for p in disc.parameters():
-            p.requires_grad_(False)
-        g_loss = generator_adv_loss(disc(rec))
-        for p in disc.parameters():
-            p.requires_grad_(True)
-        last = self.model.decoder.conv_out.weight
-        w = adaptive_weight(nll, g_loss, last) * self.cfg.gan_weight
-        logs["g_adv"] = g_loss.detach()
-        logs["adv_weight"] = torch.as_tensor(w).detach()
-        return loss + w * g_loss
-
     def _disc_step(self, metrics):
         if self.step < self.cfg.disc_start:
             return
         from .losses import hinge_d_loss
 
-        x, rec, _ = self.task._last
+        x, rec = self.task.discriminator_batch()
         disc = self.disc_ddp
         self.disc_opt.zero_grad(set_to_none=True)
         real, fake = disc(torch.cat([x, rec.detach().to(x.dtype)])).chunk(2)  # one forward for DDP
@@ -421,24 +370,10 @@ class Trainer:
     def sample_grid(self, path: Path) -> None:
         from PIL import Image
 
-        from .images import make_grid, to_uint8
-
         msd, _, ema = self.gather(optimizer=False)
         if not self.d.main:
             return
-        net = self.inference_copy(msd, ema)
-        if self.cfg.task == "tokenizer":
-            x, _ = fetch_batch(self.task.data, torch.arange(min(16, len(self.task.data))))
-            rec = net.decode(net.encode(x.to(self.d.device)))
-            arr = np.concatenate([to_uint8(x).numpy(), to_uint8(rec).numpy()])
-            grid = make_grid(arr, len(x))
-        elif self.cfg.task == "t2i":
-            arr = self.task.sample_images(net, self.task.sample_prompts(), seed=self.cfg.seed)
-            grid = make_grid(arr, len(arr))
-        else:
-            arr = generate_class_grid(net, self.task.tokenizer, rows=min(10, self.task.model_config.num_classes),
-                                      cols=8, seed=self.cfg.seed, device=self.d.device)
-            grid = make_grid(arr, 8)
+        grid = self.task.preview(self.inference_copy(msd, ema), self.d.device, self.cfg.seed)
         atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
 
     def _record(self, metrics: dict[str, float], dt: float, imgs: int) -> None:
@@ -486,25 +421,10 @@ class Trainer:
         bar.close()
         self.save_checkpoint()
         if cfg.final_samples:
-            self.sample_grid(self.out / ("reconstructions.png" if cfg.task == "tokenizer" else "samples.png"))
+            self.sample_grid(self.out / self.task.preview_name)
         self.d.barrier()
         return {"steps": self.step, "seconds": time.perf_counter() - t_start, "stopped_early": stopped_early,
                 "final": self.history[-1] if self.history else {}}
-
-
-@torch.no_grad()
-def generate_class_grid(model, tokenizer, *, rows: int, cols: int, seed: int = 0, device=None,
-                        num_steps: int = 25, guidance_scale: float = 2.0,
-                        guidance_schedule: str = "linear") -> np.ndarray:
-    """Samples for classes 0..rows-1, ``cols`` each (row-major), as (rows*cols, H, W, 3) uint8."""
-    from .images import to_uint8
-    from .sampler import FlowSampler
-
-    labels = torch.arange(rows, device=device).repeat_interleave(cols)
-    g = torch.Generator(device=device).manual_seed(seed)
-    lat = model.generate(labels, sampler=FlowSampler(num_steps=num_steps), guidance_scale=guidance_scale,
-                         guidance_schedule=guidance_schedule, generator=g)
-    return to_uint8(tokenizer.decode(lat.to(next(tokenizer.parameters()).dtype), generator=g)).numpy()
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

@@ -50,7 +50,39 @@ def encode_dataset(tokenizer, ds, device, batch_size: int = 256, progress: bool 
 # --------------------------------------------------------------------------------------------
 # Tasks: what a step computes on one micro-batch
 # --------------------------------------------------------------------------------------------
-class GeneratorTask:
+class Task:
+    """What :class:`bitdance.training.Trainer` asks of a task. A task owns its model (``model``, its config
+    ``model_config``), its data (``data``) and, for the tokenizer, a discriminator (``disc``)."""
+
+    preview_name = "samples.png"
+    disc: nn.Module | None = None
+
+    def loss(self, model: nn.Module, idx: torch.Tensor, device, g: torch.Generator):
+        """(loss, logs) of the micro-batch ``idx`` through ``model`` (the wrapped training module)."""
+        raise NotImplementedError
+
+    def new_model(self) -> nn.Module:
+        """A fresh, unwrapped model of the trained architecture (to load EMA weights into)."""
+        return type(self.model)(self.model_config)
+
+    def adversarial(self, loss: torch.Tensor, logs: dict, step: int) -> torch.Tensor:
+        """``loss`` plus any adversarial terms of the last micro-batch (none but for a GAN tokenizer)."""
+        return loss
+
+    def discriminator_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real, reconstructed) images of the last micro-batch, for the discriminator's step."""
+        raise NotImplementedError(f"{type(self).__name__} trains no discriminator")
+
+    def export(self, net: nn.Module, out: Path, step: int) -> None:
+        """Write the trained ``net`` (EMA weights) as a ready-to-use folder under ``out``."""
+        raise NotImplementedError
+
+    def preview(self, net: nn.Module, device, seed: int) -> np.ndarray:
+        """One image (H, W, 3) uint8 showing what ``net`` does now."""
+        raise NotImplementedError
+
+
+class GeneratorTask(Task):
     def __init__(self, cfg: TrainConfig, d: Dist, log: Callable[[str], None]):
         from .checkpoint import load_tokenizer
 
@@ -78,8 +110,18 @@ class GeneratorTask:
         return _cached_or_encoded(path, len(self.data), d, log, "", lambda: encode_dataset(
             self.tokenizer, self.data, d.device, progress=self.cfg.progress and d.main))
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
+
+    def export(self, net: nn.Module, out: Path, step: int) -> None:
+        from .pipeline import BitDancePipeline
+
+        BitDancePipeline(net, self.tokenizer, meta={"step": step}).save_pretrained(out / "model")
+
+    def preview(self, net: nn.Module, device, seed: int) -> np.ndarray:
+        from .images import make_grid
+
+        arr = generate_class_grid(net, self.tokenizer, rows=min(10, self.model_config.num_classes), cols=8, seed=seed,
+                                  device=device)
+        return make_grid(arr, 8)
 
     def loss(self, model, idx: torch.Tensor, device, g: torch.Generator):
         if self.latents is not None:
@@ -101,7 +143,7 @@ class GeneratorTask:
         return self._all_labels[idx]
 
 
-class TokenizerTask:
+class TokenizerTask(Task):
     def __init__(self, cfg: TrainConfig, d: Dist, log):
         from .tokenizer import BinaryTokenizer
 
@@ -126,8 +168,42 @@ class TokenizerTask:
             n_layers = max(1, min(3, int(math.log2(size / 3))))
             self.disc = PatchDiscriminator(in_channels=self.model_config.out_ch, n_layers=n_layers).to(d.device)
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
+
+    preview_name = "reconstructions.png"
+
+    def export(self, net: nn.Module, out: Path, step: int) -> None:
+        from .pipeline import save_tokenizer_folder
+
+        save_tokenizer_folder(net, out / "tokenizer", meta={"step": step})
+
+    def preview(self, net: nn.Module, device, seed: int) -> np.ndarray:
+        from .images import make_grid, to_uint8
+
+        x, _ = fetch_batch(self.data, torch.arange(min(16, len(self.data))))
+        rec = net.decode(net.encode(x.to(device)))
+        return make_grid(np.concatenate([to_uint8(x).numpy(), to_uint8(rec).numpy()]), len(x))
+
+    def discriminator_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, rec, _ = self._last
+        return x, rec
+
+    def adversarial(self, loss: torch.Tensor, logs: dict, step: int) -> torch.Tensor:
+        """The generator side of the PatchGAN (from ``disc_start`` on), weighted adaptively against the
+        reconstruction loss at the decoder's last layer (VQGAN)."""
+        if self.disc is None or step < self.cfg.disc_start:
+            return loss
+        from .losses import adaptive_weight, generator_adv_loss
+
+        x, rec, nll = self._last
+        for p in self.disc.parameters():
+            p.requires_grad_(False)
+        g_loss = generator_adv_loss(self.disc(rec))
+        for p in self.disc.parameters():
+            p.requires_grad_(True)
+        w = adaptive_weight(nll, g_loss, self.model.decoder.conv_out.weight) * self.cfg.gan_weight
+        logs["g_adv"] = g_loss.detach()
+        logs["adv_weight"] = torch.as_tensor(w).detach()
+        return loss + w * g_loss
 
     def loss(self, model, idx, device, g):
         cfg = self.cfg
@@ -289,7 +365,7 @@ def _cached_or_encoded(path: Path, n: int, d: Dist, log, what: str, encode: Call
     return lat
 
 
-class T2ITask:
+class T2ITask(Task):
     """Text-to-image training: captions + images encoded by a frozen binary tokenizer, packed
     mixed-resolution rows (:func:`bitdance.t2i.pack_batch`), vision + ``text_weight`` x text loss."""
 
@@ -421,6 +497,33 @@ class T2ITask:
         except (ValueError, TypeError) as e:
             raise TrainingError(f"t2i model: {e}") from None
 
+    def export(self, wrapper: nn.Module, out: Path, step: int) -> None:
+        """OUT/model in the released folder layout (BitDanceT2I.save_folder), written to a temporary
+        sibling folder and swapped in, so a crash never leaves a half-written model."""
+        import copy
+
+        import dataclasses
+
+        from .pipeline import BitDanceT2IPipeline
+
+        net = wrapper.net
+        net.ae = copy.deepcopy(self.tokenizer).float().cpu()
+        net.cpu()
+        # The trained resolutions become the model's allowed list (stored in config.json under
+        # "bitdance"), so BitDancePipeline.from_pretrained(OUT/model) accepts them as they are.
+        trained = tuple(tuple(int(v) for v in r) for r in self.res)
+        if not net.config.allow_any_resolution:
+            net.config = dataclasses.replace(net.config, resolutions=tuple(dict.fromkeys(trained)))
+        meta = {"step": step, "resolutions": [list(r) for r in trained]}
+        BitDanceT2IPipeline(net, meta=meta).save_pretrained(out / "model")
+
+
+    def preview(self, net: nn.Module, device, seed: int) -> np.ndarray:
+        from .images import make_grid
+
+        arr = self.sample_images(net, self.sample_prompts(), seed=seed)
+        return make_grid(arr, len(arr))
+
     def new_model(self) -> nn.Module:
         """A fresh module of the trained structure (weights to be loaded)."""
         import copy
@@ -432,8 +535,6 @@ class T2ITask:
         llm = Qwen3ForCausalLM(copy.deepcopy(self.llm_config))
         return T2ITrainModule(BitDanceT2I(llm, self.text_tokenizer, self.t2i_config))
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
 
     # data ---------------------------------------------------------------------------------------
     def _images(self, idx: torch.Tensor, res: tuple[int, int]) -> torch.Tensor:
@@ -499,3 +600,18 @@ class T2ITask:
                            guidance_scale=guidance_scale, generator=g)
         img = self.tokenizer.decode(lat.to(next(self.tokenizer.parameters()).dtype))
         return to_uint8(img).numpy()
+
+
+@torch.no_grad()
+def generate_class_grid(model, tokenizer, *, rows: int, cols: int, seed: int = 0, device=None,
+                        num_steps: int = 25, guidance_scale: float = 2.0,
+                        guidance_schedule: str = "linear") -> np.ndarray:
+    """Samples for classes 0..rows-1, ``cols`` each (row-major), as (rows*cols, H, W, 3) uint8."""
+    from .images import to_uint8
+    from .sampler import FlowSampler
+
+    labels = torch.arange(rows, device=device).repeat_interleave(cols)
+    g = torch.Generator(device=device).manual_seed(seed)
+    lat = model.generate(labels, sampler=FlowSampler(num_steps=num_steps), guidance_scale=guidance_scale,
+                         guidance_schedule=guidance_schedule, generator=g)
+    return to_uint8(tokenizer.decode(lat.to(next(tokenizer.parameters()).dtype), generator=g)).numpy()
