@@ -38,7 +38,8 @@ from .checkpoint import atomic_write, load_file, remove_stale_temps
 from .distributed import Dist
 from .precision import auto_precision, bf16_supported
 from .training_config import RUN_CONTROL_FIELDS, TrainConfig, TrainingError, add_train_args, config_from_args
-from .training_tasks import GeneratorTask, T2ITask, TokenizerTask, dataset_captions, generate_class_grid
+from .t2i_training import T2ITask, dataset_captions
+from .training_tasks import GeneratorTask, TokenizerTask, generate_class_grid
 
 __all__ = ["TrainConfig", "TrainingError", "Trainer", "train", "main", "bf16_supported", "dataset_captions",
            "generate_class_grid", "global_batch_indices", "lr_lambda", "add_train_args", "config_from_args", "Dist"]
