@@ -59,6 +59,7 @@ class StudioServer(ThreadingHTTPServer):
     header may carry (IP literals always pass: DNS rebinding needs a name). See docs/security.md."""
 
     daemon_threads = True  # open event streams must not keep the process alive
+    request_queue_size = 128  # socketserver's default backlog of 5 resets connections of a burst of users
     allow_reuse_address = True  # a restart right after Ctrl-C may rebind, but a live server still blocks the port
     studio: Studio | None = None
     token: str = ""

@@ -67,6 +67,15 @@ def gen_config(w: Path, out: Path, steps: int, **extra) -> TrainConfig:
     return config_from_args(a, a.task)
 
 
+def free_port() -> str:
+    """A port no one listens on now: fixed ports collide when two suites run at once on one machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def run_module(args, **kw):
     return subprocess.run([sys.executable, "-m", "bitdance.training", *args], env=ENV, capture_output=True,
                           text=True, timeout=300, **kw)
@@ -119,7 +128,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(workdir, tmp_path):
 def test_two_processes_equal_one_process_on_the_same_global_batch(workdir, tmp_path):
     single = run_module(gen_args(workdir, tmp_path / "one", 1, micro_batch_size=4))
     assert single.returncode == 0, single.stderr[-2000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            "-m", "bitdance.training", *gen_args(workdir, tmp_path / "two", 1)]
     two = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -182,7 +191,7 @@ def test_fsdp_two_processes_match_ddp(workdir, tmp_path):
     """Sharded training (FSDP2 on gloo) computes the same step as replicated training."""
     def launch(out, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29530 + len(extra)), "-m", "bitdance.training", *gen_args(workdir, out, 2), *extra]
+               free_port(), "-m", "bitdance.training", *gen_args(workdir, out, 2), *extra]
         r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     launch(tmp_path / "ddp")
