@@ -37,6 +37,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text
 
 
+def _device_and_json(p: argparse.ArgumentParser) -> None:
+    """The options every evaluation command has."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = _HelpFormatter
     p = argparse.ArgumentParser(prog="bitdance", description="BitDance: autoregressive image generation with "
@@ -135,10 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache", help="statistics .npz of the real side: written on first use, then read instead of "
                    "re-encoding --real")
     e.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
-    e.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     e.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall")
     e.add_argument("--max-images", type=int, help="use only the first N images of each side")
-    e.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
+    _device_and_json(e)
     e.set_defaults(fn=cmd_eval_fid, command="eval fid")
 
     e = esub.add_parser(
@@ -154,8 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None,
                    help="compute rFID (default: only on CUDA; slow on CPU)")
     e.add_argument("--seed", type=_integer, default=0, help="seed of a noise-input (GAN) decoder")
-    e.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    e.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
+    _device_and_json(e)
     e.set_defaults(fn=cmd_eval_recon, command="eval recon")
 
     e = esub.add_parser(
@@ -166,8 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="classifier: mnist or fashion-mnist")
     e.add_argument("--batch-size", type=int, default=256, help="images per classifier batch")
     e.add_argument("--max-images", type=int, help="only the first N images")
-    e.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    e.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
+    _device_and_json(e)
     e.set_defaults(fn=cmd_eval_accuracy, command="eval accuracy")
 
     s = sub.add_parser(
