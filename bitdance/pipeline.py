@@ -117,8 +117,9 @@ def save_tokenizer_folder(tokenizer: BinaryTokenizer, folder: str | os.PathLike,
 class Pipeline:
     """What both pipelines share: argument checks, the flow sampler, decoding and the output formats.
 
-    A subclass names its ``kind``, its ``image_tokenizer`` (the binary autoencoder that decodes latents),
-    its default flow-time shift (``config.time_shift``) and how it generates; :meth:`_run` does the rest.
+    A subclass names its ``kind``, its ``image_tokenizer`` (the binary autoencoder that decodes latents) and
+    its ``config`` (whose ``time_shift`` is the flow sampler's default), checks its own inputs and generates;
+    :meth:`_sampler` builds the flow sampler and :meth:`_finish` decodes and formats the output.
     """
 
     kind = ""

@@ -408,8 +408,9 @@ class _ClassConditionalSource:
         self.compiled = model._compiled_decode if self.cache is not None else None
         if self.compiled is not None:
             self.compiled.refresh()
-        # every fed block, for the recompute path (no cache)
-        self.fed = torch.zeros(len(ids), cfg.num_tokens, cfg.latent_dim, device=self.prefix.device)
+        # every fed block, kept only for the recompute path (without a cache nothing else remembers them)
+        self.fed = None if use_kv_cache else torch.zeros(len(ids), cfg.num_tokens, cfg.latent_dim,
+                                                         device=self.prefix.device)
         self.causal = cfg.block_attention == "causal"
 
     def _condition(self, x: torch.Tensor, start: int, mask, done: int) -> torch.Tensor:
@@ -424,14 +425,14 @@ class _ClassConditionalSource:
     def next(self, block: int, tokens: torch.Tensor) -> torch.Tensor:
         m, P = self.model, self.P
         done = (block + 1) * P
-        self.fed[:, done - P: done] = tokens
         start = m.prefix_len + done - P
         if self.compiled is not None:
             positions = torch.arange(start, start + P, device=tokens.device)
-            return self.compiled(tokens.clone(), positions, self.cache)
+            return self.compiled(tokens, positions, self.cache)
         dtype = m.proj_in.w1.weight.dtype
         if self.cache is not None:  # feed only the new block; it sees the whole cache (causal: not its later positions)
             mask = m.attn_mask[start: start + P, : start + P] if self.causal else None
             return self._condition(m.proj_in(tokens.to(dtype)), start, mask, done)
+        self.fed[:, done - P: done] = tokens
         x = torch.cat([self.prefix, m.proj_in(self.fed[:, :done].to(dtype))], dim=1)
         return self._condition(x, 0, m.attn_mask[: x.shape[1], : x.shape[1]], done)
