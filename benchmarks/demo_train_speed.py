@@ -23,10 +23,11 @@ import time
 
 import torch
 
-from bitdance.bench import count_flops, measure_matmul_peak
-from bitdance.demo import BATCH_SIZE, GENERATOR_MODEL
+from bitdance.apps.bench import count_flops, measure_matmul_peak
+from bitdance.apps.demo import BATCH_SIZE, GENERATOR_MODEL
 from bitdance.precision import auto_dtype, cpu_description
-from bitdance.training import TrainConfig, Trainer
+from bitdance.training.config import TrainConfig
+from bitdance.training.trainer import Trainer
 
 BEFORE = dict(GENERATOR_MODEL, head_adaln_blocks=3, diff_batch_mul=4)  # and lr 1e-3, warm-up 100
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitdance.cli import main as cli_main
+from bitdance.apps.cli import main as cli_main
 from bitdance.data import load_dataset
-from bitdance.evaluation import InceptionFeatures, feature_statistics, frechet_distance
+from bitdance.evaluation.fid import InceptionFeatures, feature_statistics, frechet_distance
 from bitdance.images import to_uint8
 
 TOLERANCE = 1e-3

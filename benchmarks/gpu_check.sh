@@ -60,7 +60,7 @@ bench() { # NAME CAP ARGS...: one bench row, its JSON line appended to bench_cud
   local name=$1 cap=$2
   shift 2
   [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" bench_$name "* ]] && return 0
-  step "bench_$name" "$cap" $PY -m bitdance.cli bench --device "$DEVICE" --dtype bf16 --batch "$BATCH" --steps 25 \
+  step "bench_$name" "$cap" $PY -m bitdance bench --device "$DEVICE" --dtype bf16 --batch "$BATCH" --steps 25 \
     --cfg 4.0 --json "$@"
   tail -n 1 "$OUT_DIR/bench_$name.log" 2>/dev/null | grep '^{' >>"$OUT_DIR/bench_cuda.jsonl" || true
 }
@@ -76,7 +76,7 @@ bench() { # NAME CAP ARGS...: one bench row, its JSON line appended to bench_cud
 bench b16x_eager 120 --preset BitDance-B-16x --compare-fp32 --repeats 2
 bench b16x_graphs 200 --preset BitDance-B-16x --compile reduce-overhead --repeats 2
 bench b16x_nodecode_eager 90 --preset BitDance-B-16x --no-decode --repeats 2
-step profile 90 $PY -m bitdance.cli bench --device "$DEVICE" --dtype bf16 --batch "$BATCH" --steps 25 --cfg 4.0 \
+step profile 90 $PY -m bitdance bench --device "$DEVICE" --dtype bf16 --batch "$BATCH" --steps 25 --cfg 4.0 \
   --preset BitDance-B-16x --profile "$OUT_DIR/profile"
 step tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_devices.py
 bench b4x_eager 120 --preset BitDance-B-4x

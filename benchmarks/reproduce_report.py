@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from bitdance.checkpoint import atomic_write
-
 from reproduce_settings import BUDGETS, estimate_seconds
+
+from bitdance.files import atomic_write
 
 
 # --------------------------------------------------------------------------------------------

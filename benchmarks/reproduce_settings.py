@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from bitdance.checkpoint import atomic_write
+from bitdance.files import atomic_write
 
 # --------------------------------------------------------------------------------------------
 # What is measured (fixed for every budget) and how much of it (the budget)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _pipes(models: list[str] | None) -> dict:
     """name -> pipeline, named like ``bitdance serve`` names them."""
     from bitdance import BinaryTokenizer, BitDance, BitDancePipeline, bitdance_preset
-    from bitdance.studio import model_names
+    from bitdance.apps.studio_jobs import model_names
 
     if models:
         return {n: BitDancePipeline.from_pretrained(m) for n, m in zip(model_names(models), models)}
@@ -64,7 +64,7 @@ def main() -> int:
 
     from playwright.sync_api import sync_playwright
 
-    from bitdance.studio import make_server
+    from bitdance.apps.studio import make_server
 
     pipes = _pipes(args.model)
     first = next(iter(pipes.values()))

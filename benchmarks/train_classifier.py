@@ -26,9 +26,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bitdance.checkpoint import atomic_write, save_safetensors
 from bitdance.data import load_dataset
-from bitdance.evaluation import ASSETS_DIR, DigitClassifier, classifier_name, classify, load_classifier
+from bitdance.evaluation.metrics import (
+    ASSETS_DIR,
+    DigitClassifier,
+    classifier_name,
+    classify,
+    load_classifier,
+)
+from bitdance.files import atomic_write, save_safetensors
 
 DEFAULTS = {  # per data set: epochs, batch size, peak learning rate, augmentation
     "mnist": {"epochs": 30, "batch_size": 64, "lr": 3e-3, "rotate_deg": 10.0, "scale": 0.1, "hflip": False},

@@ -32,10 +32,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from bitdance.checkpoint import atomic_write
-from bitdance.demo import plot_curves
+from bitdance.apps.demo import plot_curves
+from bitdance.files import atomic_write
+from bitdance.formats.t2i_folder import load_folder
 from bitdance.images import to_uint8
-from bitdance.training import TrainConfig, Trainer
+from bitdance.training.config import TrainConfig
+from bitdance.training.trainer import Trainer
 
 IMAGE = 32  # px; the tokenizer is 4x down, so 8x8 tokens (4 patches of 4x4 at P = 16)
 HOLDOUT_EVERY = 20
@@ -313,11 +315,10 @@ def main() -> None:
     print(f"[emoji] t2i: {t2i_summary['final']}", flush=True)
 
     # Prompt -> image grids from the exported folder (the released layout).
-    from bitdance.sampler import FlowSampler
-    from bitdance.t2i import BitDanceT2I
+    from bitdance.sampling.flow import FlowSampler
 
     t = time.perf_counter()
-    model = BitDanceT2I.from_folder(out / "t2i" / "model", dtype=torch.float32, allow_any_resolution=True)
+    model = load_folder(out / "t2i" / "model", dtype=torch.float32, allow_any_resolution=True)
     from bitdance.data import Twemoji
 
     all_imgs = Twemoji(image_size=IMAGE).images.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) uint8

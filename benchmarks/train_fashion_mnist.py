@@ -18,11 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bitdance.checkpoint import atomic_write
-from bitdance.demo import _tokenizer_quality, plot_curves
-from bitdance.images import make_grid, to_uint8
+from bitdance.apps.demo import _tokenizer_quality, plot_curves
 from bitdance.data import fetch_batch
-from bitdance.training import TrainConfig, Trainer, generate_class_grid
+from bitdance.files import atomic_write
+from bitdance.images import make_grid, to_uint8
+from bitdance.training.config import TrainConfig
+from bitdance.training.tasks import generate_class_grid
+from bitdance.training.trainer import Trainer
 
 GENERATOR_MODEL = {"dim": 256, "n_layer": 4, "n_head": 4, "head_width": 256, "head_depth": 3,
                    "head_adaln_blocks": 3, "cls_token_num": 4, "perturb_rate": 0.1}

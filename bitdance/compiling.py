@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .precision import separate_compile_cache
+from bitdance.precision import separate_compile_cache
 
 __all__ = ["CPU_INDUCTOR_OPTIONS", "FrozenCompiled"]
 

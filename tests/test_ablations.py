@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from bitdance import BitDance, FlowSampler, HeadConfig, bitdance_preset
-from bitdance.config import BitDanceConfig, ConfigError
-from bitdance.head import BitwiseHead, DiffusionHead, TokenHead, build_head
-from bitdance.quantizer import binarize, bits_to_indices, indices_to_bits
-
+from bitdance.models.config import BitDanceConfig, ConfigError
+from bitdance.models.head import BitwiseHead, DiffusionHead, TokenHead, build_head
+from bitdance.models.quantizer import binarize, bits_to_indices, indices_to_bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bitdance.cli import main
+from bitdance.apps.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +24,7 @@ def _last_json(capsys):
 
 
 def _attention_flops(q, k, v, *args, out_shape=None, **kwargs):
-    # written here independently of bitdance.bench: Q K^T and A V, 2 FLOPs per multiply-add
+    # written here independently of bitdance.apps.bench: Q K^T and A V, 2 FLOPs per multiply-add
     b = 1
     for d in q[:-2]:
         b *= d
@@ -32,10 +32,10 @@ def _attention_flops(q, k, v, *args, out_shape=None, **kwargs):
 
 
 def _independent_count() -> int:
-    from bitdance.config import bitdance_preset, tokenizer_preset
-    from bitdance.sampler import FlowSampler
-    from bitdance.tokenizer import BinaryTokenizer
-    from bitdance.transformer import BitDance
+    from bitdance.models.presets import bitdance_preset, tokenizer_preset
+    from bitdance.models.tokenizer import BinaryTokenizer
+    from bitdance.models.transformer import BitDance
+    from bitdance.sampling.flow import FlowSampler
 
     cfg = bitdance_preset("BitDance-T-4x", image_size=32, tokenizer=tokenizer_preset("tiny-d4c16"))
     gen, tok = BitDance(cfg).eval(), BinaryTokenizer(cfg.tokenizer).eval()
@@ -96,13 +96,12 @@ def test_bench_compare_fp32(capsys):
 
 def test_bench_compare_bf16_reports_agreement(monkeypatch, capsys):
     """Runs on every CPU: where bf16 is emulated the bench is told it is native (slower, same numbers)."""
+    import bitdance.apps.bench
     import bitdance.precision
 
-    import bitdance.bench
-
     monkeypatch.setattr(bitdance.precision, "bf16_supported", lambda device: True)
-    measure = bitdance.bench.measure_matmul_peak  # emulated bf16 runs a 2048^3 matmul for minutes: a small one
-    monkeypatch.setattr(bitdance.bench, "measure_matmul_peak", lambda dev, dt, size=None: measure(dev, dt, size=128))
+    measure = bitdance.apps.bench.measure_matmul_peak  # emulated bf16 runs a 2048^3 matmul for minutes: a small one
+    monkeypatch.setattr(bitdance.apps.bench, "measure_matmul_peak", lambda dev, dt, size=None: measure(dev, dt, size=128))
     assert main(TINY + ["--dtype", "bf16", "--compare-fp32", "--no-decode"]) == 0
     r, _ = _last_json(capsys)
     assert 0.5 < r["bf16_bit_agreement"] <= 1.0
@@ -118,7 +117,7 @@ def test_bench_compile_needs_a_warmup(capsys):
 
 def test_cpu_peak_memory_survives_freed_heap_pages():
     """In a long-lived process the freed heap is reused by the models; the peak must still count them."""
-    from bitdance.bench import run_bench
+    from bitdance.apps.bench import run_bench
 
     junk = [torch.randn(1000) for _ in range(100_000)]  # 400 MB in small heap blocks, then freed
     del junk

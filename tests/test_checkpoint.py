@@ -17,10 +17,18 @@ import safetensors.torch
 import torch
 
 from bitdance import BinaryTokenizer, BitDance, BitDancePipeline, CheckpointError, bitdance_preset
-from bitdance.checkpoint import (atomic_write, load_file, load_official_generator, load_tokenizer,
-                                 save_official_generator, save_official_tokenizer, save_safetensors)
-from bitdance.config import BitDanceConfig, ConfigError, TokenizerConfig, tokenizer_preset
-from bitdance.pipeline import PipelineOutput, to_uint8
+from bitdance.files import atomic_write, save_safetensors
+from bitdance.formats.official import (
+    load_official_generator,
+    load_tokenizer,
+    save_official_generator,
+    save_official_tokenizer,
+)
+from bitdance.formats.weights import load_file
+from bitdance.images import to_uint8
+from bitdance.models.config import BitDanceConfig, ConfigError, TokenizerConfig
+from bitdance.models.presets import tokenizer_preset
+from bitdance.pipelines.base import PipelineOutput
 
 SIZE = 64
 NUM_CLASSES = 10

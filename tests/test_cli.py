@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from bitdance import BinaryTokenizer, BitDance, BitDancePipeline, bitdance_preset
-from bitdance.checkpoint import save_official_generator, save_official_tokenizer
-from bitdance.cli import main
+from bitdance.apps.cli import main
+from bitdance.formats.official import save_official_generator, save_official_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def _commands(parser, prefix=()):
 def test_every_command_is_listed_and_every_option_shows_its_default():
     import argparse
 
-    from bitdance.cli import build_parser
+    from bitdance.apps.cli import build_parser
 
     parser = build_parser()
     top = parser.format_help()

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from bitdance.cli import main
+from bitdance.apps.cli import main
 
 
 def test_demo_writes_every_output(tmp_path, capsys):

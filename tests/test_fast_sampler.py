@@ -4,9 +4,9 @@ torch.compile of the head) is the same algorithm as a straightforward one: same 
 import pytest
 import torch
 
-from bitdance.config import bitdance_preset, tokenizer_preset
-from bitdance.sampler import FlowSampler, guidance_at
-from bitdance.transformer import BitDance
+from bitdance.models.presets import bitdance_preset, tokenizer_preset
+from bitdance.models.transformer import BitDance
+from bitdance.sampling.flow import FlowSampler, guidance_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,7 +132,7 @@ def test_compiled_sampling_gives_the_same_tokens(P):
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_cpu_bf16_path_matches_sdpa(masked):
     """bf16 on CPU with short keys takes the explicit-scores path; it must compute the same attention."""
-    from bitdance.head import attention
+    from bitdance.models.head import attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (5, 9, 9))

@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_pipeline
 
 from bitdance import BinaryTokenizer, BitDancePipeline, bitdance_preset
-from bitdance.checkpoint import CheckpointError, load_file, remove_stale_temps
-from bitdance.cli import main
-from bitdance.pipeline import save_tokenizer_folder
-from bitdance.studio import make_server
-from bitdance.validation import InputError, MAX_BATCH, seeded
-from conftest import tiny_pipeline
+from bitdance.apps.cli import main
+from bitdance.apps.studio import make_server
+from bitdance.files import remove_stale_temps
+from bitdance.formats.folders import save_tokenizer_folder
+from bitdance.formats.weights import CheckpointError, load_file
+from bitdance.validation import MAX_BATCH, InputError, seeded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,7 +80,7 @@ def test_pipeline_bounds(pipe):
     with pytest.raises(InputError, match="decode_chunk_size"):
         pipe([1], num_inference_steps=1, decode_chunk_size=0)
     with pytest.raises(ValueError, match="num_steps must be between 1 and 1000"):
-        from bitdance.sampler import FlowSampler
+        from bitdance.sampling.flow import FlowSampler
 
         FlowSampler(num_steps=10**9)
 
@@ -451,7 +452,8 @@ def test_twenty_clients_at_once(studio):
 
 
 def test_resume_with_another_batch_size_is_refused(tmp_path):
-    from bitdance.training import TrainConfig, TrainingError, train
+    from bitdance.training.config import TrainConfig, TrainingError
+    from bitdance.training.trainer import train
 
     data = tmp_path / "data"
     rng = np.random.default_rng(0)

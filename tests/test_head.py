@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from bitdance import DiffusionHead, FlowSampler, HeadConfig
-from bitdance.quantizer import binarize
-from bitdance.sampler import guidance_at, time_shift
+from bitdance.models.quantizer import binarize
+from bitdance.sampling.flow import guidance_at, time_shift
 
 
 def test_time_grid_and_shift():

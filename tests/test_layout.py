@@ -103,16 +103,35 @@ def test_no_import_circles():
     assert _cycles(graph) == []
 
 
-def test_moved_names_still_import_with_a_warning():
+def test_old_module_paths_import_with_a_warning(recwarn):
+    """The module paths of 0.1 keep working for one release; each names its new home once."""
+    import importlib
+    import sys
     import warnings
 
-    import bitdance.t2i
-    import bitdance.t2i_training
+    from bitdance.formats.official import load_tokenizer
+    from bitdance.moved import MOVED
+    from bitdance.training.t2i import pack_batch
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert bitdance.t2i.pack_batch is bitdance.t2i_training.pack_batch
-    assert any(issubclass(w.category, DeprecationWarning) and "t2i_training" in str(w.message) for w in caught)
+    for old, homes in MOVED.items():
+        for home in homes:
+            importlib.import_module(home)  # every new home exists
+        sys.modules.pop(old, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert any(issubclass(w.category, DeprecationWarning) and homes[0] in str(w.message) for w in caught), old
+        assert dir(module)
+    from bitdance.checkpoint import load_tokenizer as old_load_tokenizer  # noqa: F401 (the old spelling)
+
+    assert old_load_tokenizer is load_tokenizer
+    import bitdance
+
+    assert bitdance.t2i.pack_batch is pack_batch  # split modules forward to every new home
+    import pytest
+
+    with pytest.raises(AttributeError, match="moved to"):
+        bitdance.checkpoint.no_such_name
 
 
 def test_no_private_names_across_modules():

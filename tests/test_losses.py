@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from bitdance.evaluation import INCEPTION_INSTALL_HINT
-from bitdance.losses import (
+from bitdance.evaluation.fid import INCEPTION_INSTALL_HINT
+from bitdance.training.losses import (
     PatchDiscriminator,
     PerceptualLoss,
     adaptive_weight,

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bitdance import BinaryQuantizer, BitDance, BinaryTokenizer, bitdance_preset
-from bitdance.checkpoint import load_head, load_official_generator, load_tokenizer
+from bitdance import BinaryQuantizer, BinaryTokenizer, BitDance, bitdance_preset
+from bitdance.formats.official import load_head, load_official_generator, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_DIR = Path(os.environ.get("BITDANCE_REFERENCE_DIR", ROOT.parent / "shared" / "reference" / "official"))

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import bitdance.rng
 from bitdance import BitDancePipeline, FlowSampler
-from bitdance.transformer import generation_order
+from bitdance.models.transformer import generation_order
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

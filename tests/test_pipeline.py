@@ -1,4 +1,4 @@
-"""diffusers-style pipelines (bitdance.pipeline): class-conditional and text-to-image front doors.
+"""diffusers-style pipelines (bitdance.pipelines.base): class-conditional and text-to-image front doors.
 
 from_pretrained -> __call__ -> save_pretrained -> from_pretrained round trips, dispatch by folder kind, the
 per-step callback (same contract for both kinds), output types, input checks and ``bitdance sample --prompt``.
@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+import bitdance.pipelines.text_to_image
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -24,10 +26,13 @@ from test_t2i import RES, tiny_model
 from test_t2i import P as T2I_P  # tests/ is on sys.path under pytest
 
 from bitdance import BinaryTokenizer, BitDance, BitDancePipeline, bitdance_preset
-from bitdance.checkpoint import CheckpointError, save_official_generator, save_official_tokenizer
-from bitdance.cli import main
-from bitdance.pipeline import BitDanceT2IPipeline, PipelineOutput, is_text_to_image_folder
-from bitdance.t2i import BitDanceT2I, T2IConfig
+from bitdance.apps.cli import main
+from bitdance.formats.official import save_official_generator, save_official_tokenizer
+from bitdance.formats.t2i_folder import is_text_to_image_folder, load_folder, save_folder
+from bitdance.formats.weights import CheckpointError
+from bitdance.models.config import T2IConfig
+from bitdance.pipelines.base import PipelineOutput
+from bitdance.pipelines.text_to_image import BitDanceT2IPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,7 +69,7 @@ def files(tmp_path_factory):
             p.add_(torch.randn_like(p) * 0.02)
     save_official_generator(root / "gen.pt", gen)
     save_official_tokenizer(root / "ae.pt", tok)
-    tiny_model().save_folder(root / "t2i_official")  # the released layout, no resolutions stored
+    save_folder(tiny_model(), root / "t2i_official")  # the released layout, no resolutions stored
     return root
 
 
@@ -116,7 +121,7 @@ def test_saved_text_to_image_folder_keeps_the_released_layout(t2i, t2i_saved):
     cfg = json.loads((t2i_saved / "config.json").read_text())
     assert cfg["model_type"] == "qwen3"  # still a Hugging Face config
     assert cfg["bitdance"]["kind"] == "text_to_image" and cfg["bitdance"]["t2i"]["resolutions"] == [[64, 64], [32, 128]]
-    m = BitDanceT2I.from_folder(t2i_saved, resolutions=RES)  # the plain loader reads it as a released folder
+    m = load_folder(t2i_saved, resolutions=RES)  # the plain loader reads it as a released folder
     for k, v in t2i.model.state_dict().items():
         assert torch.equal(m.state_dict()[k], v), k
 
@@ -128,11 +133,11 @@ def test_save_is_atomic(t2i, t2i_saved, tmp_path, monkeypatch):
     shutil.copytree(t2i_saved, dst)
     before = {p.name: p.read_bytes() for p in dst.iterdir()}
 
-    def broken(self, path, **kw):
+    def broken(model, path, **kw):
         (path / "config.json").write_text("{}")
         raise OSError("disk full")
 
-    monkeypatch.setattr(BitDanceT2I, "save_folder", broken)
+    monkeypatch.setattr(bitdance.pipelines.text_to_image, "save_folder", broken)
     with pytest.raises(OSError, match="disk full"):
         t2i.save_pretrained(dst)
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before

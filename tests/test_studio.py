@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_pipeline
 from PIL import Image
 
-from bitdance.cli import main
-from conftest import tiny_pipeline
-from bitdance.studio import Studio, StudioError, make_server, model_names
+from bitdance.apps.cli import main
+from bitdance.apps.studio import make_server
+from bitdance.apps.studio_jobs import Studio, StudioError, model_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -223,7 +224,7 @@ class FakeT2I:
     default_resolution = (32, 32)
 
     def __init__(self, inner):
-        from bitdance.t2i import T2IConfig
+        from bitdance.models.config import T2IConfig
 
         self.inner, self.device, self.calls = inner, inner.device, []
         self.config = T2IConfig(parallel_num=4, latent_dim=4, down_factor=4, resolutions=((32, 32), (32, 64)))

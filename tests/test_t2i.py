@@ -1,4 +1,4 @@
-"""Text-to-image BitDance (bitdance.t2i): folder layout, sequence, mask, embeddings, generation.
+"""Text-to-image BitDance (bitdance.models.t2i): folder layout, sequence, mask, embeddings, generation.
 
 Everything runs on a tiny random model written in the released folder layout.
 """
@@ -17,20 +17,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from bitdance.checkpoint import CheckpointError
-from bitdance.config import TokenizerConfig
-from bitdance.sampler import FlowSampler
-from bitdance.t2i import (
-    RESOLUTIONS_512,
-    RESOLUTIONS_1024,
-    BitDanceT2I,
-    T2IConfig,
-    sincos_1d,
-    sincos_2d,
-    special_tokens,
-    t2i_attention_mask,
-)
-from bitdance.tokenizer import BinaryTokenizer
+from bitdance.formats.t2i_folder import load_folder, save_folder
+from bitdance.formats.weights import CheckpointError
+from bitdance.models.config import RESOLUTIONS_512, RESOLUTIONS_1024, T2IConfig, TokenizerConfig
+from bitdance.models.t2i import BitDanceT2I, sincos_1d, sincos_2d, special_tokens, t2i_attention_mask
+from bitdance.models.tokenizer import BinaryTokenizer
+from bitdance.sampling.flow import FlowSampler
 
 torch.set_num_threads(1)
 
@@ -74,13 +66,13 @@ def tiny_model(parallel_num=P, seed=0):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("bitdance_t2i")
-    tiny_model().save_folder(path)
+    save_folder(tiny_model(), path)
     return path
 
 
 @pytest.fixture(scope="module")
 def model(folder):
-    return BitDanceT2I.from_folder(folder, resolutions=RES)
+    return load_folder(folder, resolutions=RES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +120,7 @@ def test_missing_file(folder, tmp_path, name):
     if name == "tokenizer.json" and (dst / "vocab.json").exists():
         os.remove(dst / "vocab.json")
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
-        BitDanceT2I.from_folder(dst, resolutions=RES)
+        load_folder(dst, resolutions=RES)
 
 
 @pytest.mark.parametrize("key, value, words", [
@@ -148,7 +140,7 @@ def test_vision_head_config_checked_against_the_weights_first(folder, tmp_path, 
     head[key] = value
     (dst / "vision_head_config.json").write_text(json.dumps(head))
     with pytest.raises(CheckpointError, match=re.escape(words)):
-        BitDanceT2I.from_folder(dst, resolutions=RES)
+        load_folder(dst, resolutions=RES)
 
 
 def test_generate_shapes_and_determinism(model):
@@ -184,7 +176,7 @@ def test_batch_padding_does_not_change_result(model):
 
 
 def _hidden(model, inp, attn=None):
-    from bitdance.t2i import additive_mask
+    from bitdance.models.t2i import additive_mask
 
     valid = inp.valid
     mask = additive_mask(t2i_attention_mask(valid, inp.num_causal, P), torch.float32)
@@ -268,7 +260,7 @@ def test_mask_is_applied(attn):
     see each other, padding does not leak, and eager == sdpa."""
     from transformers import Qwen3Config, Qwen3Model
 
-    from bitdance.t2i import additive_mask
+    from bitdance.models.t2i import additive_mask
 
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -365,31 +357,31 @@ def test_condition_uses_predicted_positions(model, monkeypatch):
 def test_sharded_llm_folder(tmp_path):
     """Released folders ship sharded model-*.safetensors + index; a missing shard is named."""
     m = tiny_model()
-    m.save_folder(tmp_path, max_shard_size="50KB")
+    save_folder(m, tmp_path, max_shard_size="50KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 1
-    loaded = BitDanceT2I.from_folder(tmp_path, resolutions=RES)
+    loaded = load_folder(tmp_path, resolutions=RES)
     for k, v in m.llm.state_dict().items():
         torch.testing.assert_close(loaded.llm.state_dict()[k], v, rtol=0, atol=0)
     os.remove(tmp_path / shards[-1])
     with pytest.raises(CheckpointError, match=shards[-1]):
-        BitDanceT2I.from_folder(tmp_path, resolutions=RES)
+        load_folder(tmp_path, resolutions=RES)
 
 
 def test_offload_keeps_parts_off_the_device(folder):
     """offload=("ae", "lm_head") leaves those on the CPU while the rest moves (the meta device stands in
     for a GPU on this CPU-only test machine: nothing is allocated there)."""
-    m = BitDanceT2I.from_folder(folder, resolutions=RES, device="meta", offload=("ae", "lm_head"))
+    m = load_folder(folder, resolutions=RES, device="meta", offload=("ae", "lm_head"))
     assert m.llm.model.embed_tokens.weight.device.type == "meta"
     assert m.projector.fc1.weight.device.type == "meta"
     assert all(p.device.type == "meta" for p in m.vision_head.parameters())
     assert all(p.device.type == "cpu" for p in m.ae.parameters())
     assert m.llm.lm_head.weight.device.type == "cpu"
-    plain = BitDanceT2I.from_folder(folder, resolutions=RES, device="meta")
+    plain = load_folder(folder, resolutions=RES, device="meta")
     assert all(p.device.type == "meta" for p in plain.parameters())
     with pytest.raises(ValueError, match="offload takes"):
-        BitDanceT2I.from_folder(folder, resolutions=RES, offload=("vision_head",))
+        load_folder(folder, resolutions=RES, offload=("vision_head",))
 
 
 def test_decode_with_offloaded_ae(model):

@@ -1,4 +1,4 @@
-"""Text-to-image training (bitdance.t2i): packed batches, the training loss, 16x -> 64x-style distillation.
+"""Text-to-image training (bitdance.models.t2i): packed batches, the training loss, 16x -> 64x-style distillation.
 
 Tiny random Qwen3 model (hidden 64, 2 layers), P = 4, any resolution that is a multiple of 32 px.
 """
@@ -16,16 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from bitdance.sampler import FlowSampler
-from bitdance.t2i import (
-    BitDanceT2I,
-    T2IConfig,
-    additive_mask,
-    query_token,
-    special_tokens,
-    t2i_attention_mask,
-)
-from bitdance.t2i_training import IGNORE_INDEX, distill_from, pack_batch, packed_head_condition, training_loss
+from bitdance.formats.t2i_folder import load_folder
+from bitdance.models.config import T2IConfig
+from bitdance.models.t2i import BitDanceT2I, additive_mask, query_token, special_tokens, t2i_attention_mask
+from bitdance.sampling.flow import FlowSampler
+from bitdance.training.t2i import IGNORE_INDEX, distill_from, pack_batch, packed_head_condition, training_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +70,7 @@ def unpacked_condition(model, prompt, lat):
     """Teacher-forced head condition computed the way generate (no KV cache) builds its sequence."""
     h, w = lat.shape[1:]
     Pn = model.config.parallel_num
-    from bitdance.transformer import generation_order
+    from bitdance.models.transformer import generation_order
 
     inp = model.build_inputs([prompt], h, w)
     tokens = lat.reshape(D, h * w).t()[generation_order(h, w, model.config.patch_size)][None]
@@ -265,9 +260,9 @@ def t2i_files(tmp_path_factory):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from bitdance.config import TokenizerConfig
-    from bitdance.pipeline import save_tokenizer_folder
-    from bitdance.tokenizer import BinaryTokenizer
+    from bitdance.formats.folders import save_tokenizer_folder
+    from bitdance.models.config import TokenizerConfig
+    from bitdance.models.tokenizer import BinaryTokenizer
 
     root = tmp_path_factory.mktemp("t2i_task")
     for k, (name, col) in enumerate([("red_square", (230, 20, 20)), ("blue_bar", (20, 20, 230)),
@@ -291,7 +286,7 @@ def t2i_files(tmp_path_factory):
 
 
 def t2i_cfg(files, out, **kw):
-    from bitdance.training import TrainConfig
+    from bitdance.training.config import TrainConfig
 
     base = dict(task="t2i", out=str(out), data=str(files / "data"), split=None, image_size=32,
                 tokenizer=str(files / "ae"), text_tokenizer=str(files / "texttok"), llm_config=dict(TASK_LLM),
@@ -303,9 +298,9 @@ def t2i_cfg(files, out, **kw):
 
 
 def test_t2i_task_trains_resumes_and_exports(t2i_files, tmp_path):
-    from bitdance.checkpoint import load_file
-    from bitdance.t2i import BitDanceT2I
-    from bitdance.training import Trainer, dataset_captions, train
+    from bitdance.formats.weights import load_file
+    from bitdance.training.t2i import dataset_captions
+    from bitdance.training.trainer import Trainer, train
 
     full = train(t2i_cfg(t2i_files, tmp_path / "full"))
     assert full["steps"] == 4 and math.isfinite(full["final"]["loss"])
@@ -337,9 +332,9 @@ def test_t2i_task_trains_resumes_and_exports(t2i_files, tmp_path):
     head_json = json.loads((folder / "vision_head_config.json").read_text())
     assert head_json["parallel_num"] == 4 and head_json["down_factor"] == 4 and head_json["ch_target"] == 16
     assert not any(p.name.startswith(".") for p in (tmp_path / "full").iterdir() if p.is_dir())
-    model = BitDanceT2I.from_folder(folder, allow_any_resolution=True, max_res_tokens=16)
+    model = load_folder(folder, allow_any_resolution=True, max_res_tokens=16)
     # ... and the pipeline loads it with its own settings, no overrides needed
-    from bitdance.pipeline import BitDancePipeline
+    from bitdance.pipelines.class_conditional import BitDancePipeline
 
     pipe = BitDancePipeline.from_pretrained(folder)
     assert pipe.kind == "text_to_image" and pipe.config.max_res_tokens == 16
@@ -358,11 +353,11 @@ def test_t2i_task_trains_resumes_and_exports(t2i_files, tmp_path):
 
 
 def test_t2i_task_distills_into_larger_patches(t2i_files, tmp_path):
-    from bitdance.t2i import BitDanceT2I, query_token
-    from bitdance.training import Trainer
+    from bitdance.models.t2i import query_token
+    from bitdance.training.trainer import Trainer
 
     train(t2i_cfg(t2i_files, tmp_path / "p4", steps=1, resolutions="32x32"))
-    teacher = BitDanceT2I.from_folder(tmp_path / "p4" / "model", allow_any_resolution=True, max_res_tokens=16)
+    teacher = load_folder(tmp_path / "p4" / "model", allow_any_resolution=True, max_res_tokens=16)
     over = {"parallel_num": 16, "max_res_tokens": 16, "allow_any_resolution": True}
     cfg = t2i_cfg(t2i_files, tmp_path / "p16", steps=2, resolutions="32x32", model_overrides=over,
                   distill_from=str(tmp_path / "p4" / "model"), llm_config={}, text_tokenizer="", tokenizer="")
@@ -374,7 +369,7 @@ def test_t2i_task_distills_into_larger_patches(t2i_files, tmp_path):
             torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
     summary = tr.fit()
     assert summary["steps"] == 2 and math.isfinite(summary["final"]["loss"])
-    student = BitDanceT2I.from_folder(tmp_path / "p16" / "model", allow_any_resolution=True, max_res_tokens=16)
+    student = load_folder(tmp_path / "p16" / "model", allow_any_resolution=True, max_res_tokens=16)
     assert student.config.parallel_num == 16 and query_token(15) in student.text_tokenizer.get_vocab()
     lat = student.generate(["green dot"], height=32, width=32, sampler=FlowSampler(num_steps=2),
                            generator=torch.Generator().manual_seed(0))
@@ -382,13 +377,13 @@ def test_t2i_task_distills_into_larger_patches(t2i_files, tmp_path):
 
 
 def train(cfg):
-    from bitdance.training import train as _train
+    from bitdance.training.trainer import train as _train
 
     return _train(cfg)
 
 
 def _cli_error(capsys, argv):
-    from bitdance.training import main
+    from bitdance.training.trainer import main
 
     rc = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
@@ -421,7 +416,7 @@ def test_t2i_task_bad_inputs_give_one_line_errors(t2i_files, tmp_path, capsys):
     msg = _cli_error(capsys, common + data + ["--out", str(out), "--resume"])
     assert "checkpoint.pt" in msg
     # `bitdance train-t2i` is the same entry point.
-    from bitdance.cli import main as cli_main
+    from bitdance.apps.cli import main as cli_main
 
     assert cli_main(["train-t2i"] + common[1:] + ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from bitdance import BinaryQuantizer, BinaryTokenizer, TokenizerConfig, tokenizer_preset
-from bitdance.config import ConfigError
-from bitdance.quantizer import binarize, bits_to_indices, indices_to_bits
-from bitdance.tokenizer import depth_to_space
+from bitdance.models.config import ConfigError
+from bitdance.models.quantizer import binarize, bits_to_indices, indices_to_bits
+from bitdance.models.tokenizer import depth_to_space
 
 
 def test_binarize_never_zero():

@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 from bitdance import BinaryTokenizer, tokenizer_preset
-from bitdance.checkpoint import load_file
-from bitdance.pipeline import BitDancePipeline, load_component, save_tokenizer_folder
-from bitdance.training import TrainConfig, TrainingError, global_batch_indices, lr_lambda, train
+from bitdance.formats.folders import load_component, save_tokenizer_folder
+from bitdance.formats.weights import load_file
+from bitdance.pipelines.class_conditional import BitDancePipeline
+from bitdance.training.config import TrainConfig, TrainingError
+from bitdance.training.trainer import global_batch_indices, lr_lambda, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 GEN_MODEL = '{"dim": 64, "n_layer": 2, "n_head": 2, "head_width": 64, "head_depth": 2, "cls_token_num": 2}'
@@ -57,8 +59,9 @@ def gen_args(w: Path, out: Path, steps: int, **extra) -> list[str]:
 
 
 def gen_config(w: Path, out: Path, steps: int, **extra) -> TrainConfig:
-    from bitdance.training import add_train_args, config_from_args
     import argparse
+
+    from bitdance.training.config import add_train_args, config_from_args
 
     p = argparse.ArgumentParser()
     p.add_argument("task")
@@ -218,7 +221,7 @@ def test_tokenizer_gan_terms_train_the_discriminator(workdir, tmp_path):
 
 def test_cuda_device_follows_the_local_rank(monkeypatch):
     """`--device cuda` under torchrun: each process takes the GPU of its local rank, not all of them cuda:0."""
-    from bitdance.training import Dist
+    from bitdance.training.distributed import Dist
 
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "1")  # no process group here

@@ -2,9 +2,11 @@ import pytest
 import torch
 
 from bitdance import BinaryTokenizer, BitDance, FlowSampler, bitdance_preset
-from bitdance.config import ConfigError, list_presets
-from bitdance.quantizer import binarize
-from bitdance.transformer import block_causal_mask, flip_bits, generation_order
+from bitdance.models.config import ConfigError
+from bitdance.models.presets import list_presets
+from bitdance.models.quantizer import binarize
+from bitdance.models.transformer import flip_bits, generation_order
+from bitdance.sampling.masks import block_causal_mask
 
 
 def tiny_config(P: int, **kw):

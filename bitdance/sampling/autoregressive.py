@@ -17,7 +17,7 @@ are fed the same tokens (the authors' code does the same); where it is 1 (the fi
 schedule) the head samples the two halves independently.
 
 The class-conditional model (:meth:`bitdance.BitDance.generate`) and the text-to-image model
-(:meth:`bitdance.t2i.BitDanceT2I.generate`) differ only in their :class:`BlockSource`.
+(:meth:`bitdance.models.t2i.BitDanceT2I.generate`) differ only in their :class:`BlockSource`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..sampler import FlowSampler, guidance_at
+from bitdance.sampling.flow import FlowSampler, guidance_at
 
 __all__ = ["BlockSource", "binarize_sample", "generate_blocks"]
 

@@ -1,0 +1,300 @@
+"""What the ``bitdance`` commands do (sample, info, convert, train, demo, serve, bench); the parser is
+:mod:`bitdance.apps.cli`, the evaluation commands :mod:`bitdance.apps.eval_commands`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CLIError", "describe", "torch_dtype", "cmd_presets", "cmd_info", "cmd_sample", "cmd_convert", "cmd_train",
+           "cmd_demo", "cmd_serve", "cmd_bench"]
+
+
+class CLIError(Exception):
+    """A mistake in the command line, reported in one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def torch_dtype(name: str):
+    """``--dtype`` value -> torch dtype."""
+    import torch
+
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _save_image(array, path: Path) -> None:
+    """Write in the format the extension names (checked before sampling by ``validation.image_output``)."""
+    from PIL import Image
+
+    from bitdance.files import atomic_write
+    from bitdance.validation import image_format
+
+    fmt = image_format(path)
+    extra = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt, **extra))
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint file or folder is (used by ``bitdance info``)."""
+    import torch
+
+    from bitdance.formats.folders import load_component, read_folder_config
+    from bitdance.formats.official import load_official_generator, load_tokenizer
+    from bitdance.formats.weights import CheckpointError, load_file
+
+    path = Path(path)
+    if path.is_dir():
+        cfg = read_folder_config(path)
+        out: dict[str, Any] = {"path": str(path), "format": "bitdance folder", "kind": cfg.get("kind")}
+        if "generator" in cfg:
+            gen = load_component(path, "generator")
+            out.update(_generator_info(gen))
+        if "tokenizer" in cfg:
+            out["tokenizer"] = _tokenizer_info(load_component(path, "tokenizer"))
+        out["meta"] = cfg.get("meta", {})
+        return out
+    obj = load_file(path)
+    if isinstance(obj, dict) and ("ema" in obj or "model" in obj or "emb_norm.weight" in obj):
+        gen, tok, info = load_official_generator(path)
+        out = {"path": str(path), "format": "official training checkpoint", "kind": "class_conditional",
+               **_generator_info(gen), "weights": info["weights"], "epochs": info["epochs"]}
+        if tok is not None:
+            out["tokenizer"] = _tokenizer_info(tok)
+        return out
+    if isinstance(obj, dict) and ("state_dict" in obj or any(
+            isinstance(k, str) and k.startswith("encoder.") for k in obj)):
+        return {"path": str(path), "format": "official tokenizer", "kind": "tokenizer",
+                "tokenizer": _tokenizer_info(load_tokenizer(path))}
+    if isinstance(obj, dict) and any(isinstance(k, str) and "input_proj" in k for k in obj):
+        from bitdance.formats.official import load_head
+
+        head = load_head(path)
+        return {"path": str(path), "format": "diffusion head", "kind": "head", "head": head.config.to_dict(),
+                "parameters": _params(head)}
+    del torch
+    raise CheckpointError(f"{path}: not a BitDance checkpoint")
+
+
+def _generator_info(gen) -> dict[str, Any]:
+    from bitdance.models.presets import match_preset
+
+    c = gen.config
+    return {"preset": match_preset(c) or "custom", "parameters": _params(gen), "parallel_num": c.parallel_num,
+            "image_size": c.image_size, "num_classes": c.num_classes, "ar_steps": c.num_steps,
+            "head": c.head.variant, "config": c.to_dict()}
+
+
+def _tokenizer_info(tok) -> dict[str, Any]:
+    c = tok.config
+    return {"bits": c.z_channels, "down_factor": c.down_factor, "groups": c.groups,
+            "gan_decoder": c.gan_decoder, "parameters": _params(tok)}
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+def cmd_presets(args) -> None:
+    import torch
+
+    from bitdance.models.presets import TOKENIZER_PRESETS, bitdance_preset, list_presets
+    from bitdance.models.transformer import BitDance
+
+    print(f"{'generator preset':<18} {'params':>9} {'P':>3} {'AR steps':>8}  (256 px, d16c32 tokenizer)")
+    for name in list_presets():
+        cfg = bitdance_preset(name)
+        with torch.device("meta"):
+            n = _params(BitDance(cfg))
+        print(f"{name:<18} {n / 1e6:8.1f}M {cfg.parallel_num:>3} {cfg.num_steps:>8}")
+    print(f"\n{'tokenizer preset':<18} {'bits':>5} {'down':>5} {'groups':>6} gan")
+    for name, t in TOKENIZER_PRESETS.items():
+        print(f"{name:<18} {t.z_channels:>5} {t.down_factor:>5} {t.groups:>6} {t.gan_decoder}")
+
+
+def cmd_info(args) -> None:
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    for k, v in info.items():
+        if k == "config":
+            continue
+        print(f"{k}: {v}")
+
+
+def cmd_sample(args) -> None:
+    import numpy as np
+    import torch
+
+    from bitdance.formats.t2i_folder import is_text_to_image_folder
+    from bitdance.images import make_grid
+    from bitdance.pipelines.class_conditional import BitDancePipeline
+
+    if args.model_path and args.model and args.model_path != args.model:
+        raise CLIError(f"two models given ({args.model_path} and --model {args.model}); give one")
+    model = args.model_path or args.model
+    if not model:
+        raise CLIError("no model given: bitdance sample MODEL [--classes ID ... | --prompt TEXT]")
+    # Check the options against the model kind before loading (a 14B folder takes a while to load).
+    t2i = is_text_to_image_folder(model)
+    if t2i:
+        if args.classes:
+            raise CLIError(f"{model} is a text-to-image model: give --prompt TEXT, not --classes")
+        if not args.prompt:
+            raise CLIError(f"{model} is a text-to-image model: give --prompt TEXT (repeat for several images)")
+        if args.schedule:
+            raise CLIError("--schedule is for class-conditional models; text-to-image guidance is constant")
+    elif args.prompt:
+        raise CLIError(f"{model} is a class-conditional model: give --classes ID ..., not --prompt")
+    from bitdance import validation
+
+    # Everything the arguments alone decide is checked before the (possibly slow) model load.
+    validation.flow_steps(args.steps, "--steps")
+    validation.seed(args.seed, "--seed")
+    if args.cfg is not None:
+        validation.guidance_scale(args.cfg, "--cfg")
+    validation.image_side(args.height, "--height")
+    validation.image_side(args.width, "--width")
+    validation.integer(args.nrow, "--nrow", 0, validation.MAX_BATCH)
+    count = len(args.prompt or args.classes or [])
+    if count > validation.MAX_BATCH:
+        raise CLIError(f"{count} images asked for; at most {validation.MAX_BATCH} per call "
+                       "(bitdance sample-npz makes any number in batches)")
+    out_path = validation.image_output(args.out, separate=args.separate)
+    device = validation.device(args.device or "cpu")
+    torch.set_grad_enabled(False)
+    from bitdance.precision import bf16_supported
+
+    # Text-to-image keeps the stored dtype (bf16 in the release) unless --dtype or $BITDANCE_DTYPE says otherwise.
+    dtype = torch_dtype(args.dtype) if args.dtype else (None if t2i else torch.float32)
+    if dtype == torch.bfloat16:
+        if not bf16_supported(device):
+            print(f"note: no bf16 support on this {device}; sampling in fp32", file=sys.stderr)
+            dtype = torch.float32
+    pipe = BitDancePipeline.from_pretrained(model, tokenizer=args.tokenizer, device=device, dtype=dtype)
+    if args.compile != "off":
+        pipe.compile(None if args.compile == "default" else args.compile)
+    gen = validation.seeded(args.seed, pipe.device, name="--seed")
+    common = {"height": args.height, "width": args.width, "num_inference_steps": args.steps,
+              "sampler": args.sampler, "generator": gen, "output_type": "np", "use_kv_cache": not args.no_kv_cache}
+    t0 = time.perf_counter()
+    if pipe.kind == "text_to_image":
+        names = [f"prompt-{_slug(p)}" for p in args.prompt]
+        out = pipe(args.prompt, guidance_scale=7.5 if args.cfg is None else args.cfg, **common)
+    else:
+        labels = args.classes or list(range(min(8, pipe.config.num_classes)))
+        names = [f"class{lab}" for lab in labels]
+        out = pipe(labels, guidance_scale=4.0 if args.cfg is None else args.cfg,
+                   guidance_schedule=args.schedule or "linear", **common)
+    dt = time.perf_counter() - t0
+    if args.separate:
+        out_path.mkdir(parents=True, exist_ok=True)
+        for i, (name, im) in enumerate(zip(names, out.images)):
+            _save_image(im, out_path / f"{i:04d}_{name}.png")
+    else:
+        _save_image(make_grid(np.asarray(out.images), args.nrow or min(len(names), 8)), out_path)
+    print(f"wrote {len(names)} image(s) to {out_path} in {dt:.1f}s ({len(names) / dt:.2f} img/s)")
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe piece of a prompt."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "empty"
+
+
+def cmd_convert(args) -> None:
+    from bitdance.formats.official import save_official_generator, save_official_tokenizer
+    from bitdance.pipelines.class_conditional import BitDancePipeline
+
+    src, dst = Path(args.src), Path(args.dst)
+    pipe = BitDancePipeline.from_pretrained(src, tokenizer=args.tokenizer, use_ema=not args.raw)
+    if dst.suffix in (".pt", ".pth"):
+        save_official_generator(dst, pipe.generator, pipe.tokenizer)
+        if args.tokenizer_out:
+            save_official_tokenizer(args.tokenizer_out, pipe.tokenizer)
+    else:
+        pipe.save_pretrained(dst)
+    print(f"converted {src} -> {dst}")
+
+
+def cmd_train(args, task: str) -> None:
+    from bitdance.training.config import config_from_args
+    from bitdance.training.trainer import train
+
+    summary = train(config_from_args(args, task))
+    print(json.dumps(summary))
+
+
+def cmd_demo(args) -> None:
+    from bitdance.apps.demo import run_demo
+
+    report = run_demo(args.out, minutes=args.minutes, seed=args.seed, data=args.data)
+    out = Path(args.out)
+    print(f"tokenizer: PSNR {report['tokenizer']['test_psnr_db']:.2f} dB on {report['tokenizer']['test_images']} "
+          f"held-out images; generator: final loss {report['generator']['final_loss']:.4f} after "
+          f"{report['generator']['steps']} steps; total {report['timings_s']['total_s'] / 60:.1f} min")
+    acc = report["sampling"]["class_accuracy"]
+    if acc is not None:
+        print(f"class accuracy: {100 * acc:.1f}% of {report['sampling']['samples']} samples show the class asked "
+              f"for ({report['sampling']['classifier']['name']} classifier)")
+    for name in ("samples.png", "reconstructions.png", "loss_curves.png", "report.json"):
+        print(f"wrote {out / name}")
+
+
+def cmd_serve(args) -> None:
+    from bitdance.apps.studio import serve
+    from bitdance.validation import device
+
+    device(args.device)
+    serve(args.model, tokenizer=args.tokenizer, host=args.host, port=args.port, device=args.device,
+          dtype=torch_dtype(args.dtype) if args.dtype else None, preview_interval=args.preview_interval,
+          allow_hosts=args.allow_host or ())
+
+
+def cmd_bench(args) -> None:
+    from bitdance import validation
+    from bitdance.apps.bench import run_bench
+
+    validation.flow_steps(args.steps, "--steps")
+    validation.guidance_scale(args.cfg, "--cfg")
+    validation.integer(args.batch, "--batch", 1, validation.MAX_BATCH)
+    validation.integer(args.image_size, "--image-size", 16, 4096)
+    validation.seed(args.seed, "--seed")
+    validation.device(args.device)
+    r = run_bench(args.preset, batch=args.batch, steps=args.steps, cfg=args.cfg, image_size=args.image_size,
+                  dtype=args.dtype, device=args.device, warmup=args.warmup, repeats=args.repeats,
+                  decode=not args.no_decode, tokenizer=args.tokenizer, seed=args.seed, compile=args.compile,
+                  compare_fp32=args.compare_fp32, model=args.model, profile=args.profile, log=None if args.json else (lambda m: print(m, file=sys.stderr)))
+    for note in r.notes:
+        print(f"note: {note}")
+    print(f"{r.preset} + {r.tokenizer} tokenizer, {r.image_size} px, batch {r.batch}, {r.ar_steps} AR steps x "
+          f"{r.steps} flow steps, cfg {r.cfg:g}, {r.dtype} on {r.device} ({r.threads} threads)"
+          f"{'' if r.decode else ', no decode'}")
+    print(f"images/s:            {r.images_per_s:.4g}")
+    print(f"seconds per image:   {r.seconds_per_image:.4g}")
+    print(f"FLOPs per image:     {r.flops_per_image:.4g} (generator {r.generator_flops_per_image:.4g}, "
+          f"decode {r.decode_flops_per_image:.4g}; counted by FlopCounterMode)")
+    print(f"achieved FLOP/s:     {r.achieved_flops:.4g}")
+    print(f"matmul peak FLOP/s:  {r.peak_flops:.4g} ({r.dtype}, measured)")
+    print(f"MFU:                 {100 * r.mfu:.2f}%")
+    print(f"peak memory:         {r.peak_memory_bytes / 2**20:.1f} MiB ({r.peak_memory_method})")
+    chunk = "not measured" if r.decode_chunk_bytes is None else f"{r.decode_chunk_bytes / 2**20:.1f} MiB"
+    budget = "" if r.memory_budget_bytes is None else f"{r.memory_budget_bytes / 2**20:.1f} MiB = "
+    print(f"memory budget:       {budget}weights {r.weights_bytes / 2**20:.1f} MiB + KV cache "
+          f"{r.kv_cache_bytes / 2**20:.1f} MiB + one decode chunk {chunk}")
+    if r.bf16_bit_agreement is not None:
+        psnr = "" if r.bf16_image_psnr is None else f", image PSNR {r.bf16_image_psnr:.2f} dB"
+        print(f"{r.dtype} vs fp32:        {100 * r.bf16_bit_agreement:.2f}% of bits, "
+              f"{100 * r.bf16_token_agreement:.2f}% of tokens equal{psnr} (same seed)")
+    if args.json:
+        print(json.dumps(r.to_dict()))

