@@ -31,7 +31,7 @@ def row(r: dict) -> str:
     agree = ("" if r.get("bf16_bit_agreement") is None else
              f"{100 * r['bf16_bit_agreement']:.1f}% / {100 * r['bf16_token_agreement']:.1f}%"
              + ("" if r.get("bf16_image_psnr") is None else f" / {r['bf16_image_psnr']:.1f} dB"))
-    return (f"| {r['preset']} | {r['image_size']} | {r['batch']} | {r['steps']} | {r['cfg']:g} | {r['dtype']} | "
+    return (f"| {r['preset']} | {r['image_size']} | {r['batch']} | {r['steps']} | {r.get('guidance_scale', r.get('cfg')):g} | {r['dtype']} | "
             f"{'yes' if r['decode'] else 'no'} | {r.get('compile_mode', 'off')} | "
             f"{r['seconds_per_image'] * r['batch']:.2f} | {r['seconds_per_image']:.2f} | {r['images_per_s']:.3f} | "
             f"{gf:,.0f} ({r['generator_flops_per_image'] / 1e9:,.0f} + {r['decode_flops_per_image'] / 1e9:,.0f}) | "

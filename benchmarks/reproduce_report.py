@@ -276,7 +276,8 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str] | None = None
     add(f"- **Sampling**: classifier-free guidance {smp['guidance_scale']:g} ({smp['guidance_schedule']} "
         f"schedule over the AR steps), {smp['sampler']} head sampler with {smp['head_steps']} steps unless "
         f"stated; {b['fid_images']} images per model, class-balanced (label = i mod 10), batch "
-        f"{b['sample_batch']}, batch *k* seeded with {s['seeds']['sample']}·1000003 + *k*. EMA weights.")
+        f"{b['sample_batch']}, batch *k* seeded from SeedSequence([{s['seeds']['sample']}, *k*]) (`bitdance sample-npz`'s "
+        "sampler, `bitdance.evaluation.samples.sample_npz`). EMA weights.")
     ref = f"{n_ref:,} test images" if n_ref else f"{min(b['ref_images'], 10_000):,} test images"
     acc = results.get("classifier_test_accuracy")
     add(f"- **Metrics**: FID of the generated images against {ref} (TF-FID Inception-v3 pool3 features of "

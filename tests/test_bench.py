@@ -121,7 +121,7 @@ def test_cpu_peak_memory_survives_freed_heap_pages():
 
     junk = [torch.randn(1000) for _ in range(100_000)]  # 400 MB in small heap blocks, then freed
     del junk
-    r = run_bench(preset="BitDance-T-4x", image_size=32, batch=1, steps=2, cfg=2.0, tokenizer="tiny-d4c16",
+    r = run_bench(preset="BitDance-T-4x", image_size=32, batch=1, steps=2, guidance_scale=2.0, tokenizer="tiny-d4c16",
                   dtype="fp32", decode=False, warmup=0, log=lambda *a: None)
     assert r.peak_memory_bytes > 8 * 2**20, r.peak_memory_method  # the weights alone are 36 MB
 

@@ -180,8 +180,8 @@ def test_use_ema_false_picks_model_weights(tmp_path, model, tok):
     assert_same_state(gen_model, model)
 
     pipe = BitDancePipeline.from_pretrained(path, use_ema=False)
-    assert_same_state(pipe.generator, model)
-    assert_same_state(BitDancePipeline.from_pretrained(path).generator, ema)
+    assert_same_state(pipe.model, model)
+    assert_same_state(BitDancePipeline.from_pretrained(path).model, ema)
 
 
 def test_checkpoint_without_ema_falls_back_to_model(tmp_path, official_state, model, tok):
@@ -269,7 +269,7 @@ def test_official_round_trip_keeps_recorded_hyperparameters(tmp_path, tok):
 def test_pipeline_from_official_pt(official_pt, model, tok, reference_images):
     pipe = BitDancePipeline.from_pretrained(official_pt)
     assert pipe.config == model.config
-    assert_same_state(pipe.generator, model)
+    assert_same_state(pipe.model, model)
     assert_same_state(pipe.tokenizer, tok)
     assert pipe.meta["source"] == str(official_pt) and pipe.meta["epochs"] == 7
     images = sample(pipe, seed=0).images
@@ -294,7 +294,7 @@ def test_pipeline_with_separate_tokenizer_file(tmp_path, official_pt, model):
     save_official_tokenizer(path, other)
     pipe = BitDancePipeline.from_pretrained(official_pt, tokenizer=path)
     assert_same_state(pipe.tokenizer, other)
-    assert_same_state(pipe.generator, model)
+    assert_same_state(pipe.model, model)
     np.testing.assert_array_equal(sample(pipe).images, sample(BitDancePipeline(model, other)).images)
 
     # A generator file without vae.* needs tokenizer=...
@@ -322,7 +322,7 @@ def test_generator_only_file_with_non_default_tokenizer(tmp_path):
     save_official_tokenizer(tmp_path / "ae_d4.pt", tok4)
     pipe = BitDancePipeline.from_pretrained(tmp_path / "gen.pt", tokenizer=tmp_path / "ae_d4.pt")
     assert pipe.config.image_size == 32 and pipe.config.down_size == 4
-    assert_same_state(pipe.generator, gen)
+    assert_same_state(pipe.model, gen)
 
 
 def test_save_pretrained_round_trip(tmp_path, official_pt):
@@ -336,7 +336,7 @@ def test_save_pretrained_round_trip(tmp_path, official_pt):
     again = BitDancePipeline.from_pretrained(folder)
     assert again.config == pipe.config
     assert again.tokenizer.config == pipe.tokenizer.config
-    assert_same_state(again.generator, pipe.generator)
+    assert_same_state(again.model, pipe.model)
     assert_same_state(again.tokenizer, pipe.tokenizer)
     assert again.meta == pipe.meta
     for seed in (0, 3):

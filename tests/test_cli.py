@@ -60,8 +60,8 @@ def test_convert_round_trip(files, tmp_path):
     assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back.pt")]) == 0
     a = BitDancePipeline.from_pretrained(files / "folder")
     b = BitDancePipeline.from_pretrained(tmp_path / "back.pt")
-    for k, v in a.generator.state_dict().items():
-        assert torch.equal(v, b.generator.state_dict()[k]), k
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
 
 
 def test_errors_are_one_line(files, tmp_path, capsys):

@@ -137,7 +137,7 @@ def test_compiled_head_on_cuda(mode):
 def test_bench_on_cuda(dtype, compile):
     from bitdance.apps.bench import run_bench
 
-    r = run_bench("BitDance-T-4x", image_size=32, tokenizer="tiny-d4c16", batch=4, steps=2, cfg=2.0, dtype=dtype,
+    r = run_bench("BitDance-T-4x", image_size=32, tokenizer="tiny-d4c16", batch=4, steps=2, guidance_scale=2.0, dtype=dtype,
                   device="cuda", compile=compile)
     assert r.device.startswith("cuda") and r.dtype == dtype and r.compile_mode == compile
     assert r.peak_memory_method.startswith("cuda")

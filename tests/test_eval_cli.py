@@ -200,6 +200,34 @@ def test_sample_npz_balanced_and_resumable(tiny_model, tmp_path, capsys, monkeyp
         np.testing.assert_array_equal(npz["labels"], [1, 3, 1, 3])
 
 
+def test_sample_npz_python_api_is_the_cli(tiny_model, tmp_path, capsys):
+    """One sampler behind `bitdance sample-npz` and `bitdance.evaluation.samples.sample_npz`: same file, and
+    batch b is exactly what the pipeline makes with the generator seeded by batch_seed(seed, b)."""
+    from bitdance.evaluation.samples import SamplesError, batch_seed, sample_npz
+
+    rc, _, err = sample(capsys, tiny_model, tmp_path / "cli.npz", "--seed", 5)
+    assert rc == 0, err
+    pipe = BitDancePipeline.from_pretrained(tiny_model)
+    run_ = sample_npz(pipe, tmp_path / "api.npz", num_samples=10, batch_size=3, seed=5, num_inference_steps=2,
+                      guidance_scale=4.0, progress=False)
+    assert (run_.sampled, run_.resumed, run_.complete_before) == (10, 0, False)
+    with np.load(tmp_path / "cli.npz") as a, np.load(tmp_path / "api.npz") as b:
+        assert a["arr_0"].tobytes() == b["arr_0"].tobytes()
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        batch2 = b["arr_0"][6:9]
+    direct = pipe([6, 7, 8], num_inference_steps=2, guidance_scale=4.0,
+                  generator=torch.Generator().manual_seed(batch_seed(5, 2)), output_type="np").images
+    np.testing.assert_array_equal(direct, batch2)
+    again = sample_npz(pipe, tmp_path / "api.npz", num_samples=10, batch_size=3, seed=5, num_inference_steps=2,
+                       progress=False)
+    assert again.complete_before and again.sampled == 0
+    with pytest.raises(SamplesError, match="already exists"):
+        sample_npz(pipe, tmp_path / "api.npz", num_samples=4, progress=False)
+    with pytest.raises(ValueError, match="class"):
+        sample_npz(pipe, tmp_path / "c.npz", num_samples=4, classes=[10], progress=False)
+    assert not (tmp_path / "c.npz").exists() and not (tmp_path / "c.npz.parts").exists()
+
+
 def test_sample_npz_errors(tiny_model, tmp_path, capsys):
     rc, out, err = sample(capsys, tiny_model, tmp_path / "x.npz", "--classes", "3,12")
     assert rc == 2 and out == "" and "out of range" in err and "0..9" in err

@@ -111,7 +111,7 @@ def test_old_module_paths_import_with_a_warning(recwarn):
 
     from bitdance.formats.official import load_tokenizer
     from bitdance.moved import MOVED
-    from bitdance.training.t2i import pack_batch
+    from bitdance.training.t2i_packing import pack_batch
 
     for old, homes in MOVED.items():
         for home in homes:

@@ -331,3 +331,19 @@ def test_cli_errors_are_one_line(files, t2i_saved, tmp_path, capsys, args, needl
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after Hugging Face's loading progress bar
     assert err.startswith("bitdance sample: error:") and needle in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_shared_sampling_options_are_checked_by_name():
+    """The keyword options both pipelines share are declared once (SamplingOptions); a misspelt one is a
+    TypeError naming it, as for any Python keyword argument, before any work."""
+    from bitdance.pipelines.base import SAMPLING_DEFAULTS, SamplingOptions
+
+    assert set(SAMPLING_DEFAULTS) == set(SamplingOptions.__annotations__)
+    cfg = bitdance_preset("BitDance-T-4x", image_size=32, num_classes=3, cls_token_num=2, tokenizer="tiny-d4c16")
+    pipe = BitDancePipeline(BitDance(cfg), BinaryTokenizer(cfg.tokenizer))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'use_kvcache'"):
+        pipe([1], num_inference_steps=2, use_kvcache=False)
+    out = pipe([1], num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert out.latents.shape == (1, 16, 8, 8)
+    with pytest.warns(DeprecationWarning, match="model"):  # the 0.1 name of the network, until 0.3
+        assert pipe.generator is pipe.model

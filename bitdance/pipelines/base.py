@@ -23,7 +23,7 @@ share :class:`PipelineOutput`, the output types and ``callback(step, num_steps, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypedDict
 
 import torch
 
@@ -32,7 +32,7 @@ from bitdance.images import to_uint8
 from bitdance.models.tokenizer import BinaryTokenizer
 from bitdance.sampling.flow import FlowSampler
 
-__all__ = ["Pipeline", "PipelineOutput", "OUTPUT_TYPES"]
+__all__ = ["Pipeline", "PipelineOutput", "OUTPUT_TYPES", "SamplingOptions", "SAMPLING_DEFAULTS"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # T2IConfig fields that vision_head_config.json does not hold; save_pretrained keeps them in config.json
@@ -66,11 +66,37 @@ def _format_images(images: torch.Tensor, latents: torch.Tensor, output_type: str
     return PipelineOutput(images=[Image.fromarray(a) for a in arr], latents=latents)
 
 
+class SamplingOptions(TypedDict, total=False):
+    """The keyword options of every pipeline call besides the condition, steps and guidance (defaults in
+    :data:`SAMPLING_DEFAULTS`).
+
+    ``sampler``: ``"euler_maruyama"`` (the official head sampler), ``"euler"`` (deterministic) or a
+    :class:`~bitdance.sampling.flow.FlowSampler`; ``time_shift``: the flow's time shift (None: the model's);
+    ``generator``: the ``torch.Generator`` of every random draw; ``output_type``: ``"pil"``, ``"np"``, ``"pt"``
+    or ``"latent"``; ``callback(step, num_steps, partial_latents)``: after each AR step
+    (``pipe.decode(partial_latents)`` shows the image so far); ``use_kv_cache``: False recomputes the whole
+    sequence each step (slow, for checks); ``decode_chunk_size``: images per tokenizer decode.
+    """
+
+    sampler: str | FlowSampler
+    time_shift: float | None
+    generator: torch.Generator | None
+    output_type: str
+    callback: Callable[[int, int, torch.Tensor], None] | None
+    use_kv_cache: bool
+    decode_chunk_size: int
+
+
+SAMPLING_DEFAULTS: dict[str, Any] = {"sampler": "euler_maruyama", "time_shift": None, "generator": None,
+                                     "output_type": "pil", "callback": None, "use_kv_cache": True,
+                                     "decode_chunk_size": 16}
+
 
 class Pipeline:
     """What both pipelines share: argument checks, the flow sampler, decoding and the output formats.
 
-    A subclass names its ``kind``, its ``image_tokenizer`` (the binary autoencoder that decodes latents) and
+    ``__call__(condition, *, num_inference_steps, guidance_scale, ..., **options)`` takes the
+    :class:`SamplingOptions` as ``options``. A subclass names its ``kind``, its ``image_tokenizer`` (the binary autoencoder that decodes latents) and
     its ``config`` (whose ``time_shift`` is the flow sampler's default), checks its own inputs and generates;
     :meth:`_sampler` builds the flow sampler and :meth:`_finish` decodes and formats the output.
     """
@@ -80,32 +106,39 @@ class Pipeline:
     def __init__(self, *, meta: dict | None = None):
         self.meta = dict(meta or {})
 
-    @staticmethod
-    def _check_call(output_type: Any, guidance_scale: Any, generator: Any, decode_chunk_size: Any) -> None:
-        """The arguments both pipelines share, checked before any work (see :mod:`bitdance.validation`)."""
+    def _options(self, options: dict[str, Any], guidance_scale: Any) -> dict[str, Any]:
+        """The call's :class:`SamplingOptions` with their defaults, checked before any work (see
+        :mod:`bitdance.validation`); an unknown name is a TypeError, as for any keyword argument."""
+        unknown = sorted(set(options) - set(SAMPLING_DEFAULTS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__call__() got an unexpected keyword argument {unknown[0]!r}")
+        opts = {**SAMPLING_DEFAULTS, **options}
+        output_type, generator = opts["output_type"], opts["generator"]
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         validation.guidance_scale(guidance_scale)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__} (for a seed, "
                              "pass bitdance.validation.seeded(seed))")
-        validation.integer(decode_chunk_size, "decode_chunk_size", 1, validation.MAX_BATCH)
+        validation.integer(opts["decode_chunk_size"], "decode_chunk_size", 1, validation.MAX_BATCH)
+        return opts
 
     @property
     def image_tokenizer(self) -> BinaryTokenizer:
         raise NotImplementedError
 
-    def _sampler(self, sampler: str | FlowSampler, num_inference_steps: int, time_shift: float | None) -> FlowSampler:
-        if isinstance(sampler, FlowSampler):
-            return sampler
-        return FlowSampler(num_steps=validation.flow_steps(num_inference_steps), method=sampler,
-                           time_shift=self.config.time_shift if time_shift is None else time_shift)
+    def _sampler(self, opts: dict[str, Any], num_inference_steps: int) -> FlowSampler:
+        if isinstance(opts["sampler"], FlowSampler):
+            return opts["sampler"]
+        shift = opts["time_shift"]
+        return FlowSampler(num_steps=validation.flow_steps(num_inference_steps), method=opts["sampler"],
+                           time_shift=self.config.time_shift if shift is None else shift)
 
-    def _finish(self, latents: torch.Tensor, output_type: str, generator, decode_chunk_size: int) -> PipelineOutput:
-        if output_type == "latent":
+    def _finish(self, latents: torch.Tensor, opts: dict[str, Any]) -> PipelineOutput:
+        if opts["output_type"] == "latent":
             return PipelineOutput(images=latents, latents=latents)
-        images = self.decode(latents, generator=generator, chunk_size=decode_chunk_size)
-        return _format_images(images, latents, output_type)
+        images = self.decode(latents, generator=opts["generator"], chunk_size=opts["decode_chunk_size"])
+        return _format_images(images, latents, opts["output_type"])
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, generator=None, chunk_size: int = 16) -> torch.Tensor:

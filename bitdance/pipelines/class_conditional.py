@@ -4,8 +4,9 @@ official ImageNet files."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -22,10 +23,12 @@ from bitdance.formats.weights import CheckpointError
 from bitdance.models.config import BitDanceConfig, ConfigError
 from bitdance.models.tokenizer import BinaryTokenizer
 from bitdance.models.transformer import BitDance
-from bitdance.pipelines.base import Pipeline, PipelineOutput
+from bitdance.pipelines.base import Pipeline, PipelineOutput, SamplingOptions
 from bitdance.pipelines.text_to_image import BitDanceT2IPipeline
-from bitdance.sampling.flow import FlowSampler
 from bitdance.version import __version__
+
+if TYPE_CHECKING:  # Unpack is in typing from Python 3.11 (the annotation is never evaluated)
+    from typing_extensions import Unpack
 
 
 class BitDancePipeline(Pipeline):
@@ -37,15 +40,22 @@ class BitDancePipeline(Pipeline):
 
     kind = "class_conditional"
 
-    def __init__(self, generator: BitDance, tokenizer: BinaryTokenizer, *, meta: dict | None = None):
-        if generator.config.tokenizer.z_channels != tokenizer.config.z_channels:
-            raise ConfigError(f"generator tokens have {generator.config.latent_dim} bits but the tokenizer "
+    def __init__(self, model: BitDance, tokenizer: BinaryTokenizer, *, meta: dict | None = None):
+        if model.config.tokenizer.z_channels != tokenizer.config.z_channels:
+            raise ConfigError(f"generator tokens have {model.config.latent_dim} bits but the tokenizer "
                               f"has {tokenizer.config.z_channels}")
-        if generator.config.down_size != tokenizer.down_factor:
-            raise ConfigError(f"generator expects a {generator.config.down_size}x tokenizer, "
+        if model.config.down_size != tokenizer.down_factor:
+            raise ConfigError(f"generator expects a {model.config.down_size}x tokenizer, "
                               f"got {tokenizer.down_factor}x")
         super().__init__(meta=meta)
-        self.generator, self.tokenizer = generator.eval(), tokenizer.eval()
+        # `model` as in BitDanceT2IPipeline; `generator` is the torch.Generator of a call
+        self.model, self.tokenizer = model.eval(), tokenizer.eval()
+
+    @property
+    def generator(self) -> BitDance:
+        """Deprecated name of :attr:`model` (removed in 0.3): ``generator`` is the torch.Generator of a call."""
+        warnings.warn("BitDancePipeline.generator is now BitDancePipeline.model", DeprecationWarning, stacklevel=2)
+        return self.model
 
     # ---------------------------------------------------------------------------------------
     @classmethod
@@ -91,12 +101,12 @@ class BitDancePipeline(Pipeline):
         """Write config.json + safetensors. The folder is replaced as a whole: a failure midway
         leaves the previous contents untouched."""
         cfg = {"format": FORMAT, "bitdance_version": __version__, "kind": "class_conditional",
-               "generator": self.generator.config.to_dict(), "tokenizer": self.tokenizer.config.to_dict(),
+               "generator": self.model.config.to_dict(), "tokenizer": self.tokenizer.config.to_dict(),
                "meta": self.meta}
-        write_folder(folder, cfg, {"generator": self.generator, "tokenizer": self.tokenizer})
+        write_folder(folder, cfg, {"generator": self.model, "tokenizer": self.tokenizer})
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BitDancePipeline":
-        self.generator.to(device=device, dtype=dtype)
+        self.model.to(device=device, dtype=dtype)
         self.tokenizer.to(device=device, dtype=dtype)
         return self
 
@@ -107,20 +117,20 @@ class BitDancePipeline(Pipeline):
         authors' fp32 speed for B-4x / B-1x. ``mode="reduce-overhead"`` adds CUDA graphs on GPUs; ``"off"``
         undoes it. The first call after compiling (and after each new batch size) pays the compilation (a
         minute or two on a CPU); outputs stay the same up to float rounding."""
-        self.generator.compile_sampling(mode=mode)
+        self.model.compile_sampling(mode=mode)
         return self
 
     @property
     def device(self) -> torch.device:
-        return self.generator.pos_for_diff.weight.device
+        return self.model.pos_for_diff.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.generator.pos_for_diff.weight.dtype
+        return self.model.pos_for_diff.weight.dtype
 
     @property
     def config(self) -> BitDanceConfig:
-        return self.generator.config
+        return self.model.config
 
     # ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -131,31 +141,29 @@ class BitDancePipeline(Pipeline):
         num_inference_steps: int = 50,
         guidance_scale: float = 4.0,
         guidance_schedule: str = "linear",
-        sampler: str | FlowSampler = "euler_maruyama",
-        time_shift: float | None = None,
         height: int | None = None,
         width: int | None = None,
-        generator: torch.Generator | None = None,
-        output_type: str = "pil",
-        callback: Callable[[int, int, torch.Tensor], None] | None = None,
-        use_kv_cache: bool = True,
-        decode_chunk_size: int = 16,
+        **options: Unpack[SamplingOptions],
     ) -> PipelineOutput:
+        """Images of ``class_labels`` (one id, a list or an integer tensor). ``guidance_schedule``: "linear"
+        (the official ramp over the AR steps) or "constant"; ``height`` / ``width`` may only restate the
+        model's size. ``options``: :class:`~bitdance.pipelines.base.SamplingOptions` (sampler, generator,
+        output_type, callback, ...)."""
         cfg = self.config
         size = cfg.image_size
         height = validation.image_side(height, "height")
         width = validation.image_side(width, "width")
         if (height or size) != size or (width or size) != size:
             raise ValueError(f"this model generates {size}x{size} images; got height={height}, width={width}")
-        self._check_call(output_type, guidance_scale, generator, decode_chunk_size)
+        opts = self._options(options, guidance_scale)
         labels = validation.class_ids(class_labels, cfg.num_classes)
         if guidance_schedule not in ("linear", "constant"):
             raise ValueError(f"guidance_schedule must be 'linear' or 'constant', got {guidance_schedule!r}")
-        latents = self.generator.generate(
-            labels.to(self.device), sampler=self._sampler(sampler, num_inference_steps, time_shift),
-            guidance_scale=guidance_scale, guidance_schedule=guidance_schedule, generator=generator,
-            use_kv_cache=use_kv_cache, callback=callback)
-        return self._finish(latents, output_type, generator, decode_chunk_size)
+        latents = self.model.generate(
+            labels.to(self.device), sampler=self._sampler(opts, num_inference_steps),
+            guidance_scale=guidance_scale, guidance_schedule=guidance_schedule, generator=opts["generator"],
+            use_kv_cache=opts["use_kv_cache"], callback=opts["callback"])
+        return self._finish(latents, opts)
 
     @property
     def image_tokenizer(self) -> BinaryTokenizer:

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -18,9 +18,11 @@ from bitdance.formats.weights import CheckpointError
 from bitdance.models.config import ConfigError, T2IConfig
 from bitdance.models.t2i import BitDanceT2I
 from bitdance.models.tokenizer import BinaryTokenizer
-from bitdance.pipelines.base import Pipeline, PipelineOutput
-from bitdance.sampling.flow import FlowSampler
+from bitdance.pipelines.base import Pipeline, PipelineOutput, SamplingOptions
 from bitdance.version import __version__
+
+if TYPE_CHECKING:  # Unpack is in typing from Python 3.11 (the annotation is never evaluated)
+    from typing_extensions import Unpack
 
 
 def _compile_head(head, mode: str | None) -> None:
@@ -175,19 +177,13 @@ class BitDanceT2IPipeline(Pipeline):
         width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-        sampler: str | FlowSampler = "euler_maruyama",
-        time_shift: float | None = None,
-        generator: torch.Generator | None = None,
-        output_type: str = "pil",
-        callback: Callable[[int, int, torch.Tensor], None] | None = None,
-        use_kv_cache: bool = True,
-        decode_chunk_size: int = 16,
+        **options: Unpack[SamplingOptions],
     ) -> PipelineOutput:
         """Images for ``prompt`` (one or a list). ``height`` / ``width`` default to
         :attr:`default_resolution`; giving only one makes a square. Guidance is a constant scale
-        (1: off; below 1 is refused). ``callback(step, num_steps, partial_latents)`` runs after each AR
-        step; ``pipe.decode(partial_latents)`` shows the image so far."""
-        self._check_call(output_type, guidance_scale, generator, decode_chunk_size)
+        (1: off; below 1 is refused). ``options``: :class:`~bitdance.pipelines.base.SamplingOptions` (sampler,
+        generator, output_type, ``callback(step, num_steps, partial_latents)``, ...)."""
+        opts = self._options(options, guidance_scale)
         height = validation.image_side(height, "height")
         width = validation.image_side(width, "width")
         if height is None and width is None:
@@ -197,10 +193,10 @@ class BitDanceT2IPipeline(Pipeline):
         h, w = self.config.check_resolution(height, width)
         prompts = self._check_prompts(prompt, h, w)
         latents = self.model.generate(prompts, height=height, width=width,
-                                      sampler=self._sampler(sampler, num_inference_steps, time_shift),
-                                      guidance_scale=guidance_scale, generator=generator,
-                                      use_kv_cache=use_kv_cache, callback=callback)
-        return self._finish(latents, output_type, generator, decode_chunk_size)
+                                      sampler=self._sampler(opts, num_inference_steps),
+                                      guidance_scale=guidance_scale, generator=opts["generator"],
+                                      use_kv_cache=opts["use_kv_cache"], callback=opts["callback"])
+        return self._finish(latents, opts)
 
     @property
     def image_tokenizer(self) -> BinaryTokenizer:

@@ -24,60 +24,94 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, incompatible resume, bad setup)."""
 
 
+# The sections of TrainConfig, in --help order: the options every run has, then those of each task.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "what to train": ("task", "out", "data", "split", "image_size", "model", "model_overrides", "tokenizer"),
+    "optimisation": ("steps", "batch_size", "micro_batch_size", "lr", "warmup_steps", "min_lr_ratio",
+                     "weight_decay", "beta1", "beta2", "grad_clip", "ema_decay", "ema_warmup", "precision",
+                     "seed"),
+    "running": ("device", "fsdp", "log_every", "ckpt_every", "sample_every", "final_samples",
+                "max_minutes", "resume", "progress"),
+    "latent cache (generator and t2i tasks)": ("cache_latents", "cache_dir"),
+    "tokenizer task": ("rec_loss", "entropy_weight", "commit_weight", "perceptual", "perceptual_weight",
+                       "gan_weight", "disc_start", "disc_lr"),
+    "text-to-image task": ("llm", "llm_config", "text_tokenizer", "distill_from", "resolutions",
+                           "text_dropout", "text_weight", "perturb_rate", "sample_prompts"),
+}
+
+
+def _opt(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):
+    """A TrainConfig field with its command-line help next to it."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    task: str = "generator"  # "tokenizer" | "generator" | "t2i"
-    out: str = "runs/bitdance"
-    data: str = "mnist"  # dataset name (mnist, fashion-mnist, twemoji) or an image-folder path
-    split: str | None = "train"
-    image_size: int = 0  # 0 = the dataset's default
-    model: str = ""  # generator preset (BitDance-T-4x) / tokenizer preset (tiny-d4c16)
-    model_overrides: dict = field(default_factory=dict)  # e.g. {"dim": 256, "n_layer": 4}
-    tokenizer: str = ""  # generator task: trained tokenizer (folder or file)
-    steps: int = 1000
-    batch_size: int = 64  # global batch
-    micro_batch_size: int = 0  # 0 = batch_size / world_size
-    lr: float = 3e-4
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): useful EMA in short runs
-    precision: str = "auto"  # auto | bf16 | fp32
-    seed: int = 0
-    device: str = ""  # "" = cuda if available else cpu
-    fsdp: bool = False  # shard parameters (torch FSDP2) instead of replicating them (DDP)
-    log_every: int = 10
-    ckpt_every: int = 200
-    sample_every: int = 0  # 0 = only at the end
-    final_samples: bool = True  # a sample grid (or reconstructions) when the run ends
-    max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
-    resume: bool = False
-    cache_latents: bool = True  # generator: encode the dataset once with the frozen tokenizer
-    cache_dir: str = ""  # where encoded latents are cached ("" = the run folder); share it between runs
-    progress: bool = True
-    # tokenizer losses
-    rec_loss: str = "l1"  # l1 | l2
-    entropy_weight: float = 0.1
-    commit_weight: float = 0.25
-    perceptual: str = "none"  # none | inception
-    perceptual_weight: float = 1.0
-    gan_weight: float = 0.0  # 0 disables the PatchGAN discriminator
-    disc_start: int = 2000
-    disc_lr: float = 1e-4
-    # text-to-image (t2i task); model_overrides then sets T2IConfig fields (parallel_num, head_width, ...)
-    llm: str = ""  # pretrained Hugging Face Qwen3 folder, or a BitDance T2I folder to continue training
-    llm_config: dict = field(default_factory=dict)  # from scratch: Qwen3Config fields (hidden_size, ...)
-    text_tokenizer: str = ""  # from scratch: Hugging Face tokenizer folder ("" = the --llm folder's)
-    distill_from: str = ""  # a T2I folder (e.g. P=16) to inherit from at parallel_num (default 64)
-    resolutions: str = ""  # "HxW[:weight],...", e.g. "32x32:3,16x16:1" ("" = the dataset's size)
-    text_dropout: float = 0.1  # prompt -> unconditional form, for classifier-free guidance
-    text_weight: float = 0.01  # loss = vision + text_weight * text cross-entropy
-    perturb_rate: float = 0.1  # bit flips on the fed image tokens (flip if r1 < p * r2)
-    sample_prompts: str = ""  # "|"-separated prompts for the sample grid ("" = a few dataset captions)
+    """Options of a training run, in sections: what to train, optimisation, running, then one section per
+    task (the CLI groups ``--help`` the same way; an option of another task is ignored)."""
+
+    # what to train, on what
+    task: str = _opt("generator", "tokenizer | generator | t2i")
+    out: str = _opt("runs/bitdance", "output folder: checkpoint.pt, metrics.jsonl, samples, exported model")
+    data: str = _opt("mnist",
+        "mnist | fashion-mnist | twemoji | path to an image folder (one sub-folder per class)")
+    split: str | None = _opt("train", "dataset split (train/test/none)")
+    image_size: int = _opt(0, "image size in pixels (0 = the dataset's own)")
+    model: str = _opt("", "generator preset (BitDance-T-4x) or tokenizer preset (tiny-d4c16)")
+    model_overrides: dict = _opt(help='JSON dict of config overrides, e.g. \'{"dim": 256}\'', factory=dict)
+    tokenizer: str = _opt("", "trained image tokenizer, folder or file (generator and t2i tasks)")
+    # optimisation
+    steps: int = _opt(1000, "optimizer steps")
+    batch_size: int = _opt(64, "global batch size")
+    micro_batch_size: int = _opt(0,
+        "per-process micro-batch; smaller than batch / world size = gradient accumulation (0 = batch / world size)")
+    lr: float = _opt(3e-4, "peak AdamW learning rate")
+    warmup_steps: int = _opt(100, "linear warm-up steps before the cosine decay")
+    min_lr_ratio: float = _opt(0.0, "the cosine decays to lr x this")
+    weight_decay: float = _opt(0.05, "AdamW weight decay (not on norms, biases, embeddings, query tokens)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "gradient-norm clip (0 = off)")
+    ema_decay: float = _opt(0.9999, "EMA decay of the exported weights")
+    ema_warmup: bool = _opt(True,
+        "EMA decay min(ema_decay, (1 + step) / (10 + step)), so short runs get a useful EMA")
+    precision: str = _opt("auto", "auto (bf16 autocast where the hardware has bf16 units) | bf16 | fp32")
+    seed: int = _opt(0, "seed of the weights, the data order and every random draw")
+    # running: device, logging, checkpoints, stopping
+    device: str = _opt("", "cpu, cuda, ... ('' = cuda if available, else cpu)")
+    fsdp: bool = _opt(False, "shard parameters with FSDP instead of replicating them (DDP) under torchrun")
+    log_every: int = _opt(10, "steps between metric lines")
+    ckpt_every: int = _opt(200, "steps between checkpoints")
+    sample_every: int = _opt(0, "steps between sample grids (0 = only at the end)")
+    final_samples: bool = _opt(True, "write a sample grid (or reconstructions) when the run ends")
+    max_minutes: float = _opt(0.0, "stop after this many minutes (0 = no limit)")
+    resume: bool = _opt(False, "continue from OUT/checkpoint.pt")
+    progress: bool = _opt(True, "show a progress bar")
+    # latent cache (generator and t2i tasks)
+    cache_latents: bool = _opt(True, "encode the dataset once with the frozen tokenizer")
+    cache_dir: str = _opt("", "where encoded latents are cached ('' = the run folder); share it between runs")
+    # tokenizer task: losses
+    rec_loss: str = _opt("l1", "l1 | l2 reconstruction loss")
+    entropy_weight: float = _opt(0.1, "group-wise entropy loss weight")
+    commit_weight: float = _opt(0.25, "commitment loss weight")
+    perceptual: str = _opt("none", "none | inception perceptual loss")
+    perceptual_weight: float = _opt(1.0, "perceptual loss weight")
+    gan_weight: float = _opt(0.0, "PatchGAN loss weight (0 = no discriminator)")
+    disc_start: int = _opt(2000, "step at which the discriminator starts")
+    disc_lr: float = _opt(1e-4, "discriminator lr")
+    # text-to-image task (model_overrides sets T2IConfig fields: parallel_num, head_width, ...)
+    llm: str = _opt("",
+        "pretrained Hugging Face Qwen3 folder (or a BitDance T2I folder to continue training)")
+    llm_config: dict = _opt(
+        help='from scratch: JSON Qwen3Config fields, e.g. \'{"hidden_size": 256, "num_hidden_layers": 4}\'',
+        factory=dict)
+    text_tokenizer: str = _opt("", "from scratch: Hugging Face tokenizer folder ('' = the --llm folder's)")
+    distill_from: str = _opt("", "a T2I folder (P=16) to inherit from at parallel_num (default 64)")
+    resolutions: str = _opt("", "HxW[:weight],... in pixels, e.g. 32x32:3,16x16:1 ('' = the dataset's size)")
+    text_dropout: float = _opt(0.1, "probability of the unconditional prompt")
+    text_weight: float = _opt(0.01, "text loss weight")
+    perturb_rate: float = _opt(0.1, "bit-flip rate p on fed image tokens")
+    sample_prompts: str = _opt("", "'|'-separated prompts")
 
     def __post_init__(self):
         if self.task not in ("tokenizer", "generator", "t2i"):
@@ -127,68 +161,31 @@ class TrainConfig:
         return self.model or ("tiny-d4c16" if self.task == "tokenizer" else "BitDance-T-4x")
 
 
+
 # --------------------------------------------------------------------------------------------
 # Command line (shared with `bitdance train` / `bitdance train-tokenizer`)
 # --------------------------------------------------------------------------------------------
-_HELP = {
-    "task": "tokenizer | generator | t2i",
-    "out": "output folder: checkpoint.pt, metrics.jsonl, samples, exported model",
-    "data": "mnist | fashion-mnist | twemoji | path to an image folder (one sub-folder per class)",
-    "split": "dataset split (train/test/none)",
-    "image_size": "image size in pixels (0 = the dataset's own)",
-    "model": "generator preset (BitDance-T-4x) or tokenizer preset (tiny-d4c16)",
-    "model_overrides": "JSON dict of config overrides, e.g. '{\"dim\": 256}'",
-    "tokenizer": "trained tokenizer folder/file (generator task)",
-    "steps": "optimizer steps", "batch_size": "global batch size",
-    "micro_batch_size": "per-process micro-batch; smaller than batch / world size = gradient accumulation "
-                        "(0 = batch / world size)",
-    "lr": "peak AdamW learning rate", "warmup_steps": "linear warm-up steps before the cosine decay",
-    "min_lr_ratio": "the cosine decays to lr x this", "weight_decay": "AdamW weight decay (not on norms, biases, "
-    "embeddings, query tokens)", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
-    "grad_clip": "gradient-norm clip (0 = off)", "ema_decay": "EMA decay of the exported weights",
-    "ema_warmup": "EMA decay min(ema_decay, (1 + step) / (10 + step)), so short runs get a useful EMA",
-    "precision": "auto (bf16 autocast where the hardware has bf16 units) | bf16 | fp32",
-    "seed": "seed of the weights, the data order and every random draw",
-    "device": "cpu, cuda, ... ('' = cuda if available, else cpu)",
-    "fsdp": "shard parameters with FSDP instead of replicating them (DDP) under torchrun",
-    "log_every": "steps between metric lines", "ckpt_every": "steps between checkpoints",
-    "sample_every": "steps between sample grids (0 = only at the end)",
-    "final_samples": "write a sample grid (or reconstructions) when the run ends",
-    "resume": "continue from OUT/checkpoint.pt",
-    "max_minutes": "stop after this many minutes (0 = no limit)",
-    "cache_latents": "generator: encode the dataset once with the frozen tokenizer",
-    "cache_dir": "where encoded latents are cached ('' = the run folder); share it between runs",
-    "progress": "show a progress bar",
-    "rec_loss": "tokenizer: l1 | l2 reconstruction loss", "entropy_weight": "tokenizer: group-wise entropy loss weight",
-    "commit_weight": "tokenizer: commitment loss weight", "perceptual": "tokenizer: none | inception perceptual loss",
-    "perceptual_weight": "tokenizer: perceptual loss weight",
-    "gan_weight": "tokenizer: PatchGAN loss weight (0 = no discriminator)",
-    "disc_start": "tokenizer: step at which the discriminator starts", "disc_lr": "tokenizer: discriminator lr",
-    "llm": "t2i: pretrained Hugging Face Qwen3 folder (or a BitDance T2I folder to continue training)",
-    "llm_config": "t2i from scratch: JSON Qwen3Config fields, e.g. '{\"hidden_size\": 256, \"num_hidden_layers\": 4}'",
-    "text_tokenizer": "t2i from scratch: Hugging Face tokenizer folder ('' = the --llm folder's)",
-    "distill_from": "t2i: a T2I folder (P=16) to inherit from at parallel_num (default 64)",
-    "resolutions": "t2i: HxW[:weight],... in pixels, e.g. 32x32:3,16x16:1 ('' = the dataset's size)",
-    "text_dropout": "t2i: probability of the unconditional prompt", "text_weight": "t2i: text loss weight",
-    "perturb_rate": "t2i: bit-flip rate p on fed image tokens", "sample_prompts": "t2i: '|'-separated prompts",
-}
 
 
 def add_train_args(p: argparse.ArgumentParser, task: str | None = None) -> None:
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "task" and task is not None:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
-        flag = "--" + f.name.replace("_", "-")
-        helptext = _HELP[f.name]
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
-        elif isinstance(default, dict):
-            p.add_argument(flag, type=json.loads, default=default, help=helptext)
-        elif f.name == "split":
-            p.add_argument(flag, default=default, help=helptext)
-        else:
-            p.add_argument(flag, type=type(default), default=default, help=helptext)
+    """One option per TrainConfig field, grouped by :data:`SECTIONS` in ``--help``."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for title, names in SECTIONS.items():
+        group = p.add_argument_group(title)
+        for name in names:
+            if name == "task" and task is not None:
+                continue
+            f = fields[name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+            flag, helptext = "--" + name.replace("_", "-"), f.metadata["help"]
+            if isinstance(default, bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+            elif isinstance(default, dict):
+                group.add_argument(flag, type=json.loads, default=default, help=helptext)
+            elif name == "split":
+                group.add_argument(flag, default=default, help=helptext)
+            else:
+                group.add_argument(flag, type=type(default), default=default, help=helptext)
 
 
 def config_from_args(args: argparse.Namespace, task: str | None = None) -> TrainConfig:
