@@ -57,6 +57,7 @@ SUBSTITUTIONS = {
         ("FlowSampler(num_steps=25)", "FlowSampler(num_steps=2)"),
     ],
     ("## Evaluate", "bash"): [("--num-samples 1000", "--num-samples 20")],
+    ("## Edit images", "bash"): [("--box 0 128 256 256", "--box 0 16 32 32")],  # the 32 px stand-in
     ("## Benchmark and fast sampling", "bash"): [
         ("--preset BitDance-B-16x --batch 2 --steps 25",
          "--preset BitDance-T-16x --image-size 64 --tokenizer tiny-d16c16 --batch 2 --steps 2"),
@@ -177,6 +178,19 @@ def test_text_to_image_shell(work, t2i_folder):
     for argv in commands(block("### Text-to-image", "bash")):
         run_bitdance(argv)
     assert (work / "heart.png").is_file() and len(list((work / "samples").glob("*.png"))) == 2
+
+
+def test_edit_images_shell(work):
+    for argv in commands(block("## Edit images", "bash")):
+        run_bitdance(argv)
+    from PIL import Image
+
+    assert Image.open(work / "swap.png").size == (4 * 32, 32) and Image.open(work / "redone.png").size == (32, 32)
+
+
+def test_edit_images_python(work):
+    exec(block("## Edit images", "python"), {})
+    assert (work / "dog_redone.png").is_file()
 
 
 def test_web_studio_commands_parse():

@@ -1,6 +1,7 @@
 """The web studio (``bitdance serve``): HTTP API, validation, queue, CLI errors, and the page in a real
 headless browser (Debian's chromium driven by playwright)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -358,11 +359,146 @@ def _chromium() -> str:
 
 
 def test_browser_generation_streams_progress(pipe, pipe1x):
+    # Enough flow steps that the 16 AR steps take a visible time, so the page receives several previews.
+    server = _start(pipe, preview_interval=0)
+    with _browser_page(server) as (page, errors):
+        page.goto(server.url + "/")
+        page.click("#classes button[data-cls='3']")
+        assert not page.is_visible("#modelsel")  # one model: no selector
+        page.click("#classes button[data-cls='5']")
+        page.fill("#num", "2")
+        page.fill("#steps", "40")
+        page.fill("#seed", "11")
+        page.click("#go")
+        page.wait_for_selector("#history .item img", timeout=60_000)
+        steps = page.evaluate("window.studio.progressSteps")
+        n_previews = page.evaluate("window.studio.previewCount")
+        assert len(set(steps)) >= 2 and n_previews >= 2, (steps, n_previews)
+        assert steps == sorted(steps) and max(steps) < 16
+        assert page.inner_text("#status").startswith("Done")
+        src = page.get_attribute("#preview", "src")
+        assert src.endswith("/grid.png")
+        assert page.evaluate("document.getElementById('preview').naturalWidth") == 64
+        # The history entry: image, description and a download link to a PNG.
+        items = page.query_selector_all("#history .item")
+        assert len(items) == 1 and "class 3, 5" in items[0].inner_text()
+        href = items[0].query_selector("a.download").get_attribute("href")
+        assert items[0].query_selector("a.download").get_attribute("download")
+        _, ctype, data = _get(server.url + href)
+        assert ctype == "image/png" and data[:8] == b"\x89PNG\r\n\x1a\n"
+        # A server-side validation error is shown on the page.
+        page.fill("#steps", "500")
+        page.click("#go")
+        page.wait_for_selector("#error:not(:empty)")  # (wait_for_function would need eval: CSP)
+        assert "steps must be between 1 and 200" in page.inner_text("#error")
+        assert not errors, errors
+        # A text-to-image model gets a prompt box and a resolution list instead of classes.
+        t2i = _start(FakeT2I(pipe), preview_interval=0)
+        try:
+            page.goto(t2i.url + "/")
+            page.wait_for_selector("#resolution option", state="attached")
+            assert page.is_visible("#prompt") and not page.is_visible("#classes")
+            page.fill("#prompt", "a red fox")
+            page.click("#go")
+            page.wait_for_selector("#history .item img", timeout=60_000)
+            assert "a red fox" in page.inner_text("#history .item")
+        finally:
+            t2i.shutdown()
+            t2i.server_close()
+        # Several models: a selector; switching swaps the class picker (10 -> 6 classes).
+        multi = _start({"t4x": pipe, "t1x": pipe1x, "fake-t2i": FakeT2I(pipe)}, preview_interval=0)
+        try:
+            page.goto(multi.url + "/")
+            page.wait_for_selector("#classes button", state="attached")
+            options = page.inner_text("#modelsel").splitlines()
+            assert len(options) == 3 and "P 4x" in options[0] and "t1x" in options[1] and "P 1x" in options[1]
+            assert "64 AR steps" in options[1] and "text-to-image" in options[2]
+            assert len(page.query_selector_all("#classes button")) == 10
+            page.select_option("#modelsel", "fake-t2i")
+            assert page.is_visible("#prompt") and not page.is_visible("#classes")
+            page.select_option("#modelsel", "t1x")
+            assert len(page.query_selector_all("#classes button")) == 6 and not page.is_visible("#prompt")
+            assert page.inner_text("#model").startswith("t1x:")
+            page.click("#classes button[data-cls='5']")
+            page.fill("#num", "1")
+            page.fill("#steps", "2")
+            page.click("#go")
+            page.wait_for_selector("#history .item img", timeout=60_000)
+            text = page.inner_text("#history .item")
+            assert "t1x (P 1x)" in text and "class 5" in text, text
+            job = multi.studio.job(page.get_attribute("#history .item", "data-job"))
+            assert job.params["model"] == "t1x" and len(job.images) == 1
+        finally:
+            multi.shutdown()
+            multi.server_close()
+        assert not errors, errors
+
+
+# --------------------------------------------------------------------------------------------
+# editing: an upload or a result, and a painted mask
+# --------------------------------------------------------------------------------------------
+def _data_url(array) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_edit_over_http_is_the_pipeline_edit(server, pipe):
+    import io
+
+    code, body = _post(server.url, {"classes": [3], "num_images": 1, "seed": 5, "steps": 2})
+    first = _wait_done(server.url, body["id"])
+    image = np.asarray(Image.open(io.BytesIO(_get(server.url + first["images"][0])[2])))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[16:] = 255
+    code, body = _post(server.url, {"classes": [8], "num_images": 2, "seed": 6, "steps": 2, "guidance": 2,
+                                    "edit": {"source": {"job": first["id"], "index": 0}, "mask": _data_url(mask)}})
+    assert code == 202, body
+    s = _wait_done(server.url, body["id"])
+    assert s["status"] == "done" and s["params"]["edit"] == {"source": f"result {first['id']}#0", "masked": 0.5}
+    got = np.stack([np.asarray(Image.open(io.BytesIO(_get(server.url + u)[2]))) for u in s["images"]])
+    want = pipe.edit(image, mask > 0, class_labels=[8, 8], num_inference_steps=2, guidance_scale=2.0,
+                     generator=torch.Generator().manual_seed(6), output_type="np").images
+    assert np.array_equal(got, want)
+    # an upload (a data URL) works the same way
+    code, body = _post(server.url, {"classes": [1], "steps": 2, "edit": {"source": _data_url(image),
+                                                                         "mask": _data_url(mask)}})
+    assert code == 202 and _wait_done(server.url, body["id"])["params"]["edit"]["source"] == "upload"
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"source": {"job": "nope", "index": 0}, "mask": "MASK"}, "no finished result"),
+    ({"source": "IMAGE", "mask": "SMALL"}, "the mask is 16x16 but the image is 32x32"),
+    ({"source": "IMAGE", "mask": "EMPTY"}, "the mask is empty"),
+    ({"source": "IMAGE", "mask": "FULL"}, "covers the whole image"),
+    ({"source": "IMAGE"}, "mask is missing"),
+    ({"source": "data:image/png;base64,AAAA", "mask": "MASK"}, "not a readable image"),
+    ({"source": "http://example.com/x.png", "mask": "MASK"}, "data:image"),
+    ({"source": "HUGE", "mask": "MASK"}, "at most 2048 px"),
+    ("IMAGE", "edit must be"),
+])
+def test_edit_errors_are_clear(server, edit, words):
+    image = np.zeros((32, 32, 3), np.uint8)
+    half = np.zeros((32, 32), np.uint8)
+    half[16:] = 255
+    urls = {"IMAGE": _data_url(image), "MASK": _data_url(half), "SMALL": _data_url(half[:16, :16]),
+            "EMPTY": _data_url(np.zeros((32, 32), np.uint8)), "FULL": _data_url(np.full((32, 32), 255, np.uint8)),
+            "HUGE": _data_url(np.zeros((1, 3000), np.uint8))}
+    edit = urls.get(edit, edit) if isinstance(edit, str) else {k: urls.get(v, v) if isinstance(v, str) else v
+                                                                for k, v in edit.items()}
+    code, body = _post(server.url, {"classes": [1], "steps": 2, "edit": edit})
+    assert code == 400 and words in body["error"] and body.get("field") == "edit", body
+
+
+@contextlib.contextmanager
+def _browser_page(server):
+    """A headless chromium page (and the list of its script errors) for ``server``, shut down after."""
     exe = _chromium()
     from playwright.sync_api import sync_playwright
 
-    # Enough flow steps that the 16 AR steps take a visible time, so the page receives several previews.
-    server = _start(pipe, preview_interval=0)
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=exe, headless=True)
@@ -370,78 +506,58 @@ def test_browser_generation_streams_progress(pipe, pipe1x):
                 page = browser.new_page()
                 errors = []
                 page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(server.url + "/")
-                page.click("#classes button[data-cls='3']")
-                assert not page.is_visible("#modelsel")  # one model: no selector
-                page.click("#classes button[data-cls='5']")
-                page.fill("#num", "2")
-                page.fill("#steps", "40")
-                page.fill("#seed", "11")
-                page.click("#go")
-                page.wait_for_selector("#history .item img", timeout=60_000)
-                steps = page.evaluate("window.studio.progressSteps")
-                n_previews = page.evaluate("window.studio.previewCount")
-                assert len(set(steps)) >= 2 and n_previews >= 2, (steps, n_previews)
-                assert steps == sorted(steps) and max(steps) < 16
-                assert page.inner_text("#status").startswith("Done")
-                src = page.get_attribute("#preview", "src")
-                assert src.endswith("/grid.png")
-                assert page.evaluate("document.getElementById('preview').naturalWidth") == 64
-                # The history entry: image, description and a download link to a PNG.
-                items = page.query_selector_all("#history .item")
-                assert len(items) == 1 and "class 3, 5" in items[0].inner_text()
-                href = items[0].query_selector("a.download").get_attribute("href")
-                assert items[0].query_selector("a.download").get_attribute("download")
-                _, ctype, data = _get(server.url + href)
-                assert ctype == "image/png" and data[:8] == b"\x89PNG\r\n\x1a\n"
-                # A server-side validation error is shown on the page.
-                page.fill("#steps", "500")
-                page.click("#go")
-                page.wait_for_selector("#error:not(:empty)")  # (wait_for_function would need eval: CSP)
-                assert "steps must be between 1 and 200" in page.inner_text("#error")
-                assert not errors, errors
-                # A text-to-image model gets a prompt box and a resolution list instead of classes.
-                t2i = _start(FakeT2I(pipe), preview_interval=0)
-                try:
-                    page.goto(t2i.url + "/")
-                    page.wait_for_selector("#resolution option", state="attached")
-                    assert page.is_visible("#prompt") and not page.is_visible("#classes")
-                    page.fill("#prompt", "a red fox")
-                    page.click("#go")
-                    page.wait_for_selector("#history .item img", timeout=60_000)
-                    assert "a red fox" in page.inner_text("#history .item")
-                finally:
-                    t2i.shutdown()
-                    t2i.server_close()
-                # Several models: a selector; switching swaps the class picker (10 -> 6 classes).
-                multi = _start({"t4x": pipe, "t1x": pipe1x, "fake-t2i": FakeT2I(pipe)}, preview_interval=0)
-                try:
-                    page.goto(multi.url + "/")
-                    page.wait_for_selector("#classes button", state="attached")
-                    options = page.inner_text("#modelsel").splitlines()
-                    assert len(options) == 3 and "P 4x" in options[0] and "t1x" in options[1] and "P 1x" in options[1]
-                    assert "64 AR steps" in options[1] and "text-to-image" in options[2]
-                    assert len(page.query_selector_all("#classes button")) == 10
-                    page.select_option("#modelsel", "fake-t2i")
-                    assert page.is_visible("#prompt") and not page.is_visible("#classes")
-                    page.select_option("#modelsel", "t1x")
-                    assert len(page.query_selector_all("#classes button")) == 6 and not page.is_visible("#prompt")
-                    assert page.inner_text("#model").startswith("t1x:")
-                    page.click("#classes button[data-cls='5']")
-                    page.fill("#num", "1")
-                    page.fill("#steps", "2")
-                    page.click("#go")
-                    page.wait_for_selector("#history .item img", timeout=60_000)
-                    text = page.inner_text("#history .item")
-                    assert "t1x (P 1x)" in text and "class 5" in text, text
-                    job = multi.studio.job(page.get_attribute("#history .item", "data-job"))
-                    assert job.params["model"] == "t1x" and len(job.images) == 1
-                finally:
-                    multi.shutdown()
-                    multi.server_close()
-                assert not errors, errors
+                yield page, errors
             finally:
                 browser.close()
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_browser_edit_paints_and_regenerates(pipe, tmp_path):
+    upload = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(upload)
+    server = _start(pipe, preview_interval=0)
+    with _browser_page(server) as (page, errors):
+        page.goto(server.url + "/")
+        page.click("#classes button[data-cls='2']")
+        page.fill("#num", "1")
+        page.fill("#steps", "2")
+        page.click("#go")
+        page.wait_for_selector("#history .item img", timeout=60_000)
+        # Edit the result: paint the lower half, regenerate it as another class.
+        page.click("#history .item a.edit")
+        page.wait_for_selector("#maskview", state="visible")
+        assert page.inner_text("#go").startswith("Regenerate")
+        box = page.query_selector("#maskview").bounding_box()
+        page.mouse.move(box["x"] + 2, box["y"] + box["height"] * 0.75)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] - 2, box["y"] + box["height"] * 0.75, steps=8)
+        page.mouse.up()
+        page.click("#classes button[data-cls='2']")
+        page.click("#classes button[data-cls='6']")
+        page.fill("#steps", "20")
+        page.click("#go")
+        page.wait_for_selector("#history .item:nth-child(2) img", timeout=60_000)
+        newest = page.query_selector("#history .item")
+        assert "edit of result" in newest.inner_text() and "class 6" in newest.inner_text()
+        job = server.studio.job(newest.get_attribute("data-job"))
+        assert job.params["edit"]["source"].startswith("result ") and 0 < job.params["edit"]["masked"] < 1
+        assert page.evaluate("window.studio.progressSteps").count(1) >= 1  # it streamed progress
+        # An upload: cropped and scaled to the model's 32x32 in the page, then painted.
+        page.set_input_files("#upload", str(upload))
+        page.wait_for_selector("#maskview", state="visible")
+        assert page.evaluate("document.getElementById('editimg').width") == 32
+        box = page.query_selector("#maskview").bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.click("#go")
+        page.wait_for_selector("#history .item:nth-child(3) img", timeout=60_000)
+        assert "edit of upload" in page.inner_text("#history .item")
+        # An empty mask is refused with the server's message.
+        page.click("#clearmask")
+        page.click("#go")
+        page.wait_for_selector("#error:not(:empty)")
+        assert "mask is empty" in page.inner_text("#error")
+        page.click("#stopedit")
+        assert page.inner_text("#go") == "Generate" and not page.is_visible("#maskview")
+        assert not errors, errors

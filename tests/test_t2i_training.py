@@ -20,7 +20,13 @@ from bitdance.formats.t2i_folder import load_folder
 from bitdance.models.config import T2IConfig
 from bitdance.models.t2i import BitDanceT2I, additive_mask, query_token, special_tokens, t2i_attention_mask
 from bitdance.sampling.flow import FlowSampler
-from bitdance.training.t2i_packing import IGNORE_INDEX, distill_from, pack_batch, packed_head_condition, training_loss
+from bitdance.training.t2i_packing import (
+    IGNORE_INDEX,
+    distill_from,
+    pack_batch,
+    packed_head_condition,
+    training_loss,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

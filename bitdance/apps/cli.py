@@ -17,40 +17,18 @@ from bitdance.apps.commands import (
     cmd_serve,
     cmd_train,
 )
+from bitdance.apps.edit_command import add_edit_parser
 from bitdance.apps.eval_commands import cmd_eval_accuracy, cmd_eval_fid, cmd_eval_recon, cmd_sample_npz
+from bitdance.apps.options import HelpFormatter, integer, sampling_options
 
 __all__ = ["main", "build_parser", "CLIError"]
-
-
-def _integer(text: str) -> int:
-    """argparse type of integer options: Python's int() refuses past 4300 digits with a message that repeats
-    them all; a seed or a count that long is a mistake, said in a few words."""
-    digits = text.strip().lstrip("+-")
-    if len(digits) > 40 and digits.isdigit():
-        raise argparse.ArgumentTypeError(f"a number of {len(digits)} digits is out of range")
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text[:40]!r}") from None
-
-
-# --------------------------------------------------------------------------------------------
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option shows its default, also those without help text (argparse drops it for empty help)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if ("%(default)" not in text and action.option_strings and action.default is not None
-                and action.default is not argparse.SUPPRESS):
-            text = f"{text} (default: %(default)s)".strip()
-        return text
 
 
 def _eval_command(esub, name: str, fn) -> argparse.ArgumentParser:
     """``bitdance eval NAME``, with the options every evaluation command has; the command's docstring is its
     help (first line) and description (the rest)."""
     summary, _, rest = (fn.__doc__ or "").strip().partition("\n")
-    e = esub.add_parser(name, formatter_class=_HelpFormatter, help=summary.strip(),
+    e = esub.add_parser(name, formatter_class=HelpFormatter, help=summary.strip(),
                         description=" ".join(rest.split()) or None)
     e.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     e.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
@@ -58,19 +36,8 @@ def _eval_command(esub, name: str, fn) -> argparse.ArgumentParser:
     return e
 
 
-def _sampling_options(p: argparse.ArgumentParser, *, seed_help: str, cfg_default: float | None, cfg_help: str,
-                      schedule_default: str | None, schedule_help: str = "guidance schedule") -> None:
-    """The options of every command that samples from a model: seed, head steps, guidance and sampler."""
-    p.add_argument("--seed", type=_integer, default=0, help=seed_help)
-    p.add_argument("--steps", type=int, default=50, help="diffusion-head sampling steps")
-    p.add_argument("--cfg", type=float, default=cfg_default, help=cfg_help)
-    p.add_argument("--schedule", choices=["linear", "constant"], default=schedule_default, help=schedule_help)
-    p.add_argument("--sampler", choices=["euler_maruyama", "euler"], default="euler_maruyama",
-                   help="head sampler: Euler-Maruyama (official) or deterministic Euler")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    fmt = _HelpFormatter
+    fmt = HelpFormatter
     p = argparse.ArgumentParser(prog="bitdance", description="BitDance: autoregressive image generation with "
                                 "binary tokens. Run 'bitdance COMMAND --help' for a command's options.")
     p.add_argument("--version", action="version", version=f"bitdance {_version()}")
@@ -98,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, help="image height in pixels; None = the model's (text-to-image: the "
                    "largest allowed square, 1024 for the released models)")
     s.add_argument("--width", type=int, help="image width in pixels; None = as --height")
-    _sampling_options(s, seed_help="seed of the sampling generator (same seed, same images)", cfg_default=None,
+    sampling_options(s, seed_help="seed of the sampling generator (same seed, same images)", cfg_default=None,
                       cfg_help="classifier-free guidance scale, 1 = off; None = 4.0 class-conditional, 7.5 "
                       "text-to-image", schedule_default=None,
                       schedule_help="guidance schedule of class-conditional models; None = linear")
@@ -114,13 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "a minute or two")
     s.set_defaults(fn=cmd_sample)
 
+    add_edit_parser(sub)
+
     from bitdance.training.config import add_train_args
 
     s = sub.add_parser("demo", help="train a small tokenizer + 4x model on MNIST-5k on CPU and sample digits",
                        formatter_class=fmt)
     s.add_argument("--out", default="bitdance-demo", help="output folder")
     s.add_argument("--minutes", type=float, default=12.0, help="time budget; more minutes, better digits")
-    s.add_argument("--seed", type=_integer, default=0, help="seed of both trainings and the samples")
+    s.add_argument("--seed", type=integer, default=0, help="seed of both trainings and the samples")
     s.add_argument("--data", default="mnist", help="dataset (mnist, fashion-mnist) at 32x32")
     s.set_defaults(fn=cmd_demo)
 
@@ -172,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64, help="images per encode/decode batch")
     e.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None,
                    help="compute rFID (default: only on CUDA; slow on CPU)")
-    e.add_argument("--seed", type=_integer, default=0, help="seed of a noise-input (GAN) decoder")
+    e.add_argument("--seed", type=integer, default=0, help="seed of a noise-input (GAN) decoder")
 
     e = _eval_command(esub, "accuracy", cmd_eval_accuracy)
     e.add_argument("--images", required=True, help=".npz with arr_0 (uint8 NHWC) and labels (e.g. from sample-npz)")
@@ -190,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, required=True, help="images to generate")
     s.add_argument("--out", required=True, help="output .npz")
     s.add_argument("--batch-size", type=int, default=16, help="images per sampling batch")
-    _sampling_options(s, seed_help="batch k is seeded from (seed, k)", cfg_default=4.0,
+    sampling_options(s, seed_help="batch k is seeded from (seed, k)", cfg_default=4.0,
                       cfg_help="classifier-free guidance scale (1 = off)", schedule_default="linear")
     s.add_argument("--classes", default="all", help="'all' or comma-separated class ids, e.g. 0,1,2")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -215,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to sample")
     s.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     s.add_argument("--repeats", type=int, default=1, help="timed runs (averaged)")
-    s.add_argument("--seed", type=_integer, default=0, help="sampling seed")
+    s.add_argument("--seed", type=integer, default=0, help="sampling seed")
     s.add_argument("--no-decode", action="store_true", help="time the generator only (no tokenizer decode)")
     s.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
                    help="torch.compile the diffusion head's inner loop (CPU: weights frozen, C++ GEMM templates; "

@@ -28,7 +28,7 @@ def torch_dtype(name: str):
             "bfloat16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def _save_image(array, path: Path) -> None:
+def save_image(array, path: Path) -> None:
     """Write in the format the extension names (checked before sampling by ``validation.image_output``)."""
     from PIL import Image
 
@@ -188,7 +188,7 @@ def cmd_sample(args) -> None:
               "sampler": args.sampler, "generator": gen, "output_type": "np", "use_kv_cache": not args.no_kv_cache}
     t0 = time.perf_counter()
     if pipe.kind == "text_to_image":
-        names = [f"prompt-{_slug(p)}" for p in args.prompt]
+        names = [f"prompt-{slug(p)}" for p in args.prompt]
         out = pipe(args.prompt, guidance_scale=7.5 if args.cfg is None else args.cfg, **common)
     else:
         labels = args.classes or list(range(min(8, pipe.config.num_classes)))
@@ -199,13 +199,13 @@ def cmd_sample(args) -> None:
     if args.separate:
         out_path.mkdir(parents=True, exist_ok=True)
         for i, (name, im) in enumerate(zip(names, out.images)):
-            _save_image(im, out_path / f"{i:04d}_{name}.png")
+            save_image(im, out_path / f"{i:04d}_{name}.png")
     else:
-        _save_image(make_grid(np.asarray(out.images), args.nrow or min(len(names), 8)), out_path)
+        save_image(make_grid(np.asarray(out.images), args.nrow or min(len(names), 8)), out_path)
     print(f"wrote {len(names)} image(s) to {out_path} in {dt:.1f}s ({len(names) / dt:.2f} img/s)")
 
 
-def _slug(text: str, limit: int = 40) -> str:
+def slug(text: str, limit: int = 40) -> str:
     """A file-name-safe piece of a prompt."""
     import re
 

@@ -46,7 +46,7 @@ from bitdance.apps.studio_jobs import LIMITS, Job, Studio, StudioError, model_na
 
 __all__ = ["LIMITS", "Job", "Studio", "StudioError", "make_server", "model_names", "serve"]
 
-MAX_BODY = 64 * 1024
+MAX_BODY = 8 * 1024 * 1024  # an edit carries its image and mask as PNG data URLs
 KEEPALIVE_S = 15.0
 
 

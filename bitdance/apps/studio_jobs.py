@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitdance import validation
+from bitdance.apps.studio_edit import parse_edit
 
 __all__ = ["LIMITS", "Job", "Studio", "StudioError", "model_names"]
 
@@ -337,7 +338,23 @@ class Studio:
         if not isinstance(name, str) or name not in self.models:
             raise StudioError(f"unknown model {name!r}; this studio serves: {', '.join(self.models)}",
                               field="model")
-        return self.models[name].validate(p)
+        if "edit" not in p:
+            return self.models[name].validate(p)
+        p = dict(p)
+        edit = parse_edit(p.pop("edit"), job_image=self._result_png, error=StudioError)
+        if self.models[name].kind == "text_to_image":  # an edit keeps the image's size
+            p["height"], p["width"] = (int(n) for n in edit["image"].shape[:2])
+        params = self.models[name].validate(p)
+        params["edit"] = {"source": edit["source"], "masked": edit["masked"]}
+        params["edit_arrays"] = (edit["image"], edit["mask"])
+        return params
+
+    def _result_png(self, job_id: str, index: int) -> bytes | None:
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.status != "done" or not 0 <= index < len(job.images):
+                return None
+            return job.images[index]
 
     # ---- queue ------------------------------------------------------------------------------
     def submit(self, payload: Any) -> Job:
@@ -486,7 +503,13 @@ class Studio:
                 self._cond.notify_all()
 
         gen = validation.seeded(p["seed"], getattr(pipe, "device", "cpu"))
-        if model.kind == "class_conditional":
+        if "edit_arrays" in p:  # the masked region regenerates; every other token is kept as encoded
+            image, mask = p["edit_arrays"]
+            cond = {"class_labels": p["labels"], "guidance_schedule": p["schedule"]} \
+                if model.kind == "class_conditional" else {"prompt": [p["prompt"]] * p["num_images"]}
+            out = pipe.edit(image, mask, num_inference_steps=p["steps"], guidance_scale=p["guidance"],
+                            generator=gen, output_type="np", callback=progress, **cond)
+        elif model.kind == "class_conditional":
             out = pipe(p["labels"], num_inference_steps=p["steps"], guidance_scale=p["guidance"],
                        guidance_schedule=p["schedule"], generator=gen, output_type="np", callback=progress)
         else:
@@ -501,9 +524,11 @@ class Studio:
 
 
 def _public(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in params.items() if k != "labels"}
+    return {k: v for k, v in params.items() if k not in ("labels", "edit_arrays")}
 
 
 def _summary(p: dict[str, Any]) -> str:
     what = f"classes {p['classes']}" if "classes" in p else f"prompt {p['prompt'][:60]!r} {p['height']}x{p['width']}"
-    return f"{p['model']} (P {p['parallel_num']}x): {p['num_images']} image(s), {what}, seed {p['seed']}, {p['steps']} steps, guidance {p['guidance']:g}"
+    edit = f", edit of {p['edit']['source']} ({100 * p['edit']['masked']:.0f}% painted)" if "edit" in p else ""
+    return (f"{p['model']} (P {p['parallel_num']}x): {p['num_images']} image(s), {what}{edit}, seed {p['seed']}, "
+            f"{p['steps']} steps, guidance {p['guidance']:g}")

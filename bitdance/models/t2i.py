@@ -35,7 +35,7 @@ from torch import nn
 from bitdance.models.config import ConfigError, T2IConfig
 from bitdance.models.head import DiffusionHead
 from bitdance.models.transformer import generation_order
-from bitdance.sampling import block_causal_mask, generate_blocks
+from bitdance.sampling import KnownTokens, block_causal_mask, generate_blocks
 from bitdance.sampling.flow import FlowSampler
 
 __all__ = [
@@ -252,13 +252,15 @@ class BitDanceT2I(nn.Module):
     def generate(self, prompts: str | Sequence[str], *, height: int, width: int,
                  sampler: FlowSampler | None = None, guidance_scale: float = 7.5,
                  generator: torch.Generator | None = None, use_kv_cache: bool = True,
-                 callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                 callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                 known: KnownTokens | None = None) -> torch.Tensor:
         """Binary latents (B, d, H/16, W/16) in {-1,+1} for the prompts (raster grid layout).
 
         Guidance: with ``guidance_scale > 1`` the unconditional sequences run in the same batch (rows
         B..2B-1); the head's velocity is guided with a constant scale.
         ``callback(step, num_steps, latents_so_far)`` runs after each AR step with a fresh (B, d, h, w)
-        grid whose not-yet-generated tokens are 0 (same contract as :meth:`BitDance.generate`).
+        grid whose not-yet-generated tokens are 0 (same contract as :meth:`BitDance.generate`). ``known``:
+        the tokens an edit keeps (:class:`~bitdance.sampling.autoregressive.KnownTokens`).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -273,7 +275,7 @@ class BitDanceT2I(nn.Module):
                                parallel_num=self.config.parallel_num, latent_dim=self.config.latent_dim,
                                sampler=sampler if sampler is not None else FlowSampler(num_steps=50),
                                guidance_scale=guidance_scale, guidance_schedule="constant", generator=generator,
-                               callback=callback, device=self.device)
+                               callback=callback, device=self.device, known=known)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, **kw) -> torch.Tensor:

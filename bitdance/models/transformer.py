@@ -31,7 +31,7 @@ from bitdance import rng
 from bitdance.compiling import FrozenCompiled
 from bitdance.models.config import BitDanceConfig
 from bitdance.models.head import attention, build_head
-from bitdance.sampling import block_causal_mask, generate_blocks
+from bitdance.sampling import KnownTokens, block_causal_mask, generate_blocks
 from bitdance.sampling.flow import FlowSampler
 
 __all__ = ["BitDance", "KVCache", "generation_order", "block_causal_mask", "rope_2d", "flip_bits"]
@@ -367,6 +367,7 @@ class BitDance(nn.Module):
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
+        known: KnownTokens | None = None,
     ) -> torch.Tensor:
         """Sample binary latents (B, C, h, w) for class ids (B,), P tokens per AR step.
 
@@ -374,7 +375,8 @@ class BitDance(nn.Module):
         (scheduled) scale is 1, both halves are sampled independently, as in the reference sampler.
         ``callback(step, num_steps, latents_so_far)`` gets the partial grid (ungenerated tokens 0).
         ``temperature`` / ``top_k`` apply to the classification heads (``head_type`` "bitwise": temperature;
-        "token": both); the diffusion head uses ``sampler`` instead and refuses them.
+        "token": both); the diffusion head uses ``sampler`` instead and refuses them. ``known``: the tokens
+        an edit keeps (:class:`~bitdance.sampling.autoregressive.KnownTokens`).
         """
         cfg = self.config
         if cfg.head_type == "diffusion":
@@ -392,7 +394,7 @@ class BitDance(nn.Module):
                                order=self.order, parallel_num=cfg.parallel_num, latent_dim=cfg.latent_dim,
                                sampler=sampler or FlowSampler(), guidance_scale=guidance_scale,
                                guidance_schedule=guidance_schedule, generator=generator, callback=callback,
-                               head_kwargs=head_kw, device=ids.device)
+                               head_kwargs=head_kw, device=ids.device, known=known)
 
 
 class _ClassConditionalSource:

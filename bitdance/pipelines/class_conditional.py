@@ -20,11 +20,13 @@ from bitdance.formats.folders import (
 from bitdance.formats.official import load_official_generator, load_tokenizer
 from bitdance.formats.t2i_folder import AE_WEIGHTS, HEAD_CONFIG, is_text_to_image_folder
 from bitdance.formats.weights import CheckpointError
+from bitdance.images import image_tensor
 from bitdance.models.config import BitDanceConfig, ConfigError
 from bitdance.models.tokenizer import BinaryTokenizer
 from bitdance.models.transformer import BitDance
-from bitdance.pipelines.base import Pipeline, PipelineOutput, SamplingOptions
+from bitdance.pipelines.base import EditOptions, Pipeline, PipelineOutput, SamplingOptions
 from bitdance.pipelines.text_to_image import BitDanceT2IPipeline
+from bitdance.sampling.autoregressive import KnownTokens
 from bitdance.version import __version__
 
 if TYPE_CHECKING:  # Unpack is in typing from Python 3.11 (the annotation is never evaluated)
@@ -134,17 +136,9 @@ class BitDancePipeline(Pipeline):
 
     # ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(
-        self,
-        class_labels: int | Sequence[int] | torch.Tensor,
-        *,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 4.0,
-        guidance_schedule: str = "linear",
-        height: int | None = None,
-        width: int | None = None,
-        **options: Unpack[SamplingOptions],
-    ) -> PipelineOutput:
+    def __call__(self, class_labels: int | Sequence[int] | torch.Tensor, *, guidance_scale: float = 4.0,
+                 guidance_schedule: str = "linear", height: int | None = None, width: int | None = None,
+                 **options: Unpack[SamplingOptions]) -> PipelineOutput:
         """Images of ``class_labels`` (one id, a list or an integer tensor). ``guidance_schedule``: "linear"
         (the official ramp over the AR steps) or "constant"; ``height`` / ``width`` may only restate the
         model's size. ``options``: :class:`~bitdance.pipelines.base.SamplingOptions` (sampler, generator,
@@ -157,13 +151,61 @@ class BitDancePipeline(Pipeline):
             raise ValueError(f"this model generates {size}x{size} images; got height={height}, width={width}")
         opts = self._options(options, guidance_scale)
         labels = validation.class_ids(class_labels, cfg.num_classes)
+        return self._generate(labels, guidance_scale, guidance_schedule, opts)
+
+    def _generate(self, labels: torch.Tensor, guidance_scale: float, guidance_schedule: str, opts: dict,
+                  known: KnownTokens | None = None) -> PipelineOutput:
         if guidance_schedule not in ("linear", "constant"):
             raise ValueError(f"guidance_schedule must be 'linear' or 'constant', got {guidance_schedule!r}")
         latents = self.model.generate(
-            labels.to(self.device), sampler=self._sampler(opts, num_inference_steps),
+            labels.to(self.device), sampler=self._sampler(opts),
             guidance_scale=guidance_scale, guidance_schedule=guidance_schedule, generator=opts["generator"],
-            use_kv_cache=opts["use_kv_cache"], callback=opts["callback"])
-        return self._finish(latents, opts)
+            use_kv_cache=opts["use_kv_cache"], callback=opts["callback"], known=known)
+        return self._finish(latents, opts, known)
+
+    @torch.no_grad()
+    def edit(self, image, mask=None, *, class_labels: int | Sequence[int] | torch.Tensor, guidance_scale: float = 4.0,
+             guidance_schedule: str = "linear", **options: Unpack[EditOptions]) -> PipelineOutput:
+        """Regenerate part of ``image`` (PIL, uint8 array or float tensor; a same-aspect image of another size
+        is resized) as ``class_labels``, keeping every other token exactly as the tokenizer encodes it.
+
+        ``mask`` (image-sized; white / True / 1 = regenerate) marks the region: a token is regenerated when
+        more than ``mask_threshold`` of its pixels are masked (0: any). Without a mask, ``strength`` in
+        [0, 1] makes a variation: ``variation`` "random" (that share of the tokens), "blocks" (of the AR
+        blocks), "tail" (the last tokens in generation order) or "flip" (every token resampled while the
+        fed-back tokens are the encoded ones with bits flipped at rate ``strength``). ``margin`` also
+        regenerates that many tokens after each regenerated one in generation order (a softer seam). A
+        different class with the lower rows masked is a "class swap". ``output.regenerated`` (B, h, w) says
+        which tokens were sampled; the others come back bit-identical to the encoded image
+        (``docs/editing.md``: what works, and the causal limit)."""
+        edit, sampling = self._split_edit_options(options)
+        opts = self._options(sampling, guidance_scale, call="edit")
+        labels = validation.class_ids(class_labels, self.config.num_classes)
+        n_images = image_tensor(image).shape[0]
+        if len(labels) == 1 and n_images > 1:
+            labels = labels.repeat(n_images)
+        size = self.config.image_size
+        known = self._known_tokens(image, mask, size=(size, size), batch=len(labels), edit=edit,
+                                   generator=opts["generator"])
+        return self._generate(labels, guidance_scale, guidance_schedule, opts, known)
+
+    def outpaint(self, image, *, class_labels: int | Sequence[int] | torch.Tensor, right: int | None = None,
+                 down: int | None = None, **kwargs) -> PipelineOutput:
+        """Extend ``image`` (smaller than the model's images) by ``right`` / ``down`` pixels to the model's size
+        (the default: whatever is missing): it sits at the top-left of the canvas and everything else is
+        generated (the :meth:`edit` options apply)."""
+        size = self.config.image_size
+        h0, w0 = image_tensor(image).shape[-2:]
+        right = size - w0 if right is None else validation.integer(right, "right", 0, 1 << 16)
+        down = size - h0 if down is None else validation.integer(down, "down", 0, 1 << 16)
+        if (h0 + down, w0 + right) != (size, size):
+            raise ValueError(f"this model makes {size}x{size} images: extending {w0}x{h0} (WxH) by right={right}, "
+                             f"down={down} gives {w0 + right}x{h0 + down}")
+        canvas, mask = self._outpaint_inputs(image, (size, size))
+        return self.edit(canvas, mask, class_labels=class_labels, **kwargs)
+
+    def _generation_order(self, h: int, w: int) -> torch.Tensor:
+        return self.model.order
 
     @property
     def image_tokenizer(self) -> BinaryTokenizer:

@@ -15,10 +15,13 @@ from bitdance import validation
 from bitdance.formats.folders import FORMAT, read_json_or_none, replace_folder
 from bitdance.formats.t2i_folder import FIELDS_BESIDE_HEAD_JSON, check_offload, load_folder, save_folder
 from bitdance.formats.weights import CheckpointError
+from bitdance.images import image_tensor
 from bitdance.models.config import ConfigError, T2IConfig
 from bitdance.models.t2i import BitDanceT2I
 from bitdance.models.tokenizer import BinaryTokenizer
-from bitdance.pipelines.base import Pipeline, PipelineOutput, SamplingOptions
+from bitdance.models.transformer import generation_order
+from bitdance.pipelines.base import EditOptions, Pipeline, PipelineOutput, SamplingOptions
+from bitdance.sampling.autoregressive import KnownTokens
 from bitdance.version import __version__
 
 if TYPE_CHECKING:  # Unpack is in typing from Python 3.11 (the annotation is never evaluated)
@@ -169,16 +172,8 @@ class BitDanceT2IPipeline(Pipeline):
         return list(prompts)
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | Sequence[str],
-        *,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        **options: Unpack[SamplingOptions],
-    ) -> PipelineOutput:
+    def __call__(self, prompt: str | Sequence[str], *, height: int | None = None, width: int | None = None,
+                 guidance_scale: float = 7.5, **options: Unpack[SamplingOptions]) -> PipelineOutput:
         """Images for ``prompt`` (one or a list). ``height`` / ``width`` default to
         :attr:`default_resolution`; giving only one makes a square. Guidance is a constant scale
         (1: off; below 1 is refused). ``options``: :class:`~bitdance.pipelines.base.SamplingOptions` (sampler,
@@ -190,13 +185,59 @@ class BitDanceT2IPipeline(Pipeline):
             height, width = self.default_resolution
         height = width if height is None else height
         width = height if width is None else width
+        return self._generate(prompt, height, width, guidance_scale, opts)
+
+    def _generate(self, prompt, height: int, width: int, guidance_scale: float, opts: dict,
+                  known: KnownTokens | None = None) -> PipelineOutput:
         h, w = self.config.check_resolution(height, width)
         prompts = self._check_prompts(prompt, h, w)
+        if known is not None and len(prompts) == 1 and known.tokens.shape[0] > 1:
+            prompts = prompts * known.tokens.shape[0]
         latents = self.model.generate(prompts, height=height, width=width,
-                                      sampler=self._sampler(opts, num_inference_steps),
+                                      sampler=self._sampler(opts),
                                       guidance_scale=guidance_scale, generator=opts["generator"],
-                                      use_kv_cache=opts["use_kv_cache"], callback=opts["callback"])
-        return self._finish(latents, opts)
+                                      use_kv_cache=opts["use_kv_cache"], callback=opts["callback"], known=known)
+        return self._finish(latents, opts, known)
+
+    @torch.no_grad()
+    def edit(self, image, mask=None, *, prompt: str | Sequence[str], height: int | None = None,
+             width: int | None = None, guidance_scale: float = 7.5, **options: Unpack[EditOptions]) -> PipelineOutput:
+        """Regenerate part of ``image`` following ``prompt``, keeping every other token exactly as the folder's
+        tokenizer encodes it. The output has the image's size (or ``height`` x ``width``; a same-aspect image
+        is resized), which must be an allowed resolution. ``mask`` and the
+        :class:`~bitdance.pipelines.base.EditOptions` as in :meth:`BitDancePipeline.edit`."""
+        edit, sampling = self._split_edit_options(options)
+        opts = self._options(sampling, guidance_scale, call="edit")
+        img = image_tensor(image)
+        img_h, img_w = img.shape[-2:]
+        height, width = validation.image_side(height, "height"), validation.image_side(width, "width")
+        if height is None and width is None:
+            height, width = img_h, img_w
+        elif height is None:  # the other side keeps the image's aspect
+            height = round(width * img_h / img_w)
+        elif width is None:
+            width = round(height * img_w / img_h)
+        self.config.check_resolution(height, width)
+        batch = max(1 if isinstance(prompt, str) else len(prompt), img.shape[0])
+        known = self._known_tokens(img, mask, size=(height, width), batch=batch, edit=edit,
+                                   generator=opts["generator"])
+        return self._generate(prompt, height, width, guidance_scale, opts, known)
+
+    def outpaint(self, image, *, prompt: str | Sequence[str], right: int = 0, down: int = 0,
+                 **kwargs) -> PipelineOutput:
+        """Extend ``image`` by ``right`` / ``down`` pixels: the larger canvas must be an allowed resolution
+        (e.g. 512x512 -> 640x384 is not an extension, 384x384 -> 384x640 is); the image sits at its top-left
+        and everything else is generated (the :meth:`edit` options apply)."""
+        img = image_tensor(image)
+        validation.integer(right, "right", 0, 1 << 16)
+        validation.integer(down, "down", 0, 1 << 16)
+        height, width = img.shape[-2] + down, img.shape[-1] + right
+        self.config.check_resolution(height, width)
+        canvas, mask = self._outpaint_inputs(img, (height, width))
+        return self.edit(canvas, mask, prompt=prompt, **kwargs)
+
+    def _generation_order(self, h: int, w: int) -> torch.Tensor:
+        return generation_order(h, w, self.config.patch_size)
 
     @property
     def image_tokenizer(self) -> BinaryTokenizer:

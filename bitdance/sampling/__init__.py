@@ -2,7 +2,7 @@
 masks that make P tokens one step (:mod:`.masks`). The flow sampler of the diffusion head is
 :class:`bitdance.sampling.flow.FlowSampler`."""
 
-from bitdance.sampling.autoregressive import BlockSource, binarize_sample, generate_blocks
+from bitdance.sampling.autoregressive import BlockSource, KnownTokens, binarize_sample, generate_blocks
 from bitdance.sampling.masks import block_causal_mask, block_mask
 
-__all__ = ["BlockSource", "binarize_sample", "generate_blocks", "block_causal_mask", "block_mask"]
+__all__ = ["BlockSource", "KnownTokens", "binarize_sample", "generate_blocks", "block_causal_mask", "block_mask"]

@@ -19,9 +19,8 @@ from bitdance.models.config import T2IConfig
 from bitdance.models.t2i import BitDanceT2I, add_special_tokens
 from bitdance.training.config import TrainConfig, TrainingError
 from bitdance.training.distributed import Dist
-from bitdance.training.tasks import Task, cached_or_encoded, latent_cache_path, load_data
-
 from bitdance.training.t2i_packing import distill_from, pack_batch, training_loss
+from bitdance.training.tasks import Task, cached_or_encoded, latent_cache_path, load_data
 
 __all__ = ["T2ITask", "T2ITrainModule", "parse_resolutions", "dataset_captions"]
 

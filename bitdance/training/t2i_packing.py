@@ -17,7 +17,6 @@ from bitdance.models.t2i import BitDanceT2I, add_special_tokens, additive_mask, 
 from bitdance.models.transformer import flip_bits, generation_order
 from bitdance.sampling import block_mask
 
-
 __all__ = ["IGNORE_INDEX", "PackedBatch", "pack_batch", "packed_embeddings", "packed_head_condition",
            "training_loss", "distill_from"]
 

@@ -84,9 +84,11 @@ function payload() {
   const m = S.model;
   const p = {model: m.name, num_images: num($("num").value), seed: 0, steps: num($("steps").value),
              guidance: num($("guidance").value)};
+  if (S.edit) p.edit = {source: S.edit.source, mask: mask.toDataURL("image/png")};
   if (m.kind === "text_to_image") {
     p.prompt = $("prompt").value;
-    if (m.any_resolution) { p.height = num($("height").value); p.width = num($("width").value); }
+    if (S.edit) { /* an edit keeps the image's size */ }
+    else if (m.any_resolution) { p.height = num($("height").value); p.width = num($("width").value); }
     else { const [h, w] = $("resolution").value.split("x"); p.height = +h; p.width = +w; }
   } else {
     p.schedule = $("schedule").value;
@@ -121,6 +123,7 @@ $("form").addEventListener("submit", async e => {
 
 function watch(id) {
   S.current = id;
+  $("editor").hidden = true;
   $("preview").hidden = true; $("placeholder").hidden = false; $("bar").value = 0;
   const es = new EventSource("/api/jobs/" + id + "/events");
   es.onmessage = ev => {
@@ -153,10 +156,11 @@ function setImage(src) { $("preview").src = src; $("preview").hidden = false; $(
 function describe(p) {
   if (!p) return "";
   const m = S.models[p.model] || S.model, names = m.class_names;
+  const edited = p.edit ? " \u00b7 edit of " + p.edit.source + " (" + Math.round(100 * p.edit.masked) + "% painted)" : "";
   const what = p.prompt !== undefined ? "\u201c" + p.prompt + "\u201d " + p.height + "x" + p.width
     : "class " + p.classes.map(c => names ? c + " " + names[c] : c).join(", ");
   const who = S.info.models.length > 1 ? p.model + " (P " + p.parallel_num + "x) \u00b7 " : "";
-  return who + what + " \u00b7 " + p.num_images + " img \u00b7 seed " + p.seed + " \u00b7 " + p.steps + " steps \u00b7 cfg " + p.guidance;
+  return who + what + edited + " \u00b7 " + p.num_images + " img \u00b7 seed " + p.seed + " \u00b7 " + p.steps + " steps \u00b7 cfg " + p.guidance;
 }
 
 async function loadHistory() {
@@ -171,10 +175,96 @@ async function loadHistory() {
     card.append(el("div", {className: "meta"}, describe(s.params) + " \u00b7 " + s.seconds + " s"));
     const dl = el("a", {className: "download", href: s.grid_url, download: "bitdance-" + s.id + ".png"}, "Download");
     card.append(dl);
+    const ed = el("a", {className: "edit", href: "#", title: "paint a region of this result and regenerate it"}, "Edit");
+    ed.addEventListener("click", e => { e.preventDefault(); editResult(s); });
+    card.append(ed);
     if (s.images.length > 1) s.images.forEach((u, k) =>
       card.append(el("a", {href: u, download: "bitdance-" + s.id + "-" + k + ".png", title: "image " + (k + 1)}, "#" + (k + 1))));
     h.append(card);
   }
 }
+
+// ---- editing: an image (an upload or a result) and a painted mask (white = regenerate) ----
+const mask = document.createElement("canvas");  // image-sized: black, painted white; sent as PNG
+S.edit = null;
+
+// The size an upload is cropped and scaled to: the model's images, or the chosen text-to-image resolution.
+function targetSize() {
+  const m = S.model;
+  if (m.kind !== "text_to_image") return m.resolutions[0];
+  if (m.any_resolution) return [+$("height").value, +$("width").value];
+  return $("resolution").value.split("x").map(Number);
+}
+
+function startEdit(img, source) {
+  const upload = source === "upload";
+  const [h, w] = upload ? targetSize() : [img.naturalHeight, img.naturalWidth];
+  const c = $("editimg"), v = $("maskview");
+  c.width = v.width = mask.width = w; c.height = v.height = mask.height = h;
+  const ctx = c.getContext("2d");
+  if (upload) {  // centre crop to the target's aspect, then scale
+    const s = Math.max(w / img.naturalWidth, h / img.naturalHeight), sw = w / s, sh = h / s;
+    ctx.drawImage(img, (img.naturalWidth - sw) / 2, (img.naturalHeight - sh) / 2, sw, sh, 0, 0, w, h);
+    source = c.toDataURL("image/png");
+  } else {
+    ctx.drawImage(img, 0, 0);
+  }
+  const scale = Math.min(384 / w, 384 / h);
+  for (const e of [c, v]) { e.style.width = w * scale + "px"; e.style.height = h * scale + "px"; }
+  S.edit = {source, w, h, painted: 0};
+  clearMask();
+  $("editor").hidden = false; $("preview").hidden = true; $("placeholder").hidden = true;
+  $("edittools").hidden = false;
+  $("edithint").textContent = w + " x " + h + " px: paint on the image what to regenerate";
+  $("go").textContent = "Regenerate the painted region";
+}
+
+function stopEdit() {
+  S.edit = null; $("upload").value = "";
+  $("editor").hidden = $("edittools").hidden = true;
+  $("go").textContent = "Generate";
+}
+
+function clearMask() {
+  const m = mask.getContext("2d");
+  m.fillStyle = "#000"; m.fillRect(0, 0, mask.width, mask.height);
+  $("maskview").getContext("2d").clearRect(0, 0, mask.width, mask.height);
+  if (S.edit) S.edit.painted = 0;
+}
+
+function editResult(s) {
+  const img = new Image();
+  img.onload = () => startEdit(img, {job: s.id, index: 0});
+  img.src = s.images[0];
+}
+
+$("upload").addEventListener("change", () => {
+  const f = $("upload").files[0];
+  if (!f) return;
+  const reader = new FileReader();  // a data: URL (the page's CSP allows data: images, not blob:)
+  reader.onload = () => { const img = new Image(); img.onload = () => startEdit(img, "upload"); img.src = reader.result; };
+  reader.readAsDataURL(f);
+});
+$("clearmask").addEventListener("click", clearMask);
+$("stopedit").addEventListener("click", stopEdit);
+$("brush").addEventListener("input", () => $("brushpx").textContent = $("brush").value + " px");
+
+let last = null;
+function paint(ev) {
+  const v = $("maskview"), r = v.getBoundingClientRect();
+  const x = (ev.clientX - r.left) * v.width / r.width, y = (ev.clientY - r.top) * v.height / r.height;
+  const width = Math.max(1, +$("brush").value * v.width / r.width);  // the brush is in screen pixels
+  for (const [ctx, colour] of [[mask.getContext("2d"), "#fff"], [v.getContext("2d"), "#ff3b3b"]]) {
+    ctx.strokeStyle = ctx.fillStyle = colour; ctx.lineWidth = width; ctx.lineCap = "round";
+    ctx.beginPath();
+    if (last) { ctx.moveTo(last[0], last[1]); ctx.lineTo(x, y); ctx.stroke(); }
+    else { ctx.arc(x, y, width / 2, 0, 2 * Math.PI); ctx.fill(); }
+  }
+  last = [x, y];
+  S.edit.painted++;
+}
+$("maskview").addEventListener("pointerdown", e => { if (!S.edit) return; last = null; $("maskview").setPointerCapture(e.pointerId); paint(e); });
+$("maskview").addEventListener("pointermove", e => { if (S.edit && e.buttons) paint(e); });
+$("maskview").addEventListener("pointerup", () => { last = null; });
 
 init().catch(err => { $("error").textContent = "could not load the model info: " + err; });
