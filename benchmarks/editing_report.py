@@ -146,6 +146,32 @@ def run(args) -> dict:
     return report
 
 
+def render(report: dict) -> str:
+    """The markdown table of docs/editing.md for one report."""
+    def f(v, spec=".1f", scale=1.0):
+        return "" if v is None else format(v * scale, spec)
+
+    lines = ["| edit | class accuracy | kept tokens identical | PSNR kept half (dB) | PSNR of the tokenizer "
+             "there (dB) | PSNR far quarter: edit / tokenizer | seam vs real |", "|---|---|---|---|---|---|---|"]
+    for name, r in report["rows"].items():
+        if name.startswith("reference"):
+            continue
+        kept = r.get("psnr_kept_top", r.get("psnr_kept_bottom"))
+        tok = r.get("psnr_tokenizer_top", r.get("psnr_tokenizer_bottom"))
+        far = (f"{f(r['psnr_kept_top_quarter'])} / {f(r['psnr_tokenizer_top_quarter'])}"
+               if "psnr_kept_top_quarter" in r else "")
+        acc = f(r["accuracy"], ".0f", 100) + "%"
+        if "accuracy_original_class" in r:
+            acc += f" (original class: {f(r['accuracy_original_class'], '.0f', 100)}%)"
+        lines.append(f"| {name} | {acc} | {f(r.get('kept_tokens_identical'), '.0f', 100)}% | {f(kept)} | "
+                     f"{f(tok)} | {far} | {f(r.get('seam'), '.2f')} |")
+    ref = report["rows"]
+    lines.append(f"| reference: the tokenizer's reconstruction | {f(ref['reference: tokenizer reconstruction']['accuracy'], '.0f', 100)}% | | | "
+                 f"{f(ref['reference: tokenizer reconstruction']['psnr'])} (whole image) | | |")
+    lines.append(f"| reference: the real test images | {f(ref['reference: real test images']['accuracy'], '.0f', 100)}% | | | | | 1.00 |")
+    return "\n".join(lines)
+
+
 def _save_png(path: Path, grid: np.ndarray, *, scale: int) -> None:
     img = Image.fromarray(grid)
     if scale > 1:
@@ -155,9 +181,10 @@ def _save_png(path: Path, grid: np.ndarray, *, scale: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a class-conditional bitdance folder")
-    p.add_argument("--data", required=True, help="mnist or fashion-mnist (its test split, its shipped classifier)")
-    p.add_argument("--name", required=True, help="prefix of the output files")
+    p.add_argument("--model", help="a class-conditional bitdance folder")
+    p.add_argument("--data", help="mnist or fashion-mnist (its test split, its shipped classifier)")
+    p.add_argument("--name", help="prefix of the output files")
+    p.add_argument("--render", metavar="JSON", help="print the markdown table of a finished report, then exit")
     p.add_argument("--out", default="docs/assets")
     p.add_argument("--num-images", type=int, default=200)
     p.add_argument("--steps", type=int, default=25)
@@ -165,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=2, help="pixel scale of the pictures")
     args = p.parse_args(argv)
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return 0
+    if not (args.model and args.data and args.name):
+        p.error("--model, --data and --name are required (or --render JSON)")
     report = run(args)
     print(json.dumps(report["rows"], indent=2))
     return 0
