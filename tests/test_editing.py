@@ -253,3 +253,29 @@ def test_cli_edit_errors_write_nothing(files, tmp_path, capsys, extra, message):
                        *extra, "--out", tmp_path / "x.png")
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_edit_text_to_image(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from test_t2i import tiny_model  # tests/ is on sys.path under pytest
+
+    from bitdance.pipelines.text_to_image import BitDanceT2IPipeline
+
+    BitDanceT2IPipeline(tiny_model()).save_pretrained(tmp_path / "t2i")  # allows 64x64 and 32x128
+    Image.fromarray(photo(10, 64)).save(tmp_path / "in.png")
+    Image.fromarray(photo(11, 32)).save(tmp_path / "small.png")
+    common = ["--steps", 2, "--cfg", 2, "--seed", 3]
+    rc, out, err = cli(capsys, "edit", tmp_path / "t2i", "--image", tmp_path / "in.png", "--box", 0, 32, 64, 64,
+                       "--prompt", "a red heart", *common, "--out", tmp_path / "a.png")
+    assert rc == 0, err
+    assert Image.open(tmp_path / "a.png").size == (64, 64) and "50% of the tokens" in out
+    rc, out, err = cli(capsys, "edit", tmp_path / "t2i", "--image", tmp_path / "small.png", "--extend-right", 96,
+                       "--prompt", "a wide banner", *common, "--out", tmp_path / "wide.png")
+    assert rc == 0, err
+    assert Image.open(tmp_path / "wide.png").size == (128, 32)
+    rc, out, err = cli(capsys, "edit", tmp_path / "t2i", "--image", tmp_path / "in.png", "--box", 0, 32, 64, 64,
+                       "--classes", 3, *common, "--out", tmp_path / "b.png")
+    assert rc == 2 and "text-to-image model" in err and not (tmp_path / "b.png").exists()
+    rc, out, err = cli(capsys, "edit", tmp_path / "t2i", "--image", tmp_path / "small.png", "--extend-right", 16,
+                       "--prompt", "x", *common, "--out", tmp_path / "c.png")
+    assert rc == 2 and "not allowed" in err and not (tmp_path / "c.png").exists()

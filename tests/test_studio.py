@@ -561,3 +561,35 @@ def test_browser_edit_paints_and_regenerates(pipe, tmp_path):
         page.click("#stopedit")
         assert page.inner_text("#go") == "Generate" and not page.is_visible("#maskview")
         assert not errors, errors
+
+
+def test_text_to_image_edit_over_http():
+    pytest.importorskip("transformers")
+    import io
+
+    from test_t2i import tiny_model  # tests/ is on sys.path under pytest
+
+    from bitdance.pipelines.text_to_image import BitDanceT2IPipeline
+
+    t2i = BitDanceT2IPipeline(tiny_model())
+    server = _start(t2i, preview_interval=0)
+    try:
+        image = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        mask = np.zeros((64, 64), np.uint8)
+        mask[32:] = 255
+        code, body = _post(server.url, {"prompt": "a red heart", "steps": 2, "guidance": 2, "seed": 4,
+                                        "edit": {"source": _data_url(image), "mask": _data_url(mask)}})
+        assert code == 202, body
+        s = _wait_done(server.url, body["id"])
+        assert s["status"] == "done" and (s["params"]["height"], s["params"]["width"]) == (64, 64)
+        got = np.asarray(Image.open(io.BytesIO(_get(server.url + s["images"][0])[2])))
+        want = t2i.edit(image, mask > 0, prompt="a red heart", num_inference_steps=2, guidance_scale=2.0,
+                        generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+        assert np.array_equal(got, want)
+        # the image's size must be an allowed resolution of the model
+        code, body = _post(server.url, {"prompt": "x", "steps": 2, "edit": {
+            "source": _data_url(image[:48]), "mask": _data_url(mask[:48])}})
+        assert code == 400 and "not allowed" in body["error"], body
+    finally:
+        server.shutdown()
+        server.server_close()
