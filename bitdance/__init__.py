@@ -6,8 +6,8 @@ The packages, bottom to top (``docs/architecture.md`` has the picture): foundati
 :mod:`bitdance.training` and :mod:`bitdance.apps` (CLI, bench, demo, studio).
 """
 
-from bitdance.version import __version__
 from bitdance import moved
+from bitdance.version import __version__
 
 moved.install()
 

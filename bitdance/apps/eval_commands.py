@@ -258,7 +258,12 @@ def cmd_sample_npz(args) -> None:
     import torch
 
     from bitdance import validation
-    from bitdance.evaluation.samples import MAX_NPZ_SAMPLES, npz_count, sample_npz, weights_fingerprint
+    from bitdance.evaluation.samples import (
+        MAX_NPZ_SAMPLES,
+        output_is_complete,
+        sample_npz,
+        weights_fingerprint,
+    )
     from bitdance.pipelines.class_conditional import BitDancePipeline
 
     out = Path(args.out)
@@ -271,13 +276,9 @@ def cmd_sample_npz(args) -> None:
     validation.guidance_scale(args.cfg, "--cfg")
     device = validation.device(args.device)
     N = args.num_samples
-    if out.exists() and not args.overwrite:  # before the model is loaded: seconds, not minutes
-        n = npz_count(out)
-        if n == N:
-            print(f"{out} already holds {n} samples; nothing to do (pass --overwrite to regenerate it)")
-            return
-        raise CLIError(f"{out} already exists ({'not a samples .npz' if n is None else f'{n} samples'}, "
-                       f"asked for {N}); pass --overwrite to replace it")
+    if output_is_complete(out, N, args.overwrite):  # before the model is loaded: seconds, not minutes
+        print(f"{out} already holds {N} samples; nothing to do (pass --overwrite to regenerate it)")
+        return
     torch.set_grad_enabled(False)
     pipe = BitDancePipeline.from_pretrained(args.model, tokenizer=args.tokenizer, device=device,
                                             dtype=torch_dtype(args.dtype))

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from bitdance.images import mask_tensor
+
 __all__ = ["MAX_EDIT_SIDE", "parse_edit"]
 
 # Largest side of an image to edit (the page scales uploads to the model's size first).
@@ -70,12 +72,7 @@ def parse_edit(edit: Any, *, job_image: Callable[[str, int], bytes | None],
     image = np.asarray(image.convert("RGB"))
     if "mask" not in edit:
         raise bad("paint the region to regenerate (the mask is missing)")
-    mask_img = _decode(edit["mask"], "the mask", bad)
-    if mask_img.mode in ("RGBA", "LA") or "transparency" in mask_img.info:
-        canvas = Image.new("RGBA", mask_img.size, (0, 0, 0, 255))
-        canvas.alpha_composite(mask_img.convert("RGBA"))
-        mask_img = canvas
-    mask = np.asarray(mask_img.convert("RGB")).max(axis=-1) > 0
+    mask = mask_tensor(_decode(edit["mask"], "the mask", bad))[0].numpy() > 0
     if mask.shape != image.shape[:2]:
         raise bad(f"the mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
                   f"{image.shape[1]}x{image.shape[0]}")

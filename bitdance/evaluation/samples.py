@@ -21,8 +21,8 @@ import torch
 from bitdance import validation
 from bitdance.files import atomic_write
 
-__all__ = ["MAX_NPZ_SAMPLES", "SamplesError", "SampleRun", "batch_seed", "class_labels", "npz_count", "sample_npz",
-           "save_npz", "weights_fingerprint"]
+__all__ = ["MAX_NPZ_SAMPLES", "SamplesError", "SampleRun", "batch_seed", "class_labels", "npz_count",
+           "output_is_complete", "sample_npz", "save_npz", "weights_fingerprint"]
 
 # 10 million 256 px images are 2 TB of uint8; a larger count is a typo.
 MAX_NPZ_SAMPLES = 10_000_000
@@ -83,6 +83,19 @@ def npz_count(path: str | Path) -> int | None:
         return None
 
 
+def output_is_complete(out: str | Path, num_samples: int, overwrite: bool = False) -> bool:
+    """True when ``out`` already holds ``num_samples`` samples (nothing to do); False when it is free to
+    write (absent, or ``overwrite``); SamplesError when it holds something else."""
+    out = Path(out)
+    if overwrite or not out.exists():
+        return False
+    have = npz_count(out)
+    if have == num_samples:
+        return True
+    raise SamplesError(f"{out} already exists ({'not a samples .npz' if have is None else f'{have} samples'}, "
+                       f"asked for {num_samples}); pass overwrite=True (--overwrite) to replace it")
+
+
 def _open_parts(parts: Path, manifest: dict[str, Any], overwrite: bool) -> None:
     mpath = parts / "manifest.json"
     if parts.exists():
@@ -124,12 +137,8 @@ def sample_npz(pipe, out: str | Path, *, num_samples: int, batch_size: int = 50,
     num_classes = pipe.config.num_classes
     classes = list(range(num_classes)) if classes is None else validation.class_ids(list(classes), num_classes).tolist()
     labels = class_labels(n, classes)
-    if out.exists() and not overwrite:
-        have = npz_count(out)
-        if have == n:
-            return SampleRun(out, labels, 0, 0, 0.0, complete_before=True)
-        raise SamplesError(f"{out} already exists ({'not a samples .npz' if have is None else f'{have} samples'}, "
-                           f"asked for {n}); pass overwrite=True (--overwrite) to replace it")
+    if output_is_complete(out, n, overwrite):
+        return SampleRun(out, labels, 0, 0, 0.0, complete_before=True)
     parts = out.with_name(out.name + ".parts")
     manifest = {**(record or {}), "num_samples": n, "batch_size": bs, "seed": seed, "steps": num_inference_steps,
                 "cfg": guidance_scale, "schedule": guidance_schedule, "sampler": sampler, "classes": classes,

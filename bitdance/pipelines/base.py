@@ -208,9 +208,8 @@ class Pipeline:
         m = m.expand(batch, -1, -1) if m is not None and m.shape[0] == 1 else m
         return img, m
 
-    def _outpaint_inputs(self, image, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``image`` at the top-left of a mid-grey canvas of ``size``, and the mask of everything else."""
-        img = image_tensor(image)
+    def _outpaint_inputs(self, img: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``img`` (B, 3, h, w) at the top-left of a mid-grey canvas of ``size``, and the mask of the rest."""
         (h0, w0), (H, W) = img.shape[-2:], size
         if h0 > H or w0 > W or (h0, w0) == (H, W):
             raise ValueError(f"outpainting extends an image: {w0}x{h0} (WxH) must be smaller than the canvas "

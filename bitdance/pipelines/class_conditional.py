@@ -181,9 +181,9 @@ class BitDancePipeline(Pipeline):
         edit, sampling = self._split_edit_options(options)
         opts = self._options(sampling, guidance_scale, call="edit")
         labels = validation.class_ids(class_labels, self.config.num_classes)
-        n_images = image_tensor(image).shape[0]
-        if len(labels) == 1 and n_images > 1:
-            labels = labels.repeat(n_images)
+        image = image_tensor(image)
+        if len(labels) == 1 and image.shape[0] > 1:
+            labels = labels.repeat(image.shape[0])
         size = self.config.image_size
         known = self._known_tokens(image, mask, size=(size, size), batch=len(labels), edit=edit,
                                    generator=opts["generator"])
@@ -195,7 +195,8 @@ class BitDancePipeline(Pipeline):
         (the default: whatever is missing): it sits at the top-left of the canvas and everything else is
         generated (the :meth:`edit` options apply)."""
         size = self.config.image_size
-        h0, w0 = image_tensor(image).shape[-2:]
+        image = image_tensor(image)
+        h0, w0 = image.shape[-2:]
         right = size - w0 if right is None else validation.integer(right, "right", 0, 1 << 16)
         down = size - h0 if down is None else validation.integer(down, "down", 0, 1 << 16)
         if (h0 + down, w0 + right) != (size, size):

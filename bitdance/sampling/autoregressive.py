@@ -116,8 +116,11 @@ def generate_blocks(source: BlockSource, head: Any, *, batch: int, grid: tuple[i
     for step in range(num_steps):
         idx = order[step * P:(step + 1) * P]
         rows = cond.shape[0]
-        if keep is not None and feed is None and bool(keep[:, idx].all()):
-            tokens = kept_tokens[:, idx].repeat(rows // B, 1, 1)  # kept whole: nothing to sample
+        block_keep = None if keep is None else keep[:, idx]
+        if block_keep is not None:
+            block_known = kept_tokens[:, idx].repeat(rows // B, 1, 1)
+        if block_keep is not None and feed is None and bool(block_keep.all()):
+            tokens = block_known  # kept whole: nothing to sample
         else:
             scale = guidance_at(guidance_scale, step, num_steps, guidance_schedule)
             sample = head.sample(cond, sampler=sampler, guidance_scale=scale, generator=generator,
@@ -125,9 +128,9 @@ def generate_blocks(source: BlockSource, head: Any, *, batch: int, grid: tuple[i
             tokens = binarize_sample(sample)
             if tokens.shape[0] != rows:  # guided: one sample per image, fed to both halves
                 tokens = torch.cat([tokens] * (rows // tokens.shape[0]))
-            if keep is not None:
-                k = keep[:, idx].repeat(rows // B, 1).unsqueeze(-1)
-                tokens = torch.where(k, kept_tokens[:, idx].repeat(rows // B, 1, 1).to(tokens.dtype), tokens)
+            if block_keep is not None:
+                k = block_keep.repeat(rows // B, 1).unsqueeze(-1)
+                tokens = torch.where(k, block_known.to(tokens.dtype), tokens)
         latents[:, idx] = tokens[:B].to(latents.dtype)
         if callback is not None:
             callback(step, num_steps, spatial())
