@@ -86,7 +86,7 @@ def main() -> int:
     for preset, extra in CONFIGS:
         if only and preset not in only:
             continue
-        cmd = [sys.executable, "-m", "bitdance.cli", "bench", "--preset", preset, "--batch", str(args.batch),
+        cmd = [sys.executable, "-m", "bitdance.apps.cli", "bench", "--preset", preset, "--batch", str(args.batch),
                "--steps", str(args.steps), "--cfg", str(args.cfg), "--image-size", str(args.image_size),
                "--dtype", args.dtype, "--device", args.device, "--compile", args.compile, "--json", *extra]
         print("$", " ".join(cmd[2:]), file=sys.stderr, flush=True)

@@ -127,7 +127,7 @@ def measure(args) -> None:
         row = {"preset": preset, "batch": args.batch, "steps": args.steps, "cfg": args.cfg, "date": stamp,
                "machine": machine}
         for compile_mode in args.compile:
-            ours = _run([sys.executable, "-m", "bitdance.cli", "bench", *common, "--dtype", "fp32", "--no-decode",
+            ours = _run([sys.executable, "-m", "bitdance.apps.cli", "bench", *common, "--dtype", "fp32", "--no-decode",
                          "--warmup", "1", "--compile", compile_mode, "--json"])
             row[f"bitdance_{compile_mode}"] = {k: ours[k] for k in ("seconds_per_image", "flops_per_image",
                                                                      "peak_flops", "mfu", "achieved_flops")}

@@ -129,4 +129,6 @@ class FrozenCompiled:
     def __call__(self, *args):
         with self.active():
             out = self._compiled(*args)
-        return out.clone() if self._copy_out else out
+        if not self._copy_out:
+            return out
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()

@@ -81,6 +81,14 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module):
         pass
 
+    def get_code(self, fullname):
+        """What ``python -m <old path>`` runs (runpy asks the loader for code): the new home, the first one
+        listed, as the main module, after the same warning."""
+        home = MOVED[fullname][0]
+        message = f"{fullname} has moved to {home}; run python -m {home} (the old path goes in bitdance 0.3)"
+        source = (f"import runpy, warnings\nwarnings.warn({message!r}, DeprecationWarning)\n"
+                  f"runpy.run_module({home!r}, run_name='__main__', alter_sys=True)\n")
+        return compile(source, f"<{fullname}: moved to {home}>", "exec")
 
 
 _FINDER = _Finder()

@@ -11,9 +11,9 @@ from bitdance.sampling.flow import FlowSampler, guidance_at
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _model(P: int, seed: int = 0) -> BitDance:
+def _model(P: int, seed: int = 0, **overrides) -> BitDance:
     torch.manual_seed(seed)
-    cfg = bitdance_preset(f"BitDance-T-{P}x", image_size=32, tokenizer=tokenizer_preset("tiny-d4c16"))
+    cfg = bitdance_preset(f"BitDance-T-{P}x", image_size=32, tokenizer=tokenizer_preset("tiny-d4c16"), **overrides)
     model = BitDance(cfg).eval()
     net = model.head.net
     for lin in [*net.ada_ln_blocks, net.final_layer.ada_ln_modulation, net.final_layer.linear]:
@@ -103,17 +103,19 @@ def test_hoisted_adaln_gives_the_same_tokens(P, monkeypatch):
     assert torch.equal(hoisted, per_step)
 
 
-@pytest.mark.parametrize("P", [1, 4])
-def test_compiled_sampling_gives_the_same_tokens(P):
+@pytest.mark.parametrize("P, attention", [(1, "bidirectional"), (4, "bidirectional"), (4, "causal")])
+def test_compiled_sampling_gives_the_same_tokens(P, attention):
     """torch.compile (inductor, CPU here: weights frozen, C++ GEMM templates) of the head's inner loop and the
-    transformer's cached step gives the tokens of the eager code for a seed in fp32, and follows the weights
-    when they change after compiling."""
-    model, other = _model(P), _model(P, seed=1)
+    transformer's cached step (the cache written and read by one opaque op, with the mask rows of the block)
+    gives the tokens of the eager code for a seed in fp32, and follows the weights when they change after
+    compiling."""
+    model, other = _model(P, block_attention=attention), _model(P, seed=1, block_attention=attention)
     labels = torch.tensor([1, 2])
     kw = dict(sampler=FlowSampler(num_steps=3), guidance_scale=2.5)
     with torch.inference_mode():
         eager = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
-    model.compile_sampling(transformer=True)
+    model.compile_sampling()  # the transformer's step too: the default on CPUs
+    assert model._compiled_decode is not None
     try:
         with torch.inference_mode():
             compiled = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)

@@ -134,6 +134,19 @@ def test_old_module_paths_import_with_a_warning(recwarn):
         bitdance.checkpoint.no_such_name
 
 
+def test_old_module_paths_run_with_python_m():
+    """``python -m bitdance.cli`` (the 0.1 spelling, in scripts and docs of that release) runs the new CLI
+    with the warning; runpy needs code from the stand-in's loader, which plain imports never ask for."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-m", "bitdance.cli", "--version"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("bitdance ")
+    assert "bitdance.cli has moved to bitdance.apps.cli" in p.stderr
+
+
 def test_no_private_names_across_modules():
     modules = _modules()
     bad = [f"{path.relative_to(PACKAGE.parent)}:{line} imports {imported} from {target}"

@@ -295,8 +295,8 @@ def run_bench(
     """Time ``repeats`` sampling runs (after ``warmup``) of ``batch`` images with random weights, count the
     FLOPs of one more run, measure the matmul peak, and return the figures (see the module docstring).
 
-    ``compile``: "off", or a ``torch.compile`` mode for the diffusion head's inner loop
-    (:meth:`~bitdance.models.transformer.BitDance.compile_sampling`; "default",
+    ``compile``: "off", or a ``torch.compile`` mode for the diffusion head's inner loop and, on CPUs, the
+    transformer's cached step (:meth:`~bitdance.models.transformer.BitDance.compile_sampling`; "default",
     "reduce-overhead" = CUDA graphs on GPUs, "max-autotune"); compilation happens in the warm-up run.
     ``compare_fp32``: also sample the same seed with the fp32 model and report how many bits/tokens agree
     and the PSNR between the decoded images (only meaningful when ``dtype`` is bf16; with random weights

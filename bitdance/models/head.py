@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -269,7 +270,8 @@ class DiffusionHead(nn.Module):
         super().__init__()
         self.config = config
         self.net = build_head_net(config)
-        self._compiled_step = None
+        self._compiled_step: FrozenCompiled | None = None
+        self._compiled_prepare: FrozenCompiled | None = None
 
     def compile_sampling(self, *, mode: str | None = None, dynamic: bool = False) -> None:
         """Compile one sampler update (guidance batch, network, guided velocity, Euler(-Maruyama) step) as a
@@ -284,9 +286,22 @@ class DiffusionHead(nn.Module):
         keeps the eager network. ``mode="off"`` undoes it.
         """
         if mode == "off":
-            self._compiled_step = None
+            self._compiled_step = self._compiled_prepare = None
             return
         self._compiled_step = FrozenCompiled(_flow_step, self.net, mode=mode, dynamic=dynamic)
+        # the condition embedding and the hoisted adaLN outputs of an AR step: eager, their products (up to
+        # 104 rows on B-1x) cost a quarter of the compiled head's time there
+        self._compiled_prepare = FrozenCompiled(_prepare, self.net, mode=mode, dynamic=dynamic)
+
+    @contextlib.contextmanager
+    def eager_sampling(self) -> Iterator[None]:
+        """Within the block, :meth:`sample` runs the eager code even where it is compiled."""
+        saved = self._compiled_step, self._compiled_prepare
+        self._compiled_step = self._compiled_prepare = None
+        try:
+            yield
+        finally:
+            self._compiled_step, self._compiled_prepare = saved
 
     def sample_time(self, n: int, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         cfg = self.config
@@ -319,16 +334,21 @@ class DiffusionHead(nn.Module):
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Continuous samples (before ``sign``). With guidance, ``cond`` holds conditional rows then
         unconditional rows and the result has half as many rows."""
-        net, c = self.net, self.net.embed_cond(cond)
+        net = self.net
         guided = guidance_scale > 1.0
         rows = cond.shape[0] // 2 if guided else cond.shape[0]
         shape = (rows, *cond.shape[1:-1], self.config.in_channels)
         times = sampler.flow_times(cond.device)
         per_step = None
-        if times.numel() * (c.numel() // c.shape[-1]) * net.modulation_width <= self.HOIST_ELEMENTS:
-            # the adaLN outputs of every flow step in one batch: (steps + 1) x more rows per weight read,
-            # which is what small batches lack (on a CPU these products run several times faster then)
-            all_mods = net.modulation(net.adaln_input(times, c.unsqueeze(0)))
+        # the adaLN outputs of every flow step in one batch: (steps + 1) x more rows per weight read, which is
+        # what small batches lack (on a CPU these products run several times faster then)
+        hoist = times.numel() * (cond.numel() // cond.shape[-1]) * net.modulation_width <= self.HOIST_ELEMENTS
+        if self._compiled_prepare is not None:
+            self._compiled_prepare.refresh()
+            c, all_mods = self._compiled_prepare(cond, times if hoist else None)
+        else:
+            c, all_mods = _prepare(net, cond, times if hoist else None)
+        if all_mods is not None:
             per_step = iter([tuple(m[k] for m in all_mods) for k in range(times.numel())])
 
         def mods_now():  # FlowSampler.sample evaluates the network once per flow time, in order
@@ -347,6 +367,14 @@ class DiffusionHead(nn.Module):
         with self._compiled_step.active() if step is not None else contextlib.nullcontext():
             return sampler.sample(lambda x, t: net.denoise(x, t, c, mods_now()), shape,
                                   guidance_scale=guidance_scale, generator=generator, device=cond.device, step=step)
+
+
+def _prepare(net: nn.Module, cond: torch.Tensor, times: torch.Tensor | None
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """What an AR step computes before its flow loop: the embedded condition and, for ``times`` (the
+    sampler's flow times), the adaLN outputs of every flow step (each with a leading axis over the times)."""
+    c = net.embed_cond(cond)
+    return c, None if times is None else net.modulation(net.adaln_input(times, c.unsqueeze(0)))
 
 
 def _flow_step(net: nn.Module, c: torch.Tensor, mods: tuple[torch.Tensor, ...] | None, scale: torch.Tensor,

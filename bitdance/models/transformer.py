@@ -94,18 +94,36 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write the new keys/values of ``layer``. ``start`` an int: at positions start.. , returning the
-        filled part; a 1-D tensor of positions (the compiled decode step, whose shapes must not depend on the
-        step): there, returning the whole buffer, whose unwritten part the caller's mask hides."""
-        if isinstance(start, torch.Tensor):
-            self.k[layer].index_copy_(2, start, k)
-            self.v[layer].index_copy_(2, start, v)
-            return self.k[layer], self.v[layer]
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write the new keys/values of ``layer`` at positions start.., returning the filled part."""
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+@torch.library.custom_op("bitdance::cached_attention", mutates_args=("cache_k", "cache_v"))
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+                     cache_v: torch.Tensor, layer: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Write the block's keys/values of ``layer`` into the whole-model cache at ``positions`` and attend over
+    the cache under ``mask`` (the mask rows of those positions).
+
+    One opaque operation for the compiled decode step: written as tensor code inside a graph, the write
+    into the cache (a graph input) made inductor copy each layer's whole cache out and back at every step
+    (functionalisation: on B-1x 130 of the 210 ms a step took), and the attention over it ran as
+    repacked small products. Here the write stays in place and the attention is torch's fused kernel."""
+    ck, cv = cache_k[layer], cache_v[layer]
+    ck.index_copy_(2, positions, k)
+    cv.index_copy_(2, positions, v)
+    if q.device.type == "cpu":  # the filled part only: half the cache on average, the reads are the cost
+        end = int(positions[-1]) + 1
+        ck, cv, mask = ck[:, :, :end], cv[:, :, :end], mask[:, :end]
+    return attention(q, ck, cv, mask)
+
+
+@cached_attention.register_fake
+def _cached_attention_shape(q, k, v, cache_k, cache_v, layer, positions, mask):
+    return torch.empty_like(q)
 
 
 class Attention(nn.Module):
@@ -120,9 +138,12 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).view(B, L, 3, self.n_head, self.head_dim).unbind(2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)
-        o = attention(q, k, v, mask)
+        if isinstance(start, torch.Tensor):  # the compiled step: positions as a tensor, one graph for all steps
+            o = cached_attention(q, k, v, cache.k, cache.v, layer, start, mask)
+        else:
+            if cache is not None:
+                k, v = cache.update(layer, start, k, v)
+            o = attention(q, k, v, mask)
         return self.wo(o.transpose(1, 2).reshape(B, L, D))
 
 
@@ -293,16 +314,19 @@ class BitDance(nn.Module):
             x = layer(x, cos, sin, mask, cache, i, positions)
         return self.norm(x) + self.pos_for_diff.weight[positions - (self.prefix_len - P)]
 
-    def compile_sampling(self, *, mode: str | None = None, dynamic: bool = False, transformer: bool = False) -> None:
+    def compile_sampling(self, *, mode: str | None = None, dynamic: bool = False,
+                         transformer: bool | None = None) -> None:
         """``torch.compile`` what :meth:`generate` repeats: the diffusion head's sampler update
         (:meth:`~bitdance.models.head.DiffusionHead.compile_sampling`; on CPUs with the weights frozen into the graph
-        and inductor's C++ GEMM templates for its few-row products, see :mod:`bitdance.compiling`) and, with
-        ``transformer=True``, the transformer's KV-cached step as one static-shape graph. The latter is off by
-        default: on a CPU it measured slower than eager (B-4x: 19.8 against 10.5 s of transformer time per
-        2-image batch; B-1x: 39.0 against 35.7 s). Compiled once per batch size, at the first ``generate``; the
-        tokens stay those of the eager code up to float rounding. ``mode="off"`` undoes it."""
+        and inductor's C++ GEMM templates for its few-row products, see :mod:`bitdance.compiling`) and the
+        transformer's KV-cached step as one static-shape graph (``transformer``; by default on CPUs, where it
+        measured 1.5-4x faster than eager for B-16x..B-1x, and not on GPUs, where it is not measured yet).
+        Compiled once per batch size, at the first ``generate``; the tokens stay those of the eager code up to
+        float rounding. ``mode="off"`` undoes it."""
         if hasattr(self.head, "compile_sampling"):
             self.head.compile_sampling(mode=mode, dynamic=dynamic)
+        if transformer is None:
+            transformer = self.norm.weight.device.type == "cpu"
         self._compiled_decode = None if mode == "off" or not transformer else \
             FrozenCompiled(BitDance._decode_block, self, mode=mode, dynamic=dynamic)
 
@@ -310,15 +334,13 @@ class BitDance(nn.Module):
     def eager_sampling(self) -> Iterator[None]:
         """Within the block, :meth:`generate` runs the eager code even where it is compiled (e.g. so that
         ``FlopCounterMode`` sees every operation)."""
-        head_step, decode = getattr(self.head, "_compiled_step", None), self._compiled_decode
+        decode = self._compiled_decode
+        head = self.head.eager_sampling() if hasattr(self.head, "eager_sampling") else contextlib.nullcontext()
         try:
-            if head_step is not None:
-                self.head._compiled_step = None
             self._compiled_decode = None
-            yield
+            with head:
+                yield
         finally:
-            if head_step is not None:
-                self.head._compiled_step = head_step
             self._compiled_decode = decode
 
     def condition(self, latents: torch.Tensor, class_ids: torch.Tensor, *,
