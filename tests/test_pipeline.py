@@ -165,7 +165,7 @@ def test_dispatch(files, t2i_saved, tmp_path):
     one_line(TypeError, lambda: BitDancePipeline.from_pretrained(files / "gen.pt", tokenizer=files / "ae.pt",
                                                                  resolutions=RES), "resolutions")
     one_line(TypeError, lambda: BitDanceT2IPipeline.from_pretrained(t2i_saved, resolution=RES), "resolution")
-    one_line(CheckpointError, lambda: BitDanceT2IPipeline.from_pretrained(tmp_path / "nope"), "no such folder")
+    one_line(CheckpointError, lambda: BitDanceT2IPipeline.from_pretrained(tmp_path / "nope"), "no such file or folder")
 
 
 def test_bad_stored_t2i_config(t2i_saved, tmp_path):

@@ -101,7 +101,7 @@ def run_bitdance(argv: list[str]) -> None:
 
 
 def test_every_block_is_covered():
-    covered = {"## Generate with the released checkpoints", "### Text-to-image",
+    covered = {"### By name, from the Hugging Face Hub", "### From files on disk", "### Text-to-image",
                *(h for h, _ in SUBSTITUTIONS), *PARSE_ONLY, *SKIP}
     for heading, lang, _ in readme_blocks():
         assert lang in ("bash", "python"), f"README block in {lang} under '{heading}'"
@@ -137,14 +137,14 @@ def need_fashion() -> None:
 
 
 def test_generate_with_released_checkpoints_python(work):
-    exec(block("## Generate with the released checkpoints", "python"), {})
+    exec(block("### From files on disk", "python"), {})
     from PIL import Image
 
     assert Image.open(work / "golden_retriever.png").size == (32, 32)
 
 
 def test_generate_with_released_checkpoints_shell(work, capsys):
-    for argv in commands(block("## Generate with the released checkpoints", "bash")):
+    for argv in commands(block("### From files on disk", "bash")):
         run_bitdance(argv)
     assert (work / "grid.png").is_file() and (work / "b16x" / "config.json").is_file()
     assert (work / "back.pt").is_file()
@@ -164,6 +164,46 @@ def t2i_folder(work):
     BitDanceT2IPipeline(model).save_pretrained(work / "BitDance-14B-16x")
     tiny_text_tokenizer(16).save_pretrained(work / "qwen_tok")
     return work / "BitDance-14B-16x"
+
+
+@pytest.fixture(scope="module")
+def hub_cache(work, t2i_folder, tmp_path_factory):
+    """A Hugging Face cache with stand-ins under the released repository ids and file names (the layout of
+    tests/test_hub.py), made the hub's default cache and offline for the duration, as HF_HUB_CACHE and
+    HF_HUB_OFFLINE=1 would before the hub is imported."""
+    from huggingface_hub import constants
+    from test_hub import lay_out
+
+    cache = tmp_path_factory.mktemp("hf") / "hub"
+    torch.manual_seed(1)
+    cfg = bitdance_preset("BitDance-T-4x", image_size=32, num_classes=1000, tokenizer="tiny-d4c16")
+    save_official_generator(work / "b4x.pt", BitDance(cfg))
+    lay_out(cache, "shallowdream204/BitDance-ImageNet", {"BitDance_B_16x.pt": work / "BitDance_B_16x.pt",
+                                                        "BitDance_B_4x.pt": work / "b4x.pt",
+                                                        "ae_d16c32.pt": work / "ae_d16c32.pt"})
+    lay_out(cache, "shallowdream204/BitDance-14B-64x", {f.name: f for f in t2i_folder.iterdir() if f.is_file()})
+    tok = work / "ae_d32c256.safetensors"
+    save_official_tokenizer(tok, BinaryTokenizer(cfg.tokenizer))
+    lay_out(cache, "shallowdream204/BitDance-Tokenizer", {tok.name: tok, "ae_d32c256_config.json":
+                                                         work / "ae_d32c256_config.json"})
+    saved = constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE
+    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(cache), True
+    yield cache
+    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = saved
+
+
+def test_generate_by_name_python(hub_cache):
+    scope = {}
+    exec(block("### By name, from the Hugging Face Hub", "python"), scope)
+    assert scope["pipe"].kind == "text_to_image" and scope["tok"].config.z_channels == 16  # tiny-d4c16
+
+
+def test_generate_by_name_shell(work, hub_cache, capsys):
+    for argv in commands(block("### By name, from the Hugging Face Hub", "bash")):
+        run_bitdance(argv)
+    out = capsys.readouterr().out
+    assert "BitDance-14B-64x" in out and "snapshots" in out  # presets --released, download
+    assert (work / "grid.png").is_file() and (work / "samples.png").is_file()
 
 
 def test_text_to_image_python(work, t2i_folder):

@@ -11,6 +11,7 @@ from bitdance.apps.commands import (
     cmd_bench,
     cmd_convert,
     cmd_demo,
+    cmd_download,
     cmd_info,
     cmd_presets,
     cmd_sample,
@@ -19,7 +20,7 @@ from bitdance.apps.commands import (
 )
 from bitdance.apps.edit_command import add_edit_parser
 from bitdance.apps.eval_commands import cmd_eval_accuracy, cmd_eval_fid, cmd_eval_recon, cmd_sample_npz
-from bitdance.apps.options import HelpFormatter, integer, sampling_options
+from bitdance.apps.options import HelpFormatter, hub_options, integer, sampling_options
 
 __all__ = ["main", "build_parser", "CLIError"]
 
@@ -44,11 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("presets", help="list model and tokenizer presets with parameter counts", formatter_class=fmt)
+    s.add_argument("--released", action="store_true", help="list the released models instead: the names "
+                   "every command and from_pretrained take, with their Hugging Face repositories")
     s.set_defaults(fn=cmd_presets)
+
+    s = sub.add_parser("download", help="fetch a released model (name or repository id) into the Hugging Face "
+                       "cache, or a folder, ahead of time", formatter_class=fmt)
+    s.add_argument("name", help="released name (bitdance presets --released) or repository id (org/name)")
+    hub_options(s)
+    s.add_argument("--dir", help="put the files in this folder instead of the Hugging Face cache")
+    s.set_defaults(fn=cmd_download)
 
     s = sub.add_parser("info", help="describe a checkpoint: preset, parameters, P, tokenizer, training step",
                        formatter_class=fmt)
-    s.add_argument("path", help="official .pt / tokenizer / head file, or a bitdance model folder")
+    s.add_argument("path", help="official .pt / tokenizer / head file, a bitdance model folder, or a released "
+                   "name / repository id")
+    hub_options(s)
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=cmd_info)
 
@@ -56,9 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, description="bitdance sample MODEL --classes 1 2 3 (class-conditional) "
                        "or bitdance sample MODEL --prompt 'a red heart' (text-to-image folder)")
     s.add_argument("model_path", nargs="?", metavar="MODEL",
-                   help="bitdance folder, official checkpoint (.pt) or text-to-image folder")
+                   help="bitdance folder, official checkpoint (.pt), text-to-image folder, or a released name "
+                   "(BitDance-B-16x, BitDance-14B-64x) / Hugging Face repository id")
     s.add_argument("--model", help="the same as MODEL")
-    s.add_argument("--tokenizer", help="tokenizer file (ae_d16c32.pt/.safetensors) if the model has none")
+    hub_options(s)
+    s.add_argument("--tokenizer", help="tokenizer file (ae_d16c32.pt/.safetensors) or released tokenizer name "
+                   "(d16c32) if the model has none")
     s.add_argument("--classes", type=int, nargs="+", help="class ids, class-conditional models; None = the "
                    "first 8 classes")
     s.add_argument("--prompt", action="append", help="text prompt, text-to-image models; repeat for several images")
@@ -76,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["fp32", "bf16"], help="None = fp32 (text-to-image: the stored dtype)")
     s.add_argument("--no-kv-cache", action="store_true", help="recompute the sequence each step (slow, for checks)")
     s.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
-                   help="torch.compile the diffusion head's inner loop (CPU: weights frozen, C++ GEMM templates, "
-                        "1.6-2.4x for fp32 4x/1x models; reduce-overhead = CUDA graphs on GPU); compiling takes "
+                   help="torch.compile the diffusion head's inner loop and, on CPUs, the transformer's cached step "
+                        "(weights frozen, C++ GEMM templates: 2.3x / 4.5x the authors' fp32 speed for 4x / 1x "
+                        "models; reduce-overhead = CUDA graphs on GPU); compiling takes "
                         "a minute or two")
     s.set_defaults(fn=cmd_sample)
 
@@ -111,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("convert", help="official checkpoint (+tokenizer) -> bitdance folder, or back to .pt",
                        formatter_class=fmt)
-    s.add_argument("src", help="official .pt or a bitdance folder")
+    s.add_argument("src", help="official .pt, a bitdance folder, or a released name / repository id")
+    hub_options(s)
     s.add_argument("dst", help="output folder (bitdance format) or a .pt path (official format)")
     s.add_argument("--tokenizer", help="separate tokenizer file for the source")
     s.add_argument("--tokenizer-out", help="with a .pt destination: also write the tokenizer here (.pt/.safetensors)")
@@ -187,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=integer, default=0, help="sampling seed")
     s.add_argument("--no-decode", action="store_true", help="time the generator only (no tokenizer decode)")
     s.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
-                   help="torch.compile the diffusion head's inner loop (CPU: weights frozen, C++ GEMM templates; "
-                        "reduce-overhead = CUDA graphs on GPU); compiled during the warm-up")
+                   help="torch.compile the diffusion head's inner loop and, on CPUs, the transformer's cached step "
+                        "(weights frozen, C++ GEMM templates; reduce-overhead = CUDA graphs on GPU); compiled "
+                        "during the warm-up")
     s.add_argument("--compare-fp32", action="store_true",
                    help="also sample the same seed in fp32: report bit/token agreement and image PSNR")
     s.add_argument("--profile", metavar="DIR", help="profile one more run: DIR/profile.txt (top ops on the device "

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bitdance.apps.options import hub_kwargs
+
 __all__ = ["CLIError", "describe", "torch_dtype", "cmd_presets", "cmd_info", "cmd_sample", "cmd_convert", "cmd_train",
            "cmd_demo", "cmd_serve", "cmd_bench"]
 
@@ -44,15 +46,17 @@ def _params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def describe(path: str | Path) -> dict[str, Any]:
-    """What a checkpoint file or folder is (used by ``bitdance info``)."""
+def describe(path: str | Path, *, model: str | None = None, revision: str | None = None) -> dict[str, Any]:
+    """What a checkpoint file or folder is (used by ``bitdance info``); released names and repository ids are
+    fetched first (:mod:`bitdance.formats.hub`)."""
     import torch
 
     from bitdance.formats.folders import load_component, read_folder_config
+    from bitdance.formats.hub import resolve
     from bitdance.formats.official import load_official_generator, load_tokenizer
     from bitdance.formats.weights import CheckpointError, load_file
 
-    path = Path(path)
+    path = resolve(path, model=model, revision=revision).path
     if path.is_dir():
         cfg = read_folder_config(path)
         out: dict[str, Any] = {"path": str(path), "format": "bitdance folder", "kind": cfg.get("kind")}
@@ -106,6 +110,18 @@ def _tokenizer_info(tok) -> dict[str, Any]:
 def cmd_presets(args) -> None:
     import torch
 
+    if args.released:
+        from bitdance.formats.hub import released_table
+
+        rows = released_table()
+        print(f"{'released name':<18} {'kind':<17} {'repository':<36} files")
+        for r in rows:
+            print(f"{r['name']:<18} {r['kind']:<17} {r['repository']:<36} {r['files']}  ({r['about']})")
+        print("\nAny command that takes a model path takes these names, or a repository id (with --model-file\n"
+              "where it holds several models). Files come through the Hugging Face cache; fetch ahead of time\n"
+              "with `bitdance download NAME`.")
+        return
+
     from bitdance.models.presets import TOKENIZER_PRESETS, bitdance_preset, list_presets
     from bitdance.models.transformer import BitDance
 
@@ -120,8 +136,17 @@ def cmd_presets(args) -> None:
         print(f"{name:<18} {t.z_channels:>5} {t.down_factor:>5} {t.groups:>6} {t.gan_decoder}")
 
 
+def cmd_download(args) -> None:
+    from bitdance.formats.hub import download
+
+    found = download(args.name, local_dir=args.dir, **hub_kwargs(args))
+    print(f"{args.name}: {found.path}")
+    if found.tokenizer is not None:
+        print(f"tokenizer: {found.tokenizer}")
+
+
 def cmd_info(args) -> None:
-    info = describe(args.path)
+    info = describe(args.path, **hub_kwargs(args))
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return
@@ -144,6 +169,10 @@ def cmd_sample(args) -> None:
     model = args.model_path or args.model
     if not model:
         raise CLIError("no model given: bitdance sample MODEL [--classes ID ... | --prompt TEXT]")
+    from bitdance.formats.hub import resolve
+
+    found = resolve(model, **hub_kwargs(args))  # a released name or repository id: fetched (or found cached)
+    model, tokenizer = found.path, args.tokenizer or found.tokenizer
     # Check the options against the model kind before loading (a 14B folder takes a while to load).
     t2i = is_text_to_image_folder(model)
     if t2i:
@@ -180,7 +209,7 @@ def cmd_sample(args) -> None:
         if not bf16_supported(device):
             print(f"note: no bf16 support on this {device}; sampling in fp32", file=sys.stderr)
             dtype = torch.float32
-    pipe = BitDancePipeline.from_pretrained(model, tokenizer=args.tokenizer, device=device, dtype=dtype)
+    pipe = BitDancePipeline.from_pretrained(model, tokenizer=tokenizer, device=device, dtype=dtype)
     if args.compile != "off":
         pipe.compile(None if args.compile == "default" else args.compile)
     gen = validation.seeded(args.seed, pipe.device, name="--seed")
@@ -216,8 +245,8 @@ def cmd_convert(args) -> None:
     from bitdance.formats.official import save_official_generator, save_official_tokenizer
     from bitdance.pipelines.class_conditional import BitDancePipeline
 
-    src, dst = Path(args.src), Path(args.dst)
-    pipe = BitDancePipeline.from_pretrained(src, tokenizer=args.tokenizer, use_ema=not args.raw)
+    src, dst = args.src, Path(args.dst)
+    pipe = BitDancePipeline.from_pretrained(src, tokenizer=args.tokenizer, use_ema=not args.raw, **hub_kwargs(args))
     if dst.suffix in (".pt", ".pth"):
         save_official_generator(dst, pipe.model, pipe.tokenizer)
         if args.tokenizer_out:

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 from bitdance.apps.commands import CLIError, torch_dtype
+from bitdance.formats.hub import HubError, resolve
 
 __all__ = ["cmd_eval_fid", "cmd_eval_recon", "cmd_eval_accuracy", "cmd_sample_npz"]
 
@@ -162,14 +163,16 @@ def cmd_eval_recon(args) -> None:
     _positive("--batch-size", args.batch_size)
     _positive("--image-size", args.image_size)
     torch.set_grad_enabled(False)
-    if not Path(args.tokenizer).exists():
-        raise CLIError(f"--tokenizer path not found: {args.tokenizer}")
+    try:  # a path, or a released tokenizer name (d16c32) / repository id
+        tokenizer = resolve(args.tokenizer).path
+    except HubError as e:
+        raise CLIError(f"--tokenizer path not found: {e}") from None
     fid = args.fid
     if fid is None:  # auto: the Inception costs ~0.3 s per image pair on a CPU
         fid = str(args.device).startswith("cuda")
     if fid:
         _need_inception()
-    tok = load_tokenizer(args.tokenizer)
+    tok = load_tokenizer(tokenizer)
     ds, split = _recon_dataset(args.data, args.split, args.image_size)
     r = evaluate_reconstruction(tok, ds, num_images=args.num_images, batch_size=args.batch_size, fid=fid,
                                 device=args.device, seed=args.seed, progress=True)
@@ -280,12 +283,13 @@ def cmd_sample_npz(args) -> None:
         print(f"{out} already holds {N} samples; nothing to do (pass --overwrite to regenerate it)")
         return
     torch.set_grad_enabled(False)
-    pipe = BitDancePipeline.from_pretrained(args.model, tokenizer=args.tokenizer, device=device,
-                                            dtype=torch_dtype(args.dtype))
+    found = resolve(args.model)  # a released name or repository id: fetched (or found cached)
+    model, tokenizer = found.path, args.tokenizer or found.tokenizer
+    pipe = BitDancePipeline.from_pretrained(model, tokenizer=tokenizer, device=device, dtype=torch_dtype(args.dtype))
     classes = _parse_classes(args.classes, pipe.config.num_classes)
-    record = {"model": str(Path(args.model).resolve()),
-              "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else None,
-              "weights": weights_fingerprint(args.model, args.tokenizer), "dtype": args.dtype}
+    record = {"model": str(Path(model).resolve()),
+              "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
+              "weights": weights_fingerprint(model, tokenizer), "dtype": args.dtype}
     run = sample_npz(pipe, out, num_samples=N, batch_size=args.batch_size, seed=args.seed, classes=classes,
                      num_inference_steps=args.steps, guidance_scale=args.cfg, guidance_schedule=args.schedule,
                      sampler=args.sampler, overwrite=args.overwrite, record=record)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["integer", "HelpFormatter", "sampling_options"]
+__all__ = ["integer", "HelpFormatter", "sampling_options", "hub_options", "hub_kwargs"]
 
 
 def integer(text: str) -> int:
@@ -40,3 +40,15 @@ def sampling_options(p: argparse.ArgumentParser, *, seed_help: str, cfg_default:
     p.add_argument("--schedule", choices=["linear", "constant"], default=schedule_default, help=schedule_help)
     p.add_argument("--sampler", choices=["euler_maruyama", "euler"], default="euler_maruyama",
                    help="head sampler: Euler-Maruyama (official) or deterministic Euler")
+
+
+def hub_options(p: argparse.ArgumentParser) -> None:
+    """Where a command takes a model: released names and Hugging Face repository ids are accepted in place of a
+    path (:mod:`bitdance.formats.hub`); these pick the file and the revision."""
+    p.add_argument("--model-file", help="with a repository id that holds several models: which file "
+                   "(e.g. BitDance_B_16x.pt of shallowdream204/BitDance-ImageNet)")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) of a named model; None = main")
+
+
+def hub_kwargs(args: argparse.Namespace) -> dict:
+    return {"model": getattr(args, "model_file", None), "revision": getattr(args, "revision", None)}

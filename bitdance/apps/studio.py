@@ -406,7 +406,6 @@ def serve(model, *, tokenizer=None, host: str = "127.0.0.1", port: int = 7860, d
     """Load ``model`` (a path, or a list of paths: one after another, named by :func:`model_names`) and
     serve the studio until Ctrl-C. ``tokenizer``: a path or a list (see ``_tokenizers``). The port is
     taken before the (possibly slow) model loads, so a port in use is reported at once."""
-    from pathlib import Path
 
     from bitdance.formats.weights import CheckpointError
 
@@ -414,10 +413,13 @@ def serve(model, *, tokenizer=None, host: str = "127.0.0.1", port: int = 7860, d
     if not paths:
         raise CheckpointError("no model to serve (give --model)")
     toks = _tokenizers(paths, tokenizer)
-    for path in paths:  # every missing path at once, before a slow load of the ones before it
-        if not Path(path).exists():
-            raise CheckpointError(f"{path}: no such file or folder")
+    from bitdance.formats.hub import resolve
+
+    # every missing path at once, before a slow load of the ones before it; names are fetched (or found cached)
+    found = [resolve(path) for path in paths]
+    toks = [tok if tok is not None or f.tokenizer is None else f.tokenizer for tok, f in zip(toks, found)]
     names = model_names(paths)
+    paths = [f.path for f in found]
     server = _bind(host, port, allow_hosts=allow_hosts)
     try:
         pipes = {}

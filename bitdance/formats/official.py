@@ -15,6 +15,7 @@ from torch import nn
 
 from bitdance.files import atomic_write, save_safetensors
 from bitdance.formats.folders import load_component
+from bitdance.formats.hub import resolve
 from bitdance.formats.weights import (
     CheckpointError,
     infer_bitdance_config,
@@ -61,11 +62,22 @@ def _sidecar_config(path: Path) -> dict[str, Any]:
     return {}
 
 
-def load_tokenizer(path: str | os.PathLike, *, groups: int | None = None):
+def load_tokenizer(path: str | os.PathLike, *, groups: int | None = None, model: str | None = None,
+                   revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                   local_files_only: bool | None = None, token: str | bool | None = None):
     """Load a tokenizer: official ``.pt`` (``{"state_dict": ...}``), official ``.safetensors``, a
-    training checkpoint holding ``vae.*`` keys, or one of our folders (``config.json``)."""
-
-    path = Path(path)
+    training checkpoint holding ``vae.*`` keys, or one of our folders (``config.json``); or by name: a
+    released tokenizer (``"d32c256"``) or a repository id with ``model=`` the file
+    (``"shallowdream204/BitDance-Tokenizer"``, ``model="ae_d32c256.safetensors"``), fetched through
+    ``huggingface_hub`` (:mod:`bitdance.formats.hub`)."""
+    found = resolve(path, model=model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                    token=token)
+    if found.release is not None and found.release.kind != "tokenizer":
+        if found.tokenizer is None:
+            raise CheckpointError(f"{os.fspath(path)} is a {found.release.kind.replace('_', '-')} model, not a "
+                                  "tokenizer")
+        found = type(found)(found.tokenizer)  # a generator release: the tokenizer that comes with it
+    path = found.path
     if path.is_dir():
         return load_component(path, "tokenizer")
     sd = _tokenizer_state(load_file(path), path)

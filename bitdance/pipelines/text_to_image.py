@@ -13,6 +13,7 @@ import torch
 
 from bitdance import validation
 from bitdance.formats.folders import FORMAT, read_json_or_none, replace_folder
+from bitdance.formats.hub import resolve
 from bitdance.formats.t2i_folder import FIELDS_BESIDE_HEAD_JSON, check_offload, load_folder, save_folder
 from bitdance.formats.weights import CheckpointError
 from bitdance.images import image_tensor
@@ -54,14 +55,20 @@ class BitDanceT2IPipeline(Pipeline):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, low_cpu_mem_usage: bool = True,
-                        offload: Sequence[str] = (), **config_overrides) -> "BitDanceT2IPipeline":
+                        offload: Sequence[str] = (), revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
+                        token: str | bool | None = None, **config_overrides) -> "BitDanceT2IPipeline":
         """Load a released text-to-image folder (e.g. ``BitDance-14B-16x``) or one written by
         :meth:`save_pretrained`. ``config_overrides`` set :class:`~bitdance.models.config.T2IConfig` fields
         (e.g. ``resolutions``); ``dtype=None`` keeps the stored dtype (bf16 in the release) unless
         ``$BITDANCE_DTYPE`` forces one (:mod:`bitdance.precision`).
         ``offload=("ae", "lm_head")`` keeps the image tokenizer and the unused text output layer on the
-        CPU when ``device`` is a GPU (see :func:`bitdance.formats.t2i_folder.load_folder`)."""
-        path = Path(path)
+        CPU when ``device`` is a GPU (see :func:`bitdance.formats.t2i_folder.load_folder`).
+        ``path`` may be a released name (``"BitDance-14B-64x"``) or a repository id, fetched through
+        ``huggingface_hub`` with ``revision`` / ``cache_dir`` / ``local_files_only`` / ``token``
+        (:mod:`bitdance.formats.hub`; only the files the folder's loader reads)."""
+        path = resolve(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                       token=token).path
         if not path.is_dir():
             raise CheckpointError(f"{path}: no such folder (a text-to-image model is a folder)")
         stored = read_json_or_none(path / "config.json")
