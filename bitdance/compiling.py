@@ -67,6 +67,15 @@ def _recompile_room():
     return torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit))
 
 
+def _cloned(out):
+    """A CUDA graph's outputs (tensors, possibly in nested tuples, or None) copied out of its memory pool."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, tuple):
+        return tuple(_cloned(o) for o in out)
+    return out
+
+
 class FrozenCompiled:
     """``fn(module, *args)`` compiled as a whole (``fullgraph``), called as ``compiled(*args)``.
 
@@ -129,6 +138,4 @@ class FrozenCompiled:
     def __call__(self, *args):
         with self.active():
             out = self._compiled(*args)
-        if not self._copy_out:
-            return out
-        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+        return _cloned(out) if self._copy_out else out

@@ -115,6 +115,12 @@ def test_tokenizers_by_name(hub):
         assert _same_weights(tok, made[0].tokenizer)
     tok = load_tokenizer("BitDance-B-16x", cache_dir=cache, local_files_only=True)  # the model's own tokenizer
     assert _same_weights(tok, made[0].tokenizer)
+    from bitdance import BitDancePipeline
+
+    # a tokenizer named for a model: resolved where tokenizers are loaded, with the same hub options
+    pipe = BitDancePipeline.from_pretrained("BitDance-B-16x", tokenizer="BitDance-B-16x", revision="v2",
+                                            cache_dir=cache, local_files_only=True)
+    assert _same_weights(pipe.model, made[1].model) and _same_weights(pipe.tokenizer, made[0].tokenizer)
 
 
 def test_offline_and_not_cached_says_what_to_download(hub, tmp_path):

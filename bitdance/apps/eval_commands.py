@@ -163,8 +163,8 @@ def cmd_eval_recon(args) -> None:
     _positive("--batch-size", args.batch_size)
     _positive("--image-size", args.image_size)
     torch.set_grad_enabled(False)
-    try:  # a path, or a released tokenizer name (d16c32) / repository id
-        tokenizer = resolve(args.tokenizer).path
+    try:  # a path, or a released tokenizer name (d16c32) / repository id; loaded before minutes of other work
+        tok = load_tokenizer(args.tokenizer)
     except HubError as e:
         raise CLIError(f"--tokenizer path not found: {e}") from None
     fid = args.fid
@@ -172,7 +172,6 @@ def cmd_eval_recon(args) -> None:
         fid = str(args.device).startswith("cuda")
     if fid:
         _need_inception()
-    tok = load_tokenizer(tokenizer)
     ds, split = _recon_dataset(args.data, args.split, args.image_size)
     r = evaluate_reconstruction(tok, ds, num_images=args.num_images, batch_size=args.batch_size, fid=fid,
                                 device=args.device, seed=args.seed, progress=True)

@@ -45,10 +45,10 @@ class Released:
 
 _IMAGENET = "shallowdream204/BitDance-ImageNet"
 _TOKENIZERS = "shallowdream204/BitDance-Tokenizer"
-# What a text-to-image folder's loader reads: the Qwen3 LLM (config, shards + index), its tokenizer files,
-# and the image tokenizer, head and projector (json + safetensors). Anything else in the repository (images,
-# README, training leftovers) is not fetched.
-_T2I_PATTERNS = ("*.json", "*.safetensors", "*.txt")
+# What a folder's loader reads: configs and safetensors (ours), and for text-to-image the Qwen3 LLM (config,
+# shards + index), its tokenizer files (merges.txt) and the image tokenizer, head and projector. Anything else
+# in the repository (images, README, training leftovers) is not fetched.
+_FOLDER_PATTERNS = ("*.json", "*.safetensors", "*.txt")
 
 
 def _imagenet(size: str, p: int, params: str, fid: str) -> Released:
@@ -66,9 +66,9 @@ RELEASED: dict[str, Released] = {r.name: r for r in (
     _imagenet("B", 16, "260M", "1.91"),
     _imagenet("L", 1, "527M", "1.31"),
     _imagenet("H", 1, "1.0B", "1.24"),
-    Released("BitDance-14B-64x", "shallowdream204/BitDance-14B-64x", "text_to_image", _T2I_PATTERNS,
+    Released("BitDance-14B-64x", "shallowdream204/BitDance-14B-64x", "text_to_image", _FOLDER_PATTERNS,
              about="text-to-image on Qwen3-14B, 64 tokens per step, 1024 px"),
-    Released("BitDance-14B-16x", "shallowdream204/BitDance-14B-16x", "text_to_image", _T2I_PATTERNS,
+    Released("BitDance-14B-16x", "shallowdream204/BitDance-14B-16x", "text_to_image", _FOLDER_PATTERNS,
              about="text-to-image on Qwen3-14B, 16 tokens per step, 512 and 1024 px"),
     _tokenizer("d16c32", "16x down, 32 bits (2^32 codes)"),
     _tokenizer("d32c128", "32x down, 128 bits (2^128 codes)"),
@@ -151,7 +151,7 @@ def resolve(name: str | os.PathLike, *, model: str | None = None, revision: str 
     if release is None:  # a repository we do not list: one named file, or a folder of our own format
         if model is not None:
             return Resolved(_file(repo_id, model, **kw))
-        return Resolved(_folder(repo_id, ("*.json", "*.safetensors", "*.txt"), **kw))
+        return Resolved(_folder(repo_id, _FOLDER_PATTERNS, **kw))
     if release.kind == "text_to_image":
         return Resolved(_folder(repo_id, release.files, **kw), release=release)
     files = [_file(repo_id, f, **kw) for f in release.files]

@@ -305,8 +305,9 @@ class BitDance(nn.Module):
 
     def _decode_block(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Head condition of the next block from the previous block's tokens (R, P, C) at sequence
-        ``positions`` (P,), with the KV cache; every shape is the same at every AR step (attention runs over
-        the whole cache under the training mask's rows), so that one compiled graph serves them all."""
+        ``positions`` (P,), with the KV cache; every shape is the same at every AR step (the cache write and the
+        attention under the training mask's rows are one opaque op, :func:`cached_attention`), so that one
+        compiled graph serves them all."""
         P = self.config.parallel_num
         x = self.emb_norm(self.proj_in(tokens.to(self.proj_in.w1.weight.dtype)))
         cos, sin, mask = self.rope_cos[positions], self.rope_sin[positions], self.attn_mask[positions]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -84,8 +83,6 @@ class BitDancePipeline(Pipeline):
         path = found.path
         if tokenizer is None:
             tokenizer = found.tokenizer
-        elif not Path(tokenizer).exists():
-            tokenizer = resolve(tokenizer, **hub).path
         if path.is_dir() and is_text_to_image_folder(path):
             if tokenizer is not None:
                 raise CheckpointError(f"{path}: a text-to-image folder brings its own image tokenizer "
@@ -101,10 +98,10 @@ class BitDancePipeline(Pipeline):
             if cfg.get("kind") != "class_conditional":
                 raise CheckpointError(f"{path}: a {cfg.get('kind')!r} folder, not a class-conditional model")
             gen = load_component(path, "generator")
-            tok = load_tokenizer(tokenizer) if tokenizer else load_component(path, "tokenizer")
+            tok = load_tokenizer(tokenizer, **hub) if tokenizer else load_component(path, "tokenizer")
             meta = cfg.get("meta", {})
         else:
-            separate = load_tokenizer(tokenizer) if tokenizer is not None else None
+            separate = load_tokenizer(tokenizer, **hub) if tokenizer is not None else None
             gen, tok, info = load_official_generator(
                 path, use_ema=use_ema, tokenizer=separate.config if separate is not None else None)
             tok = separate if separate is not None else tok
