@@ -184,3 +184,33 @@ def test_torchrun_two_gpus_nccl(tmp_path):
         return json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
 
     assert loss(tmp_path / "one") == pytest.approx(loss(tmp_path / "two"), rel=1e-4)
+
+
+@cuda
+def test_t2i_sequential_offload_on_cuda(exact_cuda):
+    """Offloaded parts visit the GPU and leave it: the same tokens as the model held on the GPU, with the decoder
+    layers, head and image tokenizer back in host memory between calls."""
+    from test_quantized import T2I, T2I_KW
+
+    from bitdance.offload import offloaded_units
+
+    def load(**kw):
+        return BitDancePipeline.from_pretrained(T2I, allow_any_resolution=True, dtype=torch.float32, device="cuda",
+                                                weights="int8", **kw)
+
+    def sample(pipe):
+        return pipe(["a cat"], generator=torch.Generator().manual_seed(0), **T2I_KW).latents.cpu()
+
+    held = sample(load())
+    pipe = load(offload=("sequential",))
+    assert pipe.model.projector.fc2.weight.device.type == "cuda"
+    units = offloaded_units(pipe.model)
+
+    def on_host(u):
+        return all(t.device.type == "cpu" for t in list(u.module.parameters()) + list(u.module.buffers()))
+
+    assert all(on_host(u) for u in units)
+    out = sample(pipe)
+    assert _agreement(out, held) > 0.99
+    assert all(u.visits > 0 for u in units[:-1])
+    assert all(on_host(u) for u in units)

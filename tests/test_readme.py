@@ -30,7 +30,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bitdance import BinaryTokenizer, BitDance, bitdance_preset
+from bitdance import BinaryTokenizer, BitDance, BitDancePipeline, bitdance_preset
 from bitdance.apps.cli import build_parser, main
 from bitdance.formats.official import save_official_generator, save_official_tokenizer
 
@@ -57,6 +57,12 @@ SUBSTITUTIONS = {
         ("FlowSampler(num_steps=25)", "FlowSampler(num_steps=2)"),
     ],
     ("## Evaluate", "bash"): [("--num-samples 1000", "--num-samples 20")],
+    ("### Smaller weights, less memory", "python"): [('device="cuda", dtype=torch.bfloat16', 'device="cpu", dtype=torch.float32')],
+    ("### Smaller weights, less memory", "bash"): [  # the stand-ins allow 128x128 only; no 14B build in CI
+        ("--height 512 --width 512", "--height 128 --width 128"),
+        ("--random-weights --height 512 --steps 50 --cfg 7.5 --dtype bf16",
+         "--height 128 --steps 2 --cfg 7.5 --dtype fp32 --weights int8"),
+    ],
     ("## Edit images", "bash"): [("--box 0 128 256 256", "--box 0 16 32 32")],  # the 32 px stand-in
     ("## Benchmark and fast sampling", "bash"): [
         ("--preset BitDance-B-16x --batch 2 --steps 25",
@@ -204,6 +210,27 @@ def test_generate_by_name_shell(work, hub_cache, capsys):
     out = capsys.readouterr().out
     assert "BitDance-14B-64x" in out and "snapshots" in out  # presets --released, download
     assert (work / "grid.png").is_file() and (work / "samples.png").is_file()
+
+
+def test_smaller_weights_python(work, hub_cache):
+    scope = {}
+    exec(block("### Smaller weights, less memory", "python"), scope)
+    from bitdance.models.quantized import weights_format
+    from bitdance.offload import offloaded_units
+
+    assert weights_format(BitDancePipeline.from_pretrained(work / "b16x-fp8").model) == "fp8"
+    assert scope["pipe"].kind == "text_to_image" and offloaded_units(scope["pipe"].model)
+
+
+def test_smaller_weights_shell(work, hub_cache, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))  # bench --memory measures in child processes
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for argv in commands(block("### Smaller weights, less memory", "bash")):
+        run_bitdance(argv)
+    out = capsys.readouterr().out
+    assert (work / "b16x-int8" / "config.json").is_file() and "fp8:" in out
+    row = re.search(r"^\s+int8\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.M)
+    assert row and float(row.group(2)) > 0 and float(row.group(3)) > 0, out  # load and step peaks measured
 
 
 def test_text_to_image_python(work, t2i_folder):

@@ -19,8 +19,14 @@ from bitdance.apps.commands import (
     cmd_train,
 )
 from bitdance.apps.edit_command import add_edit_parser
-from bitdance.apps.eval_commands import cmd_eval_accuracy, cmd_eval_fid, cmd_eval_recon, cmd_sample_npz
-from bitdance.apps.options import HelpFormatter, hub_options, integer, sampling_options
+from bitdance.apps.eval_commands import (
+    cmd_eval_accuracy,
+    cmd_eval_fid,
+    cmd_eval_recon,
+    cmd_eval_weights,
+    cmd_sample_npz,
+)
+from bitdance.apps.options import HelpFormatter, hub_options, integer, sampling_options, weights_option
 
 __all__ = ["main", "build_parser", "CLIError"]
 
@@ -89,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=int, default=0, help="grid columns (0 = min(n, 8))")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     s.add_argument("--dtype", choices=["fp32", "bf16"], help="None = fp32 (text-to-image: the stored dtype)")
+    weights_option(s)
     s.add_argument("--no-kv-cache", action="store_true", help="recompute the sequence each step (slow, for checks)")
     s.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
                    help="torch.compile the diffusion head's inner loop and, on CPUs, the transformer's cached step "
@@ -133,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="separate tokenizer file for the source")
     s.add_argument("--tokenizer-out", help="with a .pt destination: also write the tokenizer here (.pt/.safetensors)")
     s.add_argument("--raw", action="store_true", help="take the raw 'model' weights instead of 'ema'")
+    weights_option(s, "write")
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("eval", help="measure like the paper: FID/precision/recall, tokenizer reconstruction, "
@@ -159,6 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None,
                    help="compute rFID (default: only on CUDA; slow on CPU)")
     e.add_argument("--seed", type=integer, default=0, help="seed of a noise-input (GAN) decoder")
+
+    e = _eval_command(esub, "weights", cmd_eval_weights)
+    e.add_argument("model", help="bitdance folder, official checkpoint, text-to-image folder, or a released name")
+    e.add_argument("--tokenizer", help="tokenizer file if the model has none")
+    e.add_argument("--weights", nargs="+", default=["int8", "fp8"], choices=["int8", "fp8"],
+                   help="storages to compare with bf16")
+    e.add_argument("--classes", type=int, nargs="+", help="class ids (class-conditional; default 0..9)")
+    e.add_argument("--repeat", type=integer, default=1, help="samples per class id / prompt")
+    e.add_argument("--prompt", action="append", help="prompt (text-to-image; repeat for several)")
+    e.add_argument("--height", type=integer, help="text-to-image height in pixels (default: the model's)")
+    e.add_argument("--width", type=integer, help="text-to-image width in pixels (default: as --height)")
+    e.add_argument("--any-resolution", action="store_true", help="text-to-image: accept any multiple of the patch "
+                   "size, not only the model's listed resolutions (allow_any_resolution)")
+    e.add_argument("--steps", type=integer, default=25, help="head flow steps per AR step")
+    e.add_argument("--cfg", type=float, default=3.0, help="guidance scale")
+    e.add_argument("--seed", type=integer, default=0, help="seed (the same for every storage)")
+    e.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype of every load")
+    e.add_argument("--classifier", choices=["mnist", "fashion-mnist"], help="also the class accuracy of each "
+                   "load's samples by the shipped classifier (class-conditional models of that dataset)")
+    e.add_argument("--out", help="also write the report here (.json)")
 
     e = _eval_command(esub, "accuracy", cmd_eval_accuracy)
     e.add_argument("--images", required=True, help=".npz with arr_0 (uint8 NHWC) and labels (e.g. from sample-npz)")
@@ -211,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also sample the same seed in fp32: report bit/token agreement and image PSNR")
     s.add_argument("--profile", metavar="DIR", help="profile one more run: DIR/profile.txt (top ops on the device "
                    "and the host) and DIR/trace.json.gz (Perfetto / chrome://tracing)")
+    s.add_argument("--memory", action="store_true", help="instead: peak memory of loading, of the first AR steps "
+                   "and of decoding one image, and seconds per AR step, for each --weights storage, each in a fresh "
+                   "process (text-to-image --model: a released name, repository id or folder)")
+    s.add_argument("--weights", nargs="+", choices=["stored", "bf16", "int8", "fp8"],
+                   help="with --memory: the storages to measure (default: bf16 int8 fp8; 'stored' = as the files hold)")
+    s.add_argument("--random-weights", action="store_true", help="with --memory: build --model's shapes "
+                   "(BitDance-14B-16x / -64x) with random weights, quantized tensor by tensor, without downloading")
+    s.add_argument("--height", type=integer, default=512, help="with --memory: image height (pixels)")
+    s.add_argument("--width", type=integer, help="with --memory: image width (default: as --height)")
+    s.add_argument("--ar-steps", type=integer, default=2, help="with --memory: AR steps to run and time (>= 2)")
+    s.add_argument("--out", help="with --memory: also write the rows here (.json)")
     s.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
     s.set_defaults(fn=cmd_bench)
 
@@ -233,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-host", action="append", metavar="NAME",
                    help="a host name the page may be opened under besides localhost and IP addresses (e.g. a "
                    "machine name on your network); repeat for several. Other names are refused (DNS rebinding)")
+    weights_option(s)
     s.add_argument("--preview-interval", type=float, default=0.3,
                    help="least seconds between two progress previews (0: every step)")
     s.set_defaults(fn=cmd_serve)

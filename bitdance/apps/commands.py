@@ -43,7 +43,11 @@ def save_image(array, path: Path) -> None:
 
 
 def _params(module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Parameters, counting the weights of quantized layers (buffers there) too."""
+    from bitdance.models.quantized import QuantizedLinear
+
+    return sum(p.numel() for p in module.parameters()) + sum(
+        m.weight.numel() for m in module.modules() if isinstance(m, QuantizedLinear))
 
 
 def describe(path: str | Path, *, model: str | None = None, revision: str | None = None) -> dict[str, Any]:
@@ -93,7 +97,10 @@ def _generator_info(gen) -> dict[str, Any]:
     from bitdance.models.presets import match_preset
 
     c = gen.config
-    return {"preset": match_preset(c) or "custom", "parameters": _params(gen), "parallel_num": c.parallel_num,
+    from bitdance.models.quantized import weights_format
+
+    return {"preset": match_preset(c) or "custom", "parameters": _params(gen),
+            "weights": weights_format(gen) or "full precision", "parallel_num": c.parallel_num,
             "image_size": c.image_size, "num_classes": c.num_classes, "ar_steps": c.num_steps,
             "head": c.head.variant, "config": c.to_dict()}
 
@@ -209,7 +216,8 @@ def cmd_sample(args) -> None:
         if not bf16_supported(device):
             print(f"note: no bf16 support on this {device}; sampling in fp32", file=sys.stderr)
             dtype = torch.float32
-    pipe = BitDancePipeline.from_pretrained(model, tokenizer=tokenizer, device=device, dtype=dtype)
+    pipe = BitDancePipeline.from_pretrained(model, tokenizer=tokenizer, device=device, dtype=dtype,
+                                            weights=args.weights)
     if args.compile != "off":
         pipe.compile(None if args.compile == "default" else args.compile)
     gen = validation.seeded(args.seed, pipe.device, name="--seed")
@@ -246,7 +254,11 @@ def cmd_convert(args) -> None:
     from bitdance.pipelines.class_conditional import BitDancePipeline
 
     src, dst = args.src, Path(args.dst)
-    pipe = BitDancePipeline.from_pretrained(src, tokenizer=args.tokenizer, use_ema=not args.raw, **hub_kwargs(args))
+    if args.weights is not None and dst.suffix in (".pt", ".pth"):
+        raise CLIError(f"--weights {args.weights} writes a bitdance folder; {dst} is an official .pt, which holds "
+                       "full-precision weights only")
+    pipe = BitDancePipeline.from_pretrained(src, tokenizer=args.tokenizer, use_ema=not args.raw, weights=args.weights,
+                                            **hub_kwargs(args))
     if dst.suffix in (".pt", ".pth"):
         save_official_generator(dst, pipe.model, pipe.tokenizer)
         if args.tokenizer_out:
@@ -280,6 +292,47 @@ def cmd_demo(args) -> None:
         print(f"wrote {out / name}")
 
 
+def _bench_memory(args) -> None:
+    from bitdance import validation
+    from bitdance.apps.bench_memory import MEMORY_OPTIONS, run_memory_bench
+    from bitdance.models.presets import T2I_SHAPES
+
+    if not args.model:
+        raise CLIError("--memory measures a text-to-image model: give --model (a released name, repository id or "
+                       f"folder; with --random-weights one of {', '.join(T2I_SHAPES)})")
+    if args.random_weights and args.model not in T2I_SHAPES:
+        raise CLIError(f"--random-weights builds the shapes of {', '.join(T2I_SHAPES)}; got {args.model!r}")
+    validation.flow_steps(args.steps, "--steps")
+    validation.guidance_scale(args.cfg, "--cfg")
+    validation.integer(args.ar_steps, "--ar-steps", 2, 4096)
+    dtype = args.dtype if args.dtype != "auto" else _auto_dtype_name()
+    rows = run_memory_bench(args.model, options=args.weights or list(MEMORY_OPTIONS), random_weights=args.random_weights,
+                            height=args.height, width=args.width or args.height, steps=args.steps,
+                            ar_steps=args.ar_steps, guidance_scale=args.cfg, dtype=dtype, decode=not args.no_decode)
+    print(f"{args.model}{' (random weights)' if args.random_weights else ''}, {args.height}x{args.width or args.height}"
+          f", {args.steps} flow steps, guidance {args.cfg:g}, compute {dtype}")
+    print(f"{'weights':>8} {'model GiB':>9} {'load peak':>9} {'step peak':>9} {'decode peak':>11} {'s/AR step':>9} "
+          f"{'s/image':>8}")
+    for r in rows:
+        if "skipped" in r or "error" in r:
+            print(f"{r['option']:>8}  {'not run: ' + r['skipped'] if 'skipped' in r else 'failed: ' + r['error']}")
+            continue
+        print(f"{r['option']:>8} {r['model_gib']:9.2f} {r['load_peak_gib']:9.2f} {r['step_peak_gib']:9.2f} "
+              f"{r.get('decode_peak_gib') or float('nan'):11.2f} {r['ar_step_s']:9.2f} {r['projected_image_s']:8.1f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": args.model, "random_weights": args.random_weights,
+                                              "rows": rows}, indent=2))
+        print(f"wrote {args.out}")
+    if args.json:
+        print(json.dumps(rows))
+
+
+def _auto_dtype_name() -> str:
+    from bitdance.precision import auto_dtype
+
+    return "fp32" if auto_dtype("cpu").itemsize == 4 else "bf16"
+
+
 def cmd_serve(args) -> None:
     from bitdance.apps.studio import serve
     from bitdance.validation import device
@@ -287,12 +340,17 @@ def cmd_serve(args) -> None:
     device(args.device)
     serve(args.model, tokenizer=args.tokenizer, host=args.host, port=args.port, device=args.device,
           dtype=torch_dtype(args.dtype) if args.dtype else None, preview_interval=args.preview_interval,
-          allow_hosts=args.allow_host or ())
+          allow_hosts=args.allow_host or (), weights=args.weights)
 
 
 def cmd_bench(args) -> None:
     from bitdance import validation
     from bitdance.apps.bench import run_bench
+
+    if args.memory:
+        return _bench_memory(args)
+    if args.weights or args.random_weights:
+        raise CLIError("--weights and --random-weights go with --memory")
 
     validation.flow_steps(args.steps, "--steps")
     validation.guidance_scale(args.cfg, "--cfg")

@@ -11,7 +11,7 @@ from pathlib import Path
 from bitdance.apps.commands import CLIError, torch_dtype
 from bitdance.formats.hub import HubError, resolve
 
-__all__ = ["cmd_eval_fid", "cmd_eval_recon", "cmd_eval_accuracy", "cmd_sample_npz"]
+__all__ = ["cmd_eval_fid", "cmd_eval_recon", "cmd_eval_accuracy", "cmd_eval_weights", "cmd_sample_npz"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,6 +238,41 @@ def cmd_eval_accuracy(args) -> None:
     if args.json:
         print(json.dumps({"accuracy": acc, "n": len(labels), "data": name, "per_class": per_class,
                           "classifier_test_accuracy": ref, "images": str(path)}))
+
+
+def cmd_eval_weights(args) -> None:
+    """Smaller weights: the same samples with int8 / fp8 weights against bf16 (bit, token agreement, PSNR).
+
+    Loads MODEL with bf16-stored linear weights, with its stored weights, and with each --weights storage, all
+    computing in --dtype, generates the same samples (same seed and conditions) and compares each with the bf16
+    ones: bits as generated, and the decoded images (PSNR). Also reports each load's weight bytes."""
+    from bitdance.evaluation.weights import compare_weights
+    from bitdance.formats.weights import CheckpointError
+
+    _positive("--repeat", args.repeat)
+    _positive("--steps", args.steps)
+    conditions = [c for c in (args.prompt or args.classes or range(10)) for _ in range(args.repeat)]
+    kw = ({"allow_any_resolution": True} if args.any_resolution else {}) if args.prompt else {"tokenizer": args.tokenizer}
+    try:
+        report = compare_weights(args.model, formats=args.weights, conditions=conditions, seed=args.seed,
+                                 num_inference_steps=args.steps, guidance_scale=args.cfg, dtype=torch_dtype(args.dtype),
+                                 height=args.height, width=args.width, device=args.device,
+                                 classifier=args.classifier, **kw)
+    except (CheckpointError, HubError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    for name, r in report["formats"].items():
+        if "bit_agreement" not in r:
+            agree = "reference"
+        else:
+            psnr = f"PSNR {r['psnr_db']:.2f} dB" if r["psnr_db"] is not None else "identical images"
+            agree = f"bits {100 * r['bit_agreement']:.2f}%, tokens {100 * r['token_agreement']:.2f}%, {psnr}"
+        acc = f", class accuracy {100 * r['class_accuracy']:.1f}%" if "class_accuracy" in r else ""
+        print(f"{name:>5}: {r['bytes'] / 2**20:9.1f} MiB  {agree}{acc}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+    if args.json:
+        print(json.dumps(report))
 
 
 def _parse_classes(spec: str, num_classes: int) -> list[int]:

@@ -50,5 +50,13 @@ def hub_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) of a named model; None = main")
 
 
+def weights_option(p: argparse.ArgumentParser, what: str = "load") -> None:
+    """``--weights``: the storage of the linear layers (:mod:`bitdance.models.quantized`)."""
+    from bitdance.models.quantized import WEIGHT_FORMATS
+
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, help=f"{what} the linear layers' weights as int8 or fp8 "
+                   "(1 byte, per-channel scales) or bf16 (2 bytes); computing stays in --dtype. Default: as stored")
+
+
 def hub_kwargs(args: argparse.Namespace) -> dict:
     return {"model": getattr(args, "model_file", None), "revision": getattr(args, "revision", None)}

@@ -385,14 +385,14 @@ def _tokenizers(paths: list, tokenizer) -> list:
     return [toks[0] if f else None for f in files]
 
 
-def _load(path, tokenizer, device, dtype):
+def _load(path, tokenizer, device, dtype, weights=None):
     """One model, or a one-line CheckpointError that names its path."""
     from bitdance.formats.weights import CheckpointError
     from bitdance.pipelines.class_conditional import BitDancePipeline
 
     kw = {"tokenizer": tokenizer} if tokenizer else {}
     try:
-        return BitDancePipeline.from_pretrained(path, device=device, dtype=dtype, **kw)
+        return BitDancePipeline.from_pretrained(path, device=device, dtype=dtype, weights=weights, **kw)
     except Exception as e:  # noqa: BLE001 - any failure becomes one line naming the model that failed
         msg = " ".join(str(e).split()) or type(e).__name__
         if not isinstance(e, ValueError):  # CheckpointError/ConfigError are ValueErrors and say what is wrong
@@ -402,9 +402,10 @@ def _load(path, tokenizer, device, dtype):
 
 def serve(model, *, tokenizer=None, host: str = "127.0.0.1", port: int = 7860, device=None, dtype=None,
           preview_interval: float = 0.3, class_names: list[str] | dict[str, list[str]] | None = None,
-          allow_hosts=()) -> None:
+          allow_hosts=(), weights: str | None = None) -> None:
     """Load ``model`` (a path, or a list of paths: one after another, named by :func:`model_names`) and
-    serve the studio until Ctrl-C. ``tokenizer``: a path or a list (see ``_tokenizers``). The port is
+    serve the studio until Ctrl-C. ``tokenizer``: a path or a list (see ``_tokenizers``). ``weights``: the
+    storage of every model's linear layers (``"int8"``, ``"fp8"``, ``"bf16"``; None: as stored). The port is
     taken before the (possibly slow) model loads, so a port in use is reported at once."""
 
     from bitdance.formats.weights import CheckpointError
@@ -426,7 +427,7 @@ def serve(model, *, tokenizer=None, host: str = "127.0.0.1", port: int = 7860, d
         for i, (name, path, tok) in enumerate(zip(names, paths, toks)):
             if len(paths) > 1:
                 print(f"loading model {i + 1}/{len(paths)}: {name} ({path})", flush=True)
-            pipes[name] = _load(path, tok, device, dtype)
+            pipes[name] = _load(path, tok, device, dtype, weights)
         server.studio = Studio(pipes, class_names=class_names, preview_interval=preview_interval,
                                log=lambda m: print(m, flush=True))
         server.log = lambda m: print(m, flush=True)

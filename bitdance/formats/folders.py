@@ -22,6 +22,7 @@ from bitdance.formats.weights import (
     safetensors_shapes,
 )
 from bitdance.models.config import BitDanceConfig, ConfigError, TokenizerConfig
+from bitdance.models.quantized import WEIGHT_FORMATS, quantize_
 from bitdance.models.tokenizer import BinaryTokenizer
 from bitdance.models.transformer import BitDance
 from bitdance.version import __version__
@@ -71,12 +72,20 @@ def load_component(folder: str | os.PathLike, name: str) -> torch.nn.Module:
         raise CheckpointError(f"{folder}/config.json: invalid {name} config: {e}") from None
     weights = folder / f"{name}.safetensors"
     what = f"{name} {weights}"
+    stored = cfg.get("weights", {})
+    stored = stored.get(name) if isinstance(stored, dict) else None
+    if stored is not None and stored not in WEIGHT_FORMATS:
+        raise CheckpointError(f"{folder}/config.json: weights.{name} = {stored!r}; one of {list(WEIGHT_FORMATS)}")
     shapes = safetensors_shapes(weights)
     check_config_fits(config, shapes, what=f"{folder}/config.json ({name})")
     with torch.device("meta"):  # sizes agree with the file: build without memory to compare every tensor
         probe = cls(config)
+        if stored:
+            quantize_(probe, stored)
     check_shapes_fit(probe, shapes, what=what)
     module = cls(config)
+    if stored:
+        quantize_(module, stored)
     load_into(module, load_file(weights), what=what)
     return module.eval()
 

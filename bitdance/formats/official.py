@@ -28,6 +28,7 @@ from bitdance.formats.weights import (
 )
 from bitdance.models.config import TokenizerConfig
 from bitdance.models.head import DiffusionHead
+from bitdance.models.quantized import weights_format
 from bitdance.models.tokenizer import BinaryTokenizer
 from bitdance.models.transformer import BitDance
 
@@ -159,6 +160,9 @@ def save_official_generator(path: str | os.PathLike, model: nn.Module, tokenizer
     if cfg.head_type != "diffusion" or cfg.block_attention != "bidirectional":
         raise CheckpointError(f"the official format has no place for ablation models (head_type="
                               f"{cfg.head_type!r}, block_attention={cfg.block_attention!r}); use save_pretrained")
+    if weights_format(model) is not None:
+        raise CheckpointError(f"the official format holds full-precision weights; this model's are "
+                              f"{weights_format(model)} (save it with save_pretrained)")
 
     def state(m):
         sd = {k: v.detach().cpu() for k, v in m.state_dict().items()}

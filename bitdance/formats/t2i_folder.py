@@ -21,6 +21,7 @@ from torch import nn
 from bitdance.files import atomic_write, save_safetensors
 from bitdance.formats.folders import FORMAT, read_json_or_none
 from bitdance.formats.official import load_tokenizer, save_official_tokenizer
+from bitdance.formats.quantized import empty_params, stored_weights_format, stream_load
 from bitdance.formats.weights import (
     CheckpointError,
     infer_head_config,
@@ -30,7 +31,9 @@ from bitdance.formats.weights import (
     split_prefix,
 )
 from bitdance.models.config import ConfigError, T2IConfig
+from bitdance.models.quantized import check_weights, quantize_
 from bitdance.models.t2i import BitDanceT2I
+from bitdance.offload import enable_sequential_offload
 
 __all__ = ["is_text_to_image_folder", "AE_CONFIG", "AE_WEIGHTS", "FIELDS_BESIDE_HEAD_JSON", "HEAD_CONFIG", "HEAD_WEIGHTS", "PROJECTOR_WEIGHTS", "OFFLOADABLE",
            "check_offload", "load_folder", "save_folder"]
@@ -47,17 +50,25 @@ FIELDS_BESIDE_HEAD_JSON = ("down_factor", "max_res_tokens", "resolutions", "allo
 
 def load_folder(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None,
                 low_cpu_mem_usage: bool = True, load_ae: bool = True, offload: Sequence[str] = (),
-                **config_overrides):
+                weights: str | None = None, **config_overrides):
     """A :class:`~bitdance.models.t2i.BitDanceT2I` from a released folder, as-is. ``config_overrides`` set
     T2IConfig fields the folder does not store (e.g. ``resolutions``, ``allow_any_resolution``, ``head_dim``).
     ``dtype=None`` keeps the dtype of the stored LLM weights for the whole model.
 
     ``offload`` names parts that stay on the CPU when ``device`` is a GPU: ``"ae"`` (the image
     tokenizer, used once per image; images are then decoded on the CPU) and ``"lm_head"`` (the LLM's
-    text output layer, 0.78B parameters for Qwen3-14B, which image generation never calls)."""
+    text output layer, 0.78B parameters for Qwen3-14B, which image generation never calls) and
+    ``"sequential"``: the decoder layers, the head and the image tokenizer stay in host memory and visit the
+    device one at a time (:mod:`bitdance.offload`; for GPUs with less memory than the model).
+
+    ``weights`` (``"int8"``, ``"fp8"``, ``"bf16"``; :mod:`bitdance.models.quantized`) stores the linear layers
+    of the LLM, the head and the projector that way. Such a model, and any folder whose files already hold
+    int8 / fp8 weights (ours, or the fp8 copies users share: :mod:`bitdance.formats.quantized`), is read tensor
+    by tensor and quantized as it is read, so memory never holds it in a wider precision."""
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
     offload = check_offload(offload)
+    check_weights(weights)
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such folder")
@@ -72,30 +83,87 @@ def load_folder(path: str | os.PathLike, *, dtype: torch.dtype | None = None, de
         raise CheckpointError(f"{path / HEAD_CONFIG}: {e}") from None
 
     _check_head_header(path, head_json, config)
-    llm = Qwen3ForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto",
-                                           low_cpu_mem_usage=low_cpu_mem_usage)
-    if head_json.get("ch_cond", llm.config.hidden_size) != llm.config.hidden_size:
-        raise CheckpointError(f"{path / HEAD_CONFIG}: ch_cond={head_json['ch_cond']} does not match the "
-                              f"LLM hidden size {llm.config.hidden_size}")
+    files = llm_files(path) + [path / HEAD_WEIGHTS, path / PROJECTOR_WEIGHTS]
+    stored = stored_weights_format(files)
     text_tok = AutoTokenizer.from_pretrained(str(path))
     ae = load_tokenizer(path / AE_WEIGHTS) if load_ae else None
-    model = BitDanceT2I(llm, text_tok, config, ae=ae)
-    head_sd = load_file(path / HEAD_WEIGHTS)
-    net_sd = split_prefix(head_sd, "net.")
-    if not net_sd or len(net_sd) != len(head_sd):
-        raise CheckpointError(f"{path / HEAD_WEIGHTS}: expected only net.* keys, got e.g. {list(head_sd)[:3]}")
-    load_into(model.vision_head.net, net_sd, what=f"vision head {path / HEAD_WEIGHTS}")
-    load_into(model.projector, load_file(path / PROJECTOR_WEIGHTS), what=f"projector {path / PROJECTOR_WEIGHTS}")
+    if weights is None and stored is None:
+        llm = Qwen3ForCausalLM.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto",
+                                               low_cpu_mem_usage=low_cpu_mem_usage)
+        _check_cond_width(path, head_json, llm)
+        model = BitDanceT2I(llm, text_tok, config, ae=ae)
+        head_sd = load_file(path / HEAD_WEIGHTS)
+        net_sd = split_prefix(head_sd, "net.")
+        if not net_sd or len(net_sd) != len(head_sd):
+            raise CheckpointError(f"{path / HEAD_WEIGHTS}: expected only net.* keys, got e.g. {list(head_sd)[:3]}")
+        load_into(model.vision_head.net, net_sd, what=f"vision head {path / HEAD_WEIGHTS}")
+        load_into(model.projector, load_file(path / PROJECTOR_WEIGHTS), what=f"projector {path / PROJECTOR_WEIGHTS}")
+    else:
+        model = _load_quantized(path, head_json, config, text_tok, ae, weights=weights or stored, dtype=dtype)
+        llm = model.llm
     target = dtype if dtype is not None else llm.get_input_embeddings().weight.dtype
     model.to(dtype=target)
     if "lm_head" in offload and llm.get_output_embeddings().weight is llm.get_input_embeddings().weight:
         raise ValueError("offload='lm_head': this LLM ties its output layer to the input embeddings "
                          "(tie_word_embeddings), which generation needs on the device")
+    if "sequential" in offload:
+        if device is None:
+            raise ValueError("offload='sequential' needs the device the parts visit (device='cuda', ...)")
+        if "ae" in offload:  # decode on the host instead of visiting the device
+            ae, model.ae = model.ae, None
+            enable_sequential_offload(model, device)
+            model.ae = ae
+        else:
+            enable_sequential_offload(model, device)
+        return model.eval()
     keep = {id(model.ae)} if "ae" in offload and model.ae is not None else set()
     if "lm_head" in offload:
         keep.add(id(llm.get_output_embeddings()))
     _to_device_except(model, device, keep)
     return model.eval()
+
+
+def llm_files(path: Path) -> list[Path]:
+    """The LLM's safetensors files of a folder: the shards its index lists, or ``model.safetensors``."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return [path / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+    return [path / "model.safetensors"]
+
+
+def _check_cond_width(path: Path, head_json: dict[str, Any], llm) -> None:
+    if head_json.get("ch_cond", llm.config.hidden_size) != llm.config.hidden_size:
+        raise CheckpointError(f"{path / HEAD_CONFIG}: ch_cond={head_json['ch_cond']} does not match the "
+                              f"LLM hidden size {llm.config.hidden_size}")
+
+
+def _load_quantized(path: Path, head_json: dict[str, Any], config: T2IConfig, text_tok, ae, *, weights: str,
+                    dtype: torch.dtype | None) -> BitDanceT2I:
+    """The model built without memory (:func:`~bitdance.formats.quantized.empty_params`), its linear layers made
+    ``weights`` shells, then filled one tensor at a time."""
+    from transformers import AutoConfig, Qwen3ForCausalLM
+
+    llm_config = AutoConfig.from_pretrained(str(path))
+    tied = bool(getattr(llm_config, "tie_word_embeddings", False))
+    with empty_params():
+        llm = Qwen3ForCausalLM(llm_config)
+        _check_cond_width(path, head_json, llm)
+        model = BitDanceT2I(llm, text_tok, config, ae=ae)
+    # A tied output layer is the embedding table itself: it stays as wide as the embeddings.
+    quantize_(model.llm, weights, skip=("lm_head",) if tied else ())
+    quantize_(model.vision_head, weights)
+    quantize_(model.projector, weights)
+    stream_load(model.llm, llm_files(path), dtype=dtype, what=f"LLM {path}",
+                tied=("lm_head.weight",) if tied else ())
+    if tied:
+        model.llm.tie_weights()
+    stream_load(model.vision_head.net, [path / HEAD_WEIGHTS], dtype=dtype, prefix="net.",
+                what=f"vision head {path / HEAD_WEIGHTS}")
+    stream_load(model.projector, [path / PROJECTOR_WEIGHTS], dtype=dtype, what=f"projector {path / PROJECTOR_WEIGHTS}")
+    return model
 
 
 def save_folder(model, path: str | os.PathLike, *, max_shard_size: str | int | None = None) -> None:
@@ -113,7 +181,7 @@ def save_folder(model, path: str | os.PathLike, *, max_shard_size: str | int | N
     save_safetensors(dict(model.projector.state_dict()), path / PROJECTOR_WEIGHTS)
 
 
-OFFLOADABLE = ("ae", "lm_head")
+OFFLOADABLE = ("ae", "lm_head", "sequential")
 
 
 def _check_head_header(path: Path, head_json: dict[str, Any], config: T2IConfig) -> None:

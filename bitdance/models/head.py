@@ -28,6 +28,7 @@ from torch import nn
 from bitdance import rng
 from bitdance.compiling import FrozenCompiled
 from bitdance.models.config import HeadConfig
+from bitdance.models.quantized import linear_dtype
 from bitdance.models.quantizer import bits_to_indices, indices_to_bits
 from bitdance.sampling.flow import FlowSampler, flow_update, guided_velocity, time_shift
 
@@ -50,7 +51,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(linear_dtype(self.mlp[0])))
 
 
 class _SwiGLU(nn.Module):
@@ -230,7 +231,7 @@ class _HeadNet(_AdaLNTrunk):
             x, c = x.unsqueeze(1), c.unsqueeze(1)
             if mods is not None:
                 mods = tuple(m.unsqueeze(1) for m in mods)
-        h = self.input_proj(x.to(self.input_proj.weight.dtype))
+        h = self.input_proj(x.to(linear_dtype(self.input_proj)))
         if mods is None:
             mods = self.modulation(self.adaln_input(t, c))
         out = self.trunk(h, mods=mods)
@@ -404,7 +405,7 @@ class ClassifierHeadNet(_AdaLNTrunk):
         squeeze = self.config.variant == "transformer" and cond.dim() == 2
         if squeeze:
             cond = cond.unsqueeze(1)
-        h = self.cond_embed(cond.to(self.cond_embed.weight.dtype))
+        h = self.cond_embed(cond.to(linear_dtype(self.cond_embed)))
         out = self.trunk(h, F.silu(h))
         return out.squeeze(1) if squeeze else out
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from bitdance.models.config import BitDanceConfig, ConfigError, TokenizerConfig
 
-__all__ = ["TOKENIZER_PRESETS", "GENERATOR_SIZES", "PARALLEL_VARIANTS", "tokenizer_preset", "bitdance_preset",
+__all__ = ["TOKENIZER_PRESETS", "GENERATOR_SIZES", "PARALLEL_VARIANTS", "QWEN3_14B", "T2I_SHAPES", "tokenizer_preset", "bitdance_preset",
            "list_presets", "match_preset"]
 
 # Released tokenizers (BitDance-Tokenizer). Loading a file always takes the architecture from
@@ -75,3 +75,15 @@ def bitdance_preset(name: str, **overrides) -> BitDanceConfig:
         raise ConfigError(f"preset {name!r}: {e}") from None
 
 
+
+
+# The released text-to-image models' shapes (BitDance-14B-16x / -64x: Qwen3-14B, a 6-block 5120-wide head, the
+# d16c32-shaped 32-bit tokenizer), for building stand-ins with random weights (memory and speed planning,
+# ``bitdance bench --memory``) without the 34 GB download.
+QWEN3_14B: dict[str, Any] = dict(hidden_size=5120, num_hidden_layers=40, intermediate_size=17408, num_attention_heads=40,
+                                 num_key_value_heads=8, head_dim=128, vocab_size=151988, max_position_embeddings=40960,
+                                 rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False)
+T2I_SHAPES: dict[str, dict[str, Any]] = {
+    "BitDance-14B-16x": {"llm": QWEN3_14B, "parallel_num": 16, "tokenizer": "d16c32"},
+    "BitDance-14B-64x": {"llm": QWEN3_14B, "parallel_num": 64, "tokenizer": "d16c32"},
+}

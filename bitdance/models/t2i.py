@@ -22,7 +22,9 @@ The released folder layout is read and written by :mod:`bitdance.formats.t2i_fol
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,6 +36,7 @@ from torch import nn
 
 from bitdance.models.config import ConfigError, T2IConfig
 from bitdance.models.head import DiffusionHead
+from bitdance.models.quantized import linear_dtype
 from bitdance.models.transformer import generation_order
 from bitdance.sampling import KnownTokens, block_causal_mask, generate_blocks
 from bitdance.sampling.flow import FlowSampler
@@ -136,7 +139,7 @@ class Projector(nn.Module):
         self.fc2 = nn.Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x.to(self.fc1.weight.dtype)), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x.to(linear_dtype(self.fc1))), approximate="tanh"))
 
 
 @dataclass
@@ -241,7 +244,7 @@ class BitDanceT2I(nn.Module):
 
     def embed_image_tokens(self, bits: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
         """(R, n, d) tokens in {-1,+1} + their own position embeddings (n, hidden) -> LLM inputs."""
-        return self.projector(bits) + pos_embed.to(self.projector.fc2.weight.dtype)
+        return self.projector(bits) + pos_embed.to(linear_dtype(self.projector.fc2))
 
     # ---- generation ----
     @property
@@ -283,7 +286,9 @@ class BitDanceT2I(nn.Module):
         if self.ae is None:
             raise RuntimeError("this model has no image tokenizer (ae); load a folder with ae.safetensors")
         p = next(self.ae.parameters())  # the ae may be offloaded to the CPU (load_folder(offload=...))
-        return self.ae.decode(latents.to(device=p.device, dtype=p.dtype), **kw)
+        # ... or visit the device for each decode (sequential offload, bitdance.offload)
+        device = getattr(self.ae, "execution_device", None) or p.device
+        return self.ae.decode(latents.to(device=device, dtype=p.dtype), **kw)
 
     # ---- folder I/O: deprecated forwards to bitdance.formats.t2i_folder (removed in 0.3) ----
     # The model does not import the formats package (it sits below it); these look it up when called.
@@ -299,6 +304,14 @@ class BitDanceT2I(nn.Module):
         warnings.warn("BitDanceT2I.save_folder is deprecated; use bitdance.formats.t2i_folder.save_folder",
                       DeprecationWarning, stacklevel=2)
         importlib.import_module("bitdance.formats.t2i_folder").save_folder(self, path, **kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def _cache_argument() -> str:
+    """transformers 5.x names the KV cache argument ``cache`` (``past_key_values`` warns from 5.2x, and goes)."""
+    from transformers import Qwen3Model
+
+    return "cache" if "cache" in inspect.signature(Qwen3Model.forward).parameters else "past_key_values"
 
 
 class _TextToImageSource:
@@ -320,7 +333,7 @@ class _TextToImageSource:
         self.pos_embed = model.image_pos_embed(h, w).to(dev)
         self.embeds = model.llm.get_input_embeddings()(inp.input_ids.to(dev))  # (R, Lp + P, hidden)
         self.cache = DynamicCache(config=model.llm.config) if use_kv_cache else None
-        self.head_dtype = model.vision_head.net.cond_embed.weight.dtype
+        self.head_dtype = linear_dtype(model.vision_head.net.cond_embed)
 
     def _condition(self, block: int) -> torch.Tensor:
         """LLM outputs of the P positions that predict ``block``, plus that block's 2D position embedding."""
@@ -328,7 +341,7 @@ class _TextToImageSource:
         start = (0 if block == 0 else end - self.P) if self.cache is not None else 0
         x = self.embeds if self.cache is None or block == 0 else self.embeds[:, -self.P:]
         hid = self.model.llm.model(inputs_embeds=x.to(self.ldt), attention_mask=self.mask[:, :, start:end, :end],
-                                   position_ids=self.positions[:, start:end], past_key_values=self.cache,
+                                   position_ids=self.positions[:, start:end], **{_cache_argument(): self.cache},
                                    use_cache=self.cache is not None).last_hidden_state[:, -self.P:]
         blk_pos = self.pos_embed[block * self.P:(block + 1) * self.P]
         return (hid.float() + blk_pos).to(self.head_dtype)

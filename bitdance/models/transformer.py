@@ -31,6 +31,7 @@ from bitdance import rng
 from bitdance.compiling import FrozenCompiled
 from bitdance.models.config import BitDanceConfig
 from bitdance.models.head import attention, build_head
+from bitdance.models.quantized import linear_dtype
 from bitdance.sampling import KnownTokens, block_causal_mask, generate_blocks
 from bitdance.sampling.flow import FlowSampler
 
@@ -240,7 +241,7 @@ class BitDance(nn.Module):
     def _kv_cache(self, rows: int, device=None) -> KVCache:
         cfg = self.config
         return KVCache(cfg.n_layer, rows, cfg.n_head, self.seq_len, cfg.dim // cfg.n_head, device=device,
-                       dtype=self.proj_in.w1.weight.dtype)
+                       dtype=linear_dtype(self.proj_in.w1))
 
     def kv_cache_bytes(self, rows: int) -> int:
         """Size of the KV cache :meth:`generate` allocates for ``rows`` sequences (2 per image with guidance)."""
@@ -309,7 +310,7 @@ class BitDance(nn.Module):
         attention under the training mask's rows are one opaque op, :func:`cached_attention`), so that one
         compiled graph serves them all."""
         P = self.config.parallel_num
-        x = self.emb_norm(self.proj_in(tokens.to(self.proj_in.w1.weight.dtype)))
+        x = self.emb_norm(self.proj_in(tokens.to(linear_dtype(self.proj_in.w1))))
         cos, sin, mask = self.rope_cos[positions], self.rope_sin[positions], self.attn_mask[positions]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, positions)
@@ -356,7 +357,7 @@ class BitDance(nn.Module):
             if cfg.class_dropout_prob > 0:
                 drop = rng.rand(class_ids.shape, generator=generator, device=class_ids.device)
                 class_ids = torch.where(drop < cfg.class_dropout_prob, cfg.num_classes, class_ids)
-        dtype = self.proj_in.w1.weight.dtype
+        dtype = linear_dtype(self.proj_in.w1)
         x = torch.cat([self._class_prefix(class_ids), self.proj_in(x.to(dtype))], dim=1)
         h = self._transformer(x, 0, self.attn_mask)
         h = self.norm(h[:, -cfg.num_tokens:]) + self.pos_for_diff.weight
@@ -454,7 +455,7 @@ class _ClassConditionalSource:
         if self.compiled is not None:
             positions = torch.arange(start, start + P, device=tokens.device)
             return self.compiled(tokens, positions, self.cache)
-        dtype = m.proj_in.w1.weight.dtype
+        dtype = linear_dtype(m.proj_in.w1)
         if self.cache is not None:  # feed only the new block; it sees the whole cache (causal: not its later positions)
             mask = m.attn_mask[start: start + P, : start + P] if self.causal else None
             return self._condition(m.proj_in(tokens.to(dtype)), start, mask, done)

@@ -22,6 +22,7 @@ from bitdance.formats.t2i_folder import AE_WEIGHTS, HEAD_CONFIG, is_text_to_imag
 from bitdance.formats.weights import CheckpointError
 from bitdance.images import image_tensor
 from bitdance.models.config import BitDanceConfig, ConfigError
+from bitdance.models.quantized import check_weights, quantize_, weights_format
 from bitdance.models.tokenizer import BinaryTokenizer
 from bitdance.models.transformer import BitDance
 from bitdance.pipelines.base import EditOptions, Pipeline, PipelineOutput, SamplingOptions
@@ -63,7 +64,8 @@ class BitDancePipeline(Pipeline):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
                         use_ema: bool = True, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, model: str | None = None, revision: str | None = None,
+                        dtype: torch.dtype | None = None, weights: str | None = None, model: str | None = None,
+                        revision: str | None = None,
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
                         token: str | bool | None = None,
                         **t2i_overrides) -> "BitDancePipeline | BitDanceT2IPipeline":
@@ -74,7 +76,12 @@ class BitDancePipeline(Pipeline):
         repository id (``"shallowdream204/BitDance-ImageNet"`` with ``model="BitDance_B_16x.pt"``): the files
         are fetched through ``huggingface_hub`` (``revision``, ``cache_dir``, ``local_files_only``, ``token``;
         see :mod:`bitdance.formats.hub`), the release's tokenizer with them. ``tokenizer`` takes a path or a
-        released tokenizer name (``"d16c32"``) too."""
+        released tokenizer name (``"d16c32"``) too.
+
+        ``weights="int8"`` / ``"fp8"`` / ``"bf16"`` stores the generator's linear layers that way
+        (:mod:`bitdance.models.quantized`; the image tokenizer, a CNN, stays as it is). A folder saved from such a
+        pipeline holds the quantized weights and loads as stored."""
+        check_weights(weights)
         hub = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         found = resolve(path, model=model, revision=revision, **hub)
         if found.release is not None and found.release.kind == "tokenizer":
@@ -90,7 +97,8 @@ class BitDancePipeline(Pipeline):
             if not (path / HEAD_CONFIG).is_file():
                 raise CheckpointError(f"{path}: config.json says kind 'text_to_image' but {HEAD_CONFIG} is "
                                       "missing (not a complete BitDance text-to-image folder)")
-            return BitDanceT2IPipeline.from_pretrained(path, device=device, dtype=dtype, **t2i_overrides)
+            return BitDanceT2IPipeline.from_pretrained(path, device=device, dtype=dtype, weights=weights,
+                                                       **t2i_overrides)
         if t2i_overrides:
             raise TypeError(f"unexpected arguments for a class-conditional model: {sorted(t2i_overrides)}")
         if path.is_dir():
@@ -109,6 +117,12 @@ class BitDancePipeline(Pipeline):
                 raise CheckpointError(f"{path}: holds no tokenizer weights (vae.*); give a tokenizer file "
                                       "(tokenizer=... in Python, --tokenizer on the command line)")
             meta = {"source": str(path), **{k: v for k, v in info.items() if k != "args"}}
+        if weights is not None:
+            stored = weights_format(gen)
+            if stored is not None and stored != weights:
+                raise CheckpointError(f"{path}: its weights are stored as {stored}; load the full-precision "
+                                      f"model to get {weights}")
+            quantize_(gen, weights)
         pipe = cls(gen, tok, meta=meta)
         return pipe.to(device=device, dtype=dtype)
 
@@ -118,6 +132,8 @@ class BitDancePipeline(Pipeline):
         cfg = {"format": FORMAT, "bitdance_version": __version__, "kind": "class_conditional",
                "generator": self.model.config.to_dict(), "tokenizer": self.tokenizer.config.to_dict(),
                "meta": self.meta}
+        if weights_format(self.model) is not None:
+            cfg["weights"] = {"generator": weights_format(self.model)}
         write_folder(folder, cfg, {"generator": self.model, "tokenizer": self.tokenizer})
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BitDancePipeline":

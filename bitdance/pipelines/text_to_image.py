@@ -18,6 +18,7 @@ from bitdance.formats.t2i_folder import FIELDS_BESIDE_HEAD_JSON, check_offload, 
 from bitdance.formats.weights import CheckpointError
 from bitdance.images import image_tensor
 from bitdance.models.config import ConfigError, T2IConfig
+from bitdance.models.quantized import WEIGHT_FORMATS, check_weights, weights_format
 from bitdance.models.t2i import BitDanceT2I
 from bitdance.models.tokenizer import BinaryTokenizer
 from bitdance.models.transformer import generation_order
@@ -55,7 +56,7 @@ class BitDanceT2IPipeline(Pipeline):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, low_cpu_mem_usage: bool = True,
-                        offload: Sequence[str] = (), revision: str | None = None,
+                        offload: Sequence[str] = (), weights: str | None = None, revision: str | None = None,
                         cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
                         token: str | bool | None = None, **config_overrides) -> "BitDanceT2IPipeline":
         """Load a released text-to-image folder (e.g. ``BitDance-14B-16x``) or one written by
@@ -64,6 +65,10 @@ class BitDanceT2IPipeline(Pipeline):
         ``$BITDANCE_DTYPE`` forces one (:mod:`bitdance.precision`).
         ``offload=("ae", "lm_head")`` keeps the image tokenizer and the unused text output layer on the
         CPU when ``device`` is a GPU (see :func:`bitdance.formats.t2i_folder.load_folder`).
+        ``weights="int8"`` / ``"fp8"`` / ``"bf16"`` stores the linear layers of the LLM, head and projector that
+        way, quantized tensor by tensor while reading (:mod:`bitdance.models.quantized`); folders that already
+        hold int8 / fp8 weights (written by ``bitdance convert --weights``, or the fp8 copies users share) load
+        as stored.
         ``path`` may be a released name (``"BitDance-14B-64x"``) or a repository id, fetched through
         ``huggingface_hub`` with ``revision`` / ``cache_dir`` / ``local_files_only`` / ``token``
         (:mod:`bitdance.formats.hub`; only the files the folder's loader reads)."""
@@ -88,9 +93,15 @@ class BitDanceT2IPipeline(Pipeline):
         if dtype is None and forced_dtype() is not None:
             dtype = torch.bfloat16 if forced_dtype() == "bf16" else torch.float32
         offload = check_offload(offload)  # a caller's mistake: checked here so it is not reported as a bad folder
+        check_weights(weights)
+        if weights is None and isinstance(ours, dict) and ours.get("weights") is not None:
+            weights = ours["weights"]
+            if weights not in WEIGHT_FORMATS:
+                raise CheckpointError(f"{path / 'config.json'}: bitdance.weights = {weights!r}; one of "
+                                      f"{list(WEIGHT_FORMATS)}")
         try:
             model = load_folder(path, dtype=dtype, device=device, low_cpu_mem_usage=low_cpu_mem_usage,
-                                            offload=offload, **{**extra, **config_overrides})
+                                offload=offload, weights=weights, **{**extra, **config_overrides})
         except (ConfigError, TypeError, ValueError) as e:  # e.g. malformed stored resolutions
             raise CheckpointError(f"{path}: invalid text-to-image config: {e}") from None
         meta = ours.get("meta", {}) if isinstance(ours, dict) and isinstance(ours.get("meta"), dict) else {}
@@ -110,6 +121,8 @@ class BitDanceT2IPipeline(Pipeline):
             t2i["resolutions"] = [list(r) for r in c.resolutions]
             cfg["bitdance"] = {"format": FORMAT, "bitdance_version": __version__, "kind": self.kind,
                                "t2i": t2i, "meta": {k: v for k, v in self.meta.items() if k != "source"}}
+            if weights_format(self.model) is not None:
+                cfg["bitdance"]["weights"] = weights_format(self.model)
             cfg_path.write_text(json.dumps(cfg, indent=2))
 
         replace_folder(folder, fill)
