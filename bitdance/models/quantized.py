@@ -14,6 +14,10 @@ per-channel scale is the same product as scaling the weight rows, and it costs o
 instead of one per weight. With bf16 activations and int8 weights this is exactly the pattern inductor's
 CPU backend turns into its fused weight-only-int8 kernel.
 
+Compiled sampling on CPUs (``pipe.compile()``) freezes the weights into the graph, and inductor then folds the
+widening of fp32-computed int8 weights into wide constants: the compiled copy runs at the fp32 speed and holds
+fp32 weights (measured), so compile full-precision models, or keep quantized ones eager, where memory is short.
+
 Only the weights shrink; activations, norms and embeddings stay in the compute dtype. Linear layers with
 fewer than ``min_features`` (64) inputs stay as they are: they are the ones that read the d bits of a token
 (``d x width`` weights, a rounding error of them reaches every later layer, and they weigh next to nothing).
