@@ -274,6 +274,9 @@ def test_memory_bench_planning_and_refusals(capsys):
     assert main(["bench", "--memory", "--random-weights", "--model", "BitDance-B-16x"]) == 2
     assert "--random-weights builds the shapes of" in capsys.readouterr().err
     assert main(["bench", "--weights", "int8"]) == 2
+    assert main(["bench", "--memory", "--model", "BitDance-14B-64x", "--weights", "int4"]) == 2
+    assert "memory option 'int4'" in capsys.readouterr().err
+    assert main(["bench", "--memory", "--model", "BitDance-14B-64x", "--weights", "int8+swap"]) == 2
 
 
 def test_memory_measure_on_a_small_stand_in(monkeypatch):
@@ -300,6 +303,9 @@ def test_memory_measure_on_a_small_stand_in(monkeypatch):
     assert r["load_peak_gib"] is None or r["load_peak_gib"] > 0
     assert r["projected_image_s"] >= r["first_step_s"] > 0
     assert torch.is_grad_enabled()  # measuring leaves the caller's autograd mode alone
+    r = bench_memory.measure("small", weights="int8", random_weights=True, height=128, width=128, steps=2,
+                             ar_steps=2, guidance_scale=2.0, dtype=torch.float32, decode=True, offload=True)
+    assert r["offload"] and r["measured_ar_steps"] == 2 and "device_step_peak_gib" not in r  # a CPU: host peaks only
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ the peak resident memory (``VmHWM``, reset between phases through ``/proc/self/c
 * ``step``: the prompt's prefill and the first AR steps of one image (with guidance: 2 sequences);
 * ``decode``: decoding one image with the binary tokenizer;
 
-and the seconds per AR step, from which the time of a whole image is projected.
+and the seconds per AR step, from which the time of a whole image is projected. On a GPU the device's peaks
+(``torch.cuda.max_memory_allocated``) are reported too, and an option ``int8+offload`` (any storage
+``+offload``) runs with sequential offload (:mod:`bitdance.offload`).
 
 ``--random-weights`` builds a model of a released name's shapes (:data:`bitdance.models.presets.T2I_SHAPES`)
 tensor by tensor with random values, each quantized as soon as it is drawn, so a 14B model is measured without
@@ -168,28 +170,57 @@ def weight_bytes(name: str, weights: str | None) -> int:
 
 def measure(name: str, *, weights: str | None, random_weights: bool, height: int, width: int, steps: int,
             ar_steps: int, guidance_scale: float, dtype: torch.dtype, decode: bool, seed: int = 0,
-            **load_kwargs) -> dict[str, Any]:
-    """One option, in this process: load (or build), then ``ar_steps`` AR steps of one image, then a decode."""
+            device: str = "cpu", offload: bool = False, **load_kwargs) -> dict[str, Any]:
+    """One option, in this process: load (or build), then ``ar_steps`` AR steps of one image, then a decode.
+    On a GPU (``device``) the device's peaks are reported too, and ``offload`` runs with sequential offload."""
     with torch.no_grad():
         return _measure(name, weights=weights, random_weights=random_weights, height=height, width=width,
                         steps=steps, ar_steps=ar_steps, guidance_scale=guidance_scale, dtype=dtype, decode=decode,
-                        seed=seed, **load_kwargs)
+                        seed=seed, device=torch.device(device), offload=offload, **load_kwargs)
+
+
+class _Peaks:
+    """Host (and, on a GPU, device) peak memory of one phase."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def reset(self) -> None:
+        reset_peak()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def read(self, out: dict[str, Any], phase: str) -> None:
+        out[f"{phase}_peak_gib"] = peak_gib()
+        if self.cuda:
+            torch.cuda.synchronize()
+            out[f"device_{phase}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
 
 def _measure(name, *, weights, random_weights, height, width, steps, ar_steps, guidance_scale, dtype, decode, seed,
-             **load_kwargs) -> dict[str, Any]:
+             device, offload, **load_kwargs) -> dict[str, Any]:
+    from bitdance.offload import enable_sequential_offload
     from bitdance.sampling.flow import FlowSampler
 
-    reset_peak()
+    peaks = _Peaks(device)
+    peaks.reset()
     t = time.perf_counter()
     if random_weights:
         model = build_random_t2i(name, weights=weights, dtype=dtype, seed=seed)
+        if offload:
+            enable_sequential_offload(model, device)
+        else:
+            model.to(device)
     else:
         from bitdance.pipelines import BitDancePipeline
 
-        model = BitDancePipeline.from_pretrained(name, dtype=dtype, weights=weights, **load_kwargs).model
+        model = BitDancePipeline.from_pretrained(name, dtype=dtype, weights=weights, device=device,
+                                                 offload=("sequential",) if offload else (), **load_kwargs).model
     load_s = time.perf_counter() - t
-    out: dict[str, Any] = {"weights": weights or "as stored", "load_s": load_s, "load_peak_gib": peak_gib()}
+    out: dict[str, Any] = {"weights": weights or "as stored", "offload": offload, "device": str(device),
+                           "load_s": load_s}
+    peaks.read(out, "load")
     out["model_gib"] = sum(x.numel() * x.element_size() for x in
                            {id(x): x for x in list(model.parameters()) + list(model.buffers())}.values()) / 2**30
     h, w = model.config.check_resolution(height, width)
@@ -204,26 +235,28 @@ def _measure(name, *, weights, random_weights, height, width, steps, ar_steps, g
         if len(times) >= ar_steps:
             raise _Enough
 
-    reset_peak()
+    peaks.reset()
     t0 = time.perf_counter()
     try:
         model.generate([PROMPT], height=height, width=width, sampler=FlowSampler(num_steps=steps),
                        guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed), callback=callback)
     except _Enough:
         pass
-    out["step_peak_gib"] = peak_gib()
+    peaks.read(out, "step")
     out["first_step_s"] = times[0] - t0  # prefill + the first AR step
     gaps = [b - a for a, b in zip(times, times[1:])]
     out["ar_step_s"] = sum(gaps) / len(gaps) if gaps else out["first_step_s"]
     out["ar_steps_per_image"] = total
     out["measured_ar_steps"] = len(times)
     if decode:
-        reset_peak()
+        peaks.reset()
         t = time.perf_counter()
-        lat = torch.randint(0, 2, (1, model.config.latent_dim, h, w)).float() * 2 - 1
+        lat = torch.randint(0, 2, (1, model.config.latent_dim, h, w), device=device).float() * 2 - 1
         model.decode(lat)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         out["decode_s"] = time.perf_counter() - t
-        out["decode_peak_gib"] = peak_gib()
+        peaks.read(out, "decode")
     out["projected_image_s"] = out["first_step_s"] + (total - 1) * out["ar_step_s"] + out.get("decode_s", 0.0)
     return out
 
@@ -238,14 +271,23 @@ def _total_memory_gib() -> float | None:
     return None
 
 
+def parse_option(option: str) -> tuple[str | None, bool]:
+    """``"int8"`` -> ("int8", False); ``"int8+offload"`` -> ("int8", True); ``"stored"`` -> (None, False)."""
+    base, plus, rest = option.partition("+")
+    if base not in ("stored", *MEMORY_OPTIONS) or (plus and rest != "offload"):
+        raise ValueError(f"memory option {option!r}: one of {', '.join(('stored', *MEMORY_OPTIONS))}, optionally "
+                         "followed by +offload (sequential offload, for a GPU)")
+    return (None if base == "stored" else base), bool(plus)
+
+
 def run_memory_bench(name: str, *, options: list[str], random_weights: bool, height: int, width: int, steps: int,
-                     ar_steps: int, guidance_scale: float, dtype: str, decode: bool, timeout_s: float = 3600,
-                     extra_args: list[str] = ()) -> list[dict[str, Any]]:
+                     ar_steps: int, guidance_scale: float, dtype: str, decode: bool, device: str = "cpu",
+                     timeout_s: float = 3600) -> list[dict[str, Any]]:
     """Each option in a child process (``python -m bitdance.apps.bench_memory``); rows of results."""
     total = _total_memory_gib()
+    parsed = [parse_option(o) for o in options]  # every bad option before the first slow run
     rows = []
-    for opt in options:
-        weights = None if opt == "stored" else opt
+    for opt, (weights, offload) in zip(options, parsed):
         row: dict[str, Any] = {"option": opt}
         if random_weights:
             need = weight_bytes(name, weights) / 2**30
@@ -256,7 +298,8 @@ def run_memory_bench(name: str, *, options: list[str], random_weights: bool, hei
                 continue
         cmd = [sys.executable, "-m", "bitdance.apps.bench_memory", json.dumps(
             dict(name=name, weights=weights, random_weights=random_weights, height=height, width=width, steps=steps,
-                 ar_steps=ar_steps, guidance_scale=guidance_scale, dtype=dtype, decode=decode))]
+                 ar_steps=ar_steps, guidance_scale=guidance_scale, dtype=dtype, decode=decode, device=device,
+                 offload=offload))]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

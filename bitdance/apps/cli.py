@@ -242,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory", action="store_true", help="instead: peak memory of loading, of the first AR steps "
                    "and of decoding one image, and seconds per AR step, for each --weights storage, each in a fresh "
                    "process (text-to-image --model: a released name, repository id or folder)")
-    s.add_argument("--weights", nargs="+", choices=["stored", "bf16", "int8", "fp8"],
-                   help="with --memory: the storages to measure (default: bf16 int8 fp8; 'stored' = as the files hold)")
+    s.add_argument("--weights", nargs="+", metavar="OPTION",
+                   help="with --memory: the storages to measure, bf16 / int8 / fp8 / stored (as the files hold), each "
+                   "optionally +offload (sequential offload, with --device cuda); default: bf16 int8 fp8")
     s.add_argument("--random-weights", action="store_true", help="with --memory: build --model's shapes "
                    "(BitDance-14B-16x / -64x) with random weights, quantized tensor by tensor, without downloading")
     s.add_argument("--height", type=integer, default=512, help="with --memory: image height (pixels)")

@@ -294,7 +294,7 @@ def cmd_demo(args) -> None:
 
 def _bench_memory(args) -> None:
     from bitdance import validation
-    from bitdance.apps.bench_memory import MEMORY_OPTIONS, run_memory_bench
+    from bitdance.apps.bench_memory import MEMORY_OPTIONS, parse_option, run_memory_bench
     from bitdance.models.presets import T2I_SHAPES
 
     if not args.model:
@@ -306,9 +306,15 @@ def _bench_memory(args) -> None:
     validation.guidance_scale(args.cfg, "--cfg")
     validation.integer(args.ar_steps, "--ar-steps", 2, 4096)
     dtype = args.dtype if args.dtype != "auto" else _auto_dtype_name()
+    try:
+        for option in args.weights or ():
+            parse_option(option)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     rows = run_memory_bench(args.model, options=args.weights or list(MEMORY_OPTIONS), random_weights=args.random_weights,
                             height=args.height, width=args.width or args.height, steps=args.steps,
-                            ar_steps=args.ar_steps, guidance_scale=args.cfg, dtype=dtype, decode=not args.no_decode)
+                            ar_steps=args.ar_steps, guidance_scale=args.cfg, dtype=dtype, decode=not args.no_decode,
+                            device=args.device)
     print(f"{args.model}{' (random weights)' if args.random_weights else ''}, {args.height}x{args.width or args.height}"
           f", {args.steps} flow steps, guidance {args.cfg:g}, compute {dtype}")
     print(f"{'weights':>8} {'model GiB':>9} {'load peak':>9} {'step peak':>9} {'decode peak':>11} {'s/AR step':>9} "
@@ -319,6 +325,9 @@ def _bench_memory(args) -> None:
             continue
         print(f"{r['option']:>8} {r['model_gib']:9.2f} {r['load_peak_gib']:9.2f} {r['step_peak_gib']:9.2f} "
               f"{r.get('decode_peak_gib') or float('nan'):11.2f} {r['ar_step_s']:9.2f} {r['projected_image_s']:8.1f}")
+        if "device_step_peak_gib" in r:
+            print(f"{'':>8} {args.device} peaks (GiB): load {r['device_load_peak_gib']:.2f}, step "
+                  f"{r['device_step_peak_gib']:.2f}, decode {r.get('device_decode_peak_gib') or float('nan'):.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"model": args.model, "random_weights": args.random_weights,
                                               "rows": rows}, indent=2))
