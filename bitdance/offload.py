@@ -14,19 +14,18 @@ step; the LLM's layers are copied once per AR step each (prefill included).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["OffloadedUnit", "enable_sequential_offload", "offloaded_units"]
+__all__ = ["OffloadedUnit", "enable_sequential_offload", "offloaded_units", "to_device_except"]
 
 
 class OffloadedUnit:
-    """The weights of ``module`` kept on ``storage`` and brought to ``device`` inside ``with unit:``."""
+    """The weights of ``module`` kept in host memory and brought to ``device`` inside ``with unit:``."""
 
-    def __init__(self, module: nn.Module, device: torch.device, storage: torch.device = torch.device("cpu")):
-        self.module, self.device, self.storage = module, torch.device(device), torch.device(storage)
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.module, self.device = module, torch.device(device)
         self.visits = 0
         self._depth = 0
         pin = self.device.type == "cuda" and torch.cuda.is_available()
@@ -36,7 +35,7 @@ class OffloadedUnit:
                 for name, t in table.items():
                     if t is None:
                         continue
-                    host = t.data.to(self.storage)
+                    host = t.data.cpu()
                     if pin:
                         host = host.pin_memory()
                     self._set(table, name, host)
@@ -85,26 +84,27 @@ def _forward_hooks(unit: OffloadedUnit) -> None:
     unit.module.register_forward_hook(leave)
 
 
-def enable_sequential_offload(model: nn.Module, device: str | torch.device) -> list[OffloadedUnit]:
-    """Run a :class:`~bitdance.models.t2i.BitDanceT2I` on ``device`` with its decoder layers, head and image
-    tokenizer offloaded (see the module's doc); the LLM's text output layer, which generation never calls, stays
-    on the host. Returns the units (``visits`` counts their trips to the device)."""
+def enable_sequential_offload(model: nn.Module, device: str | torch.device, *, ae: bool = True
+                              ) -> list[OffloadedUnit]:
+    """Run a :class:`~bitdance.models.t2i.BitDanceT2I` on ``device`` with its decoder layers, head and (``ae``)
+    image tokenizer offloaded (see the module's doc; ``ae=False`` leaves the tokenizer on the host, where images
+    are then decoded); the LLM's text output layer, which generation never calls, stays on the host. Returns the
+    units (``visits`` counts their trips to the device)."""
     device = torch.device(device)
     llm = model.llm
-    layers: Iterable[nn.Module] = llm.model.layers
-    units = [OffloadedUnit(layer, device) for layer in layers]
+    units = [OffloadedUnit(layer, device) for layer in llm.model.layers]
     for unit in units:
         _forward_hooks(unit)
     head = OffloadedUnit(model.vision_head, device)
     model.vision_head.sample = _around(head, model.vision_head.sample)
     units.append(head)
-    if model.ae is not None:
-        ae = OffloadedUnit(model.ae, device)
-        model.ae.decode = _around(ae, model.ae.decode)
+    if model.ae is not None and ae:
+        unit = OffloadedUnit(model.ae, device)
+        model.ae.decode = _around(unit, model.ae.decode)
         model.ae.execution_device = device
-        units.append(ae)
-    offloaded = {id(u.module) for u in units} | {id(llm.get_output_embeddings())}
-    _move_except(model, device, offloaded)
+        units.append(unit)
+    stay = {id(u.module) for u in units} | {id(llm.get_output_embeddings()), id(model.ae)}
+    to_device_except(model, device, stay)
     model.offload_units = units
     return units
 
@@ -113,12 +113,17 @@ def offloaded_units(model: nn.Module) -> list[OffloadedUnit]:
     return list(getattr(model, "offload_units", []))
 
 
-def _move_except(module: nn.Module, device: torch.device, skip: set[int]) -> None:
-    if id(module) in skip:
+def to_device_except(module: nn.Module, device, keep: set[int]) -> None:
+    """Move ``module`` to ``device`` leaving the submodules whose id() is in ``keep`` where they are, without
+    ever moving those (so they never take device memory, not even briefly)."""
+    if device is None or id(module) in keep:
+        return
+    if not any(id(m) in keep for m in module.modules()):
+        module.to(device)
         return
     for child in module.children():
-        _move_except(child, device, skip)
-    for table in (module._parameters, module._buffers):
-        for name, t in list(table.items()):
-            if t is not None:
-                OffloadedUnit._set(table, name, t.data.to(device))
+        to_device_except(child, device, keep)
+    for p in module.parameters(recurse=False):
+        p.data = p.data.to(device)
+    for name, b in module.named_buffers(recurse=False):
+        module._buffers[name] = b.to(device)

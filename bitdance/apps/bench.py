@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLOP_MAPPING", "BenchResult", "count_flops", "measure_matmul_peak", "run_bench"]
+__all__ = ["FLOP_MAPPING", "BenchResult", "count_flops", "measure_matmul_peak", "proc_memory_bytes", "reset_peak_memory",
+           "run_bench"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,10 +99,11 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, *, size: int |
     return best
 
 
-def _proc_status_bytes(field: str) -> int | None:
-    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in bytes."""
+def proc_memory_bytes(field: str, source: str = "/proc/self/status") -> int | None:
+    """A memory figure in bytes from a Linux /proc file: this process's ``VmRSS`` (now) or ``VmHWM`` (peak since
+    :func:`reset_peak_memory`), or the machine's ``MemTotal`` with ``source="/proc/meminfo"``; None elsewhere."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(source).read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -109,15 +111,9 @@ def _proc_status_bytes(field: str) -> int | None:
     return None
 
 
-def _rss_bytes() -> int | None:
-    return _proc_status_bytes("VmRSS")
-
-
-def _hwm_bytes() -> int | None:
-    return _proc_status_bytes("VmHWM")
-
-
-def _reset_hwm() -> bool:
+def reset_peak_memory() -> bool:
+    """Restart this process's ``VmHWM`` from its current RSS (False where ``/proc/self/clear_refs`` is not
+    writable)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -160,16 +156,16 @@ class _PeakSince:
             self.start = torch.cuda.memory_allocated(self.device) if self.baseline is None else self.baseline
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            now = _rss_bytes() if self.baseline is None else self.baseline
-            self.start = now if _reset_hwm() else None
+            now = proc_memory_bytes("VmRSS") if self.baseline is None else self.baseline
+            self.start = now if reset_peak_memory() else None
         return self
 
     def __exit__(self, *exc):
         _sync(self.device)
         if self.device.type == "cuda":
             self.bytes = int(torch.cuda.max_memory_allocated(self.device) - self.start)
-        elif self.start is not None and _hwm_bytes() is not None:
-            self.bytes = max(0, int(_hwm_bytes() - self.start))
+        elif self.start is not None and proc_memory_bytes("VmHWM") is not None:
+            self.bytes = max(0, int(proc_memory_bytes("VmHWM") - self.start))
         return False
 
 
@@ -324,7 +320,7 @@ def run_bench(
         say(n)
 
     _release_free_memory()
-    rss0 = _rss_bytes()
+    rss0 = proc_memory_bytes("VmRSS")
     maxrss0 = _maxrss_bytes()
     mcfg, gen, tok = _build(preset, image_size, tokenizer, seed, dev, tdtype, model)
     if model is not None:

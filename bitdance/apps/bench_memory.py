@@ -25,13 +25,14 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["MEMORY_OPTIONS", "peak_gib", "reset_peak", "build_random_t2i", "weight_bytes", "measure",
+from bitdance.apps.bench import proc_memory_bytes, reset_peak_memory
+
+__all__ = ["MEMORY_OPTIONS", "peak_gib", "build_random_t2i", "weight_bytes", "measure", "parse_option",
            "run_memory_bench"]
 
 MEMORY_OPTIONS = ("bf16", "int8", "fp8")
@@ -39,21 +40,10 @@ PROMPT = "a red fox sitting in a snowy forest at dawn, soft light, detailed fur,
 
 
 def peak_gib() -> float | None:
-    """Peak resident memory of this process since the last :func:`reset_peak` (GiB; None off Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    """Peak resident memory of this process since the last :func:`~bitdance.apps.bench.reset_peak_memory` (GiB;
+    None off Linux)."""
+    peak = proc_memory_bytes("VmHWM")
+    return None if peak is None else peak / 2**30
 
 
 def _byte_tokenizer(parallel_num: int, max_res_tokens: int = 256):
@@ -106,9 +96,9 @@ def _fill_random_(module: nn.Module, dtype: torch.dtype, gen: torch.Generator, s
                 mod._parameters[name] = nn.Parameter(t, requires_grad=False)
 
 
-def build_random_t2i(name: str, *, weights: str | None, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    """A :class:`~bitdance.models.t2i.BitDanceT2I` of the shapes of released ``name`` with random weights,
-    built without memory and filled tensor by tensor (each quantized right after it is drawn)."""
+def _t2i_shell(name: str, weights: str | None):
+    """A :class:`~bitdance.models.t2i.BitDanceT2I` of the shapes of released ``name``: parameters on the meta
+    device, linear layers ``weights`` shells (:func:`~bitdance.models.quantized.quantize_`'s choice of layers)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from bitdance.formats.quantized import empty_params
@@ -121,7 +111,6 @@ def build_random_t2i(name: str, *, weights: str | None, dtype: torch.dtype = tor
     if name not in T2I_SHAPES:
         raise ValueError(f"no text-to-image shapes for {name!r}; known: {', '.join(T2I_SHAPES)}")
     spec = T2I_SHAPES[name]
-    gen = torch.Generator().manual_seed(seed)
     config = T2IConfig(parallel_num=spec["parallel_num"])
     with empty_params():
         llm = Qwen3ForCausalLM(Qwen3Config(**spec["llm"]))
@@ -130,41 +119,30 @@ def build_random_t2i(name: str, *, weights: str | None, dtype: torch.dtype = tor
     if weights is not None:
         for part in (model.llm, model.vision_head, model.projector):
             quantize_(part, weights)
-    _fill_random_(model.llm, dtype, gen)
-    _fill_random_(model.vision_head, dtype, gen)
-    _fill_random_(model.projector, dtype, gen)
+    return model
+
+
+def build_random_t2i(name: str, *, weights: str | None, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """A :class:`~bitdance.models.t2i.BitDanceT2I` of the shapes of released ``name`` with random weights,
+    built without memory and filled tensor by tensor (each quantized right after it is drawn)."""
+    model = _t2i_shell(name, weights)
+    gen = torch.Generator().manual_seed(seed)
+    for part in (model.llm, model.vision_head, model.projector):
+        _fill_random_(part, dtype, gen)
     _fill_random_(model.ae, dtype, gen, std=0.01)
     return model.eval()
 
 
 def weight_bytes(name: str, weights: str | None) -> int:
-    """Bytes of the weights of released ``name``'s shapes with ``weights`` storage (bf16 elsewhere), counted
-    on a model built on the meta device."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """Bytes of the weights of released ``name``'s shapes with ``weights`` storage and everything else in bf16,
+    counted on the shell :func:`build_random_t2i` fills."""
+    from bitdance.models.quantized import QuantizedLinear
 
-    from bitdance.models.config import T2IConfig
-    from bitdance.models.head import DiffusionHead
-    from bitdance.models.presets import T2I_SHAPES, tokenizer_preset
-    from bitdance.models.quantized import STORAGE_DTYPES
-    from bitdance.models.t2i import Projector
-    from bitdance.models.tokenizer import BinaryTokenizer
-
-    spec = T2I_SHAPES[name]
-    per = STORAGE_DTYPES[weights].itemsize if weights else 2
-    total = 0
-    with torch.device("meta"):
-        llm = Qwen3ForCausalLM(Qwen3Config(**spec["llm"]))
-        head = DiffusionHead(T2IConfig(parallel_num=spec["parallel_num"]).head_config(spec["llm"]["hidden_size"]))
-        proj = Projector(32, spec["llm"]["hidden_size"])
-        ae = BinaryTokenizer(tokenizer_preset(spec["tokenizer"]))
-    for part in (llm, head, proj):
-        for mod in part.modules():
-            for pname, p in mod.named_parameters(recurse=False):
-                quantized = isinstance(mod, nn.Linear) and pname == "weight" and mod.in_features >= 64
-                total += p.numel() * (per if quantized else 2)
-                if quantized and weights in ("int8", "fp8"):
-                    total += mod.out_features * 4
-    total += sum(p.numel() * 2 for p in ae.parameters())
+    model = _t2i_shell(name, weights)
+    total = sum(p.numel() * 2 for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            total += sum(t.numel() * t.element_size() for t in (m.weight, m.weight_scale) if t is not None)
     return total
 
 
@@ -186,7 +164,7 @@ class _Peaks:
         self.cuda = device.type == "cuda"
 
     def reset(self) -> None:
-        reset_peak()
+        reset_peak_memory()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -261,16 +239,6 @@ def _measure(name, *, weights, random_weights, height, width, steps, ar_steps, g
     return out
 
 
-def _total_memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
 def parse_option(option: str) -> tuple[str | None, bool]:
     """``"int8"`` -> ("int8", False); ``"int8+offload"`` -> ("int8", True); ``"stored"`` -> (None, False)."""
     base, plus, rest = option.partition("+")
@@ -284,7 +252,8 @@ def run_memory_bench(name: str, *, options: list[str], random_weights: bool, hei
                      ar_steps: int, guidance_scale: float, dtype: str, decode: bool, device: str = "cpu",
                      timeout_s: float = 3600) -> list[dict[str, Any]]:
     """Each option in a child process (``python -m bitdance.apps.bench_memory``); rows of results."""
-    total = _total_memory_gib()
+    total = proc_memory_bytes("MemTotal", "/proc/meminfo")
+    total = None if total is None else total / 2**30
     parsed = [parse_option(o) for o in options]  # every bad option before the first slow run
     rows = []
     for opt, (weights, offload) in zip(options, parsed):

@@ -296,6 +296,7 @@ def _bench_memory(args) -> None:
     from bitdance import validation
     from bitdance.apps.bench_memory import MEMORY_OPTIONS, parse_option, run_memory_bench
     from bitdance.models.presets import T2I_SHAPES
+    from bitdance.precision import auto_precision
 
     if not args.model:
         raise CLIError("--memory measures a text-to-image model: give --model (a released name, repository id or "
@@ -305,7 +306,7 @@ def _bench_memory(args) -> None:
     validation.flow_steps(args.steps, "--steps")
     validation.guidance_scale(args.cfg, "--cfg")
     validation.integer(args.ar_steps, "--ar-steps", 2, 4096)
-    dtype = args.dtype if args.dtype != "auto" else _auto_dtype_name()
+    dtype = args.dtype if args.dtype != "auto" else auto_precision(args.device)
     try:
         for option in args.weights or ():
             parse_option(option)
@@ -334,12 +335,6 @@ def _bench_memory(args) -> None:
         print(f"wrote {args.out}")
     if args.json:
         print(json.dumps(rows))
-
-
-def _auto_dtype_name() -> str:
-    from bitdance.precision import auto_dtype
-
-    return "fp32" if auto_dtype("cpu").itemsize == 4 else "bf16"
 
 
 def cmd_serve(args) -> None:

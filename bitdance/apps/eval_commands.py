@@ -252,7 +252,10 @@ def cmd_eval_weights(args) -> None:
     _positive("--repeat", args.repeat)
     _positive("--steps", args.steps)
     conditions = [c for c in (args.prompt or args.classes or range(10)) for _ in range(args.repeat)]
-    kw = ({"allow_any_resolution": True} if args.any_resolution else {}) if args.prompt else {"tokenizer": args.tokenizer}
+    if args.prompt:  # text-to-image
+        kw = {"allow_any_resolution": True} if args.any_resolution else {}
+    else:
+        kw = {"tokenizer": args.tokenizer}
     try:
         report = compare_weights(args.model, formats=args.weights, conditions=conditions, seed=args.seed,
                                  num_inference_steps=args.steps, guidance_scale=args.cfg, dtype=torch_dtype(args.dtype),

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from bitdance.files import current_umask, remove_stale_temps, save_safetensors, temp_sibling_prefix
+from bitdance.formats.quantized import recorded_weights
 from bitdance.formats.weights import (
     CheckpointError,
     check_config_fits,
@@ -22,7 +23,7 @@ from bitdance.formats.weights import (
     safetensors_shapes,
 )
 from bitdance.models.config import BitDanceConfig, ConfigError, TokenizerConfig
-from bitdance.models.quantized import WEIGHT_FORMATS, quantize_
+from bitdance.models.quantized import quantize_
 from bitdance.models.tokenizer import BinaryTokenizer
 from bitdance.models.transformer import BitDance
 from bitdance.version import __version__
@@ -73,9 +74,8 @@ def load_component(folder: str | os.PathLike, name: str) -> torch.nn.Module:
     weights = folder / f"{name}.safetensors"
     what = f"{name} {weights}"
     stored = cfg.get("weights", {})
-    stored = stored.get(name) if isinstance(stored, dict) else None
-    if stored is not None and stored not in WEIGHT_FORMATS:
-        raise CheckpointError(f"{folder}/config.json: weights.{name} = {stored!r}; one of {list(WEIGHT_FORMATS)}")
+    stored = recorded_weights(stored.get(name) if isinstance(stored, dict) else None,
+                              f"{folder}/config.json: weights.{name}")
     shapes = safetensors_shapes(weights)
     check_config_fits(config, shapes, what=f"{folder}/config.json ({name})")
     with torch.device("meta"):  # sizes agree with the file: build without memory to compare every tensor

@@ -22,41 +22,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitdance.formats.weights import CheckpointError
-from bitdance.models.quantized import QuantizedLinear, quantize_weight
+from bitdance.formats.weights import CheckpointError, safetensors_header
+from bitdance.models.quantized import WEIGHT_FORMATS, QuantizedLinear, channel_scales, quantize_weight
 
-__all__ = ["SCALE_SUFFIXES", "SKIPPED_SUFFIXES", "stored_weights_format", "empty_params", "stream_load"]
+__all__ = ["SCALE_SUFFIXES", "SKIPPED_SUFFIXES", "stored_weights_format", "recorded_weights", "empty_params",
+           "stream_load"]
 
 SCALE_SUFFIXES = ("weight_scale", "scale_weight", "weight.scale", "weight_scales")
 SKIPPED_SUFFIXES = ("input_scale", "comfy_quant")
-_SAFETENSORS_DTYPES = {"I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-                       "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-_QUANTIZED = {torch.int8: "int8", torch.float8_e4m3fn: "fp8", torch.float8_e5m2: "fp8"}
-
-
-def _header(path: Path) -> dict[str, tuple[torch.dtype | None, tuple[int, ...]]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            out = {}
-            for k in f.keys():
-                s = f.get_slice(k)
-                out[k] = (_SAFETENSORS_DTYPES.get(s.get_dtype()), tuple(int(n) for n in s.get_shape()))
-            return out
-    except Exception as e:  # SafetensorsError's import path differs across versions
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+# safetensors dtype names of one-byte weights, and torch's
+_QUANTIZED_NAMES = {"I8": "int8", "F8_E4M3": "fp8", "F8_E5M2": "fp8"}
+_QUANTIZED = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def stored_weights_format(paths: Iterable[str | os.PathLike]) -> str | None:
     """``"int8"`` / ``"fp8"`` when these safetensors files hold quantized ``*.weight`` tensors (read from
     their headers, milliseconds), else None."""
     for p in paths:
-        for key, (dtype, _) in _header(Path(p)).items():
-            if key.endswith("weight") and dtype in _QUANTIZED:
-                return _QUANTIZED[dtype]
+        for key, (dtype, _) in safetensors_header(p).items():
+            if key.endswith("weight") and dtype in _QUANTIZED_NAMES:
+                return _QUANTIZED_NAMES[dtype]
     return None
+
+
+def recorded_weights(value, where: str) -> str | None:
+    """The weight storage a folder's config.json records (None: full precision), checked."""
+    if value is not None and value not in WEIGHT_FORMATS:
+        raise CheckpointError(f"{where} = {value!r}; one of {list(WEIGHT_FORMATS)}")
+    return value
 
 
 @contextlib.contextmanager
@@ -82,26 +75,24 @@ class _Files:
     """The tensors of several safetensors files under one key space (a sharded model), opened lazily."""
 
     def __init__(self, paths: Iterable[str | os.PathLike], prefix: str = ""):
-        from safetensors import safe_open
-
         self.where: dict[str, Path] = {}
-        self.dtypes: dict[str, torch.dtype | None] = {}
-        self._open = safe_open
         self._handles: dict[Path, object] = {}
         for p in map(Path, paths):
-            for k, (dtype, _) in _header(p).items():
+            for k in safetensors_header(p):
                 if not k.startswith(prefix):
                     continue
                 name = k[len(prefix):]
                 if name in self.where:
                     raise CheckpointError(f"{p}: tensor {k} is also in {self.where[name]}")
-                self.where[name], self.dtypes[name] = p, dtype
+                self.where[name] = p
         self.prefix = prefix
 
     def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
         path = self.where[name]
         if path not in self._handles:
-            self._handles[path] = self._open(str(path), framework="pt")
+            self._handles[path] = safe_open(str(path), framework="pt")
         return self._handles[path].get_tensor(self.prefix + name)
 
     def scale_key(self, layer: str) -> str | None:
@@ -109,6 +100,16 @@ class _Files:
         if len(found) > 1:
             raise CheckpointError(f"{self.where[found[0]]}: {layer} has several weight scales {found}")
         return found[0] if found else None
+
+    def scale(self, layer: str, out_features: int, what: str) -> torch.Tensor | None:
+        """The layer's stored scale as one fp32 value per output channel (None where there is none)."""
+        key = self.scale_key(layer)
+        if key is None:
+            return None
+        try:
+            return channel_scales(self.get(key), out_features)
+        except ValueError as e:
+            raise CheckpointError(f"{what}: {e}") from None
 
 
 def _replace(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -118,20 +119,9 @@ def _replace(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[name] = tensor
 
 
-def _storage_weight(q: torch.Tensor, scale: torch.Tensor | None, want: torch.dtype, out_features: int,
-                    what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A stored (weight, scale) in the storage ``want``: as-is when it already is, else through fp32."""
-    if scale is not None:
-        if scale.numel() not in (1, out_features):
-            raise CheckpointError(f"{what}: a weight scale of shape {tuple(scale.shape)} for {out_features} "
-                                  "output channels (expected one per tensor or one per channel)")
-        scale = scale.reshape(-1).to(torch.float32).expand(out_features).contiguous()
-    if q.dtype == want and (scale is not None or want == torch.bfloat16 or q.dtype in _QUANTIZED):
-        return q, scale
+def _dequantized(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     w = q.to(torch.float32)
-    if scale is not None:
-        w = w * scale[:, None]
-    return quantize_weight(w, want)
+    return w if scale is None else w * scale.reshape(-1, *[1] * (w.dim() - 1))
 
 
 def stream_load(module: nn.Module, paths: Iterable[str | os.PathLike], *, dtype: torch.dtype | None,
@@ -152,25 +142,14 @@ def stream_load(module: nn.Module, paths: Iterable[str | os.PathLike], *, dtype:
             if mod.bias is not None:
                 expected[base + "bias"] = (mod, "bias", mod.bias.shape)
             continue
-        if any(mname.startswith(q + ".") for q in layers):
-            continue
         for n, t in list(mod._parameters.items()) + [(n, b) for n, b in mod._buffers.items()
                                                       if n not in mod._non_persistent_buffers_set]:
             if t is not None:
                 expected[base + n] = (mod, n, t.shape)
-    stored = set(files.where)
-    for layer in layers:
-        stored.discard(layer + ".weight")
-    for name in expected:  # scales of quantized layers, and of stored-quantized layers kept wide here
-        if name.endswith("weight"):
-            skey = files.scale_key(name[: -len(".weight")] if name != "weight" else "")
-            if skey is not None:
-                stored.discard(skey)
-    for layer in layers:
-        skey = files.scale_key(layer)
-        if skey is not None:
-            stored.discard(skey)
-    stored = {k for k in stored if not k.endswith(SKIPPED_SUFFIXES)}
+    # A weight's scale may sit beside a quantized layer, or beside a layer stored quantized that stays wide here.
+    owners = [*layers] + [n[: -len(".weight")] for n in expected if n.endswith(".weight")]
+    accounted = {k for k in (files.scale_key(o) for o in owners) if k is not None} | {o + ".weight" for o in layers}
+    stored = {k for k in files.where if k not in accounted and not k.endswith(SKIPPED_SUFFIXES)}
     missing = [layer + ".weight" for layer in layers if layer + ".weight" not in files.where]
     missing += [k for k in expected if k not in files.where and k not in tied]
     unexpected = sorted(stored - set(expected))
@@ -187,10 +166,8 @@ def stream_load(module: nn.Module, paths: Iterable[str | os.PathLike], *, dtype:
         if tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{what}: {prefix + name} has shape {tuple(t.shape)}, the model {tuple(shape)}")
         if t.dtype in _QUANTIZED:  # a layer stored quantized that this model keeps wide
-            skey = files.scale_key(name[: -len(".weight")]) if name.endswith(".weight") else None
-            scale = files.get(skey).reshape(-1).to(torch.float32) if skey is not None else None
-            t = t.to(torch.float32) if scale is None else t.to(torch.float32) * (
-                scale[:, None] if scale.numel() > 1 and t.dim() == 2 else scale.reshape(()))
+            layer = name[: -len(".weight")] if name.endswith(".weight") else name
+            t = _dequantized(t, files.scale(layer, t.shape[0], f"{what}: {prefix + name}"))
         elif t.is_floating_point():
             seen[t.dtype] = seen.get(t.dtype, 0) + t.numel()
         _replace(mod, attr, t if dtype is None or not t.is_floating_point() else t.to(dtype))
@@ -201,11 +178,11 @@ def stream_load(module: nn.Module, paths: Iterable[str | os.PathLike], *, dtype:
         if tuple(q.shape) != (mod.out_features, mod.in_features):
             raise CheckpointError(f"{what}: {prefix + key} has shape {tuple(q.shape)}, the model "
                                   f"{(mod.out_features, mod.in_features)}")
-        skey = files.scale_key(layer)
-        scale = files.get(skey) if skey is not None else None
-        w, s = _storage_weight(q, scale, mod.storage, mod.out_features, f"{what}: {prefix + key}")
-        mod._buffers["weight"] = w
-        mod._buffers["weight_scale"] = s
+        scale = files.scale(layer, mod.out_features, f"{what}: {prefix + key}")
+        if q.dtype != mod.storage:  # stored wider (or in another one-byte format): quantized as it is read
+            q, scale = quantize_weight(_dequantized(q, scale), mod.storage)
+        mod._buffers["weight"] = q
+        mod._buffers["weight_scale"] = scale
         mod._buffers["compute"] = torch.empty(0, dtype=compute)
         if mod.bias is not None and mod.bias.dtype != compute:
             mod.bias = nn.Parameter(mod.bias.to(compute), requires_grad=False)

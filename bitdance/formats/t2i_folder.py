@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from bitdance.files import atomic_write, save_safetensors
 from bitdance.formats.folders import FORMAT, read_json_or_none
@@ -33,7 +32,7 @@ from bitdance.formats.weights import (
 from bitdance.models.config import ConfigError, T2IConfig
 from bitdance.models.quantized import check_weights, quantize_
 from bitdance.models.t2i import BitDanceT2I
-from bitdance.offload import enable_sequential_offload
+from bitdance.offload import enable_sequential_offload, to_device_except
 
 __all__ = ["is_text_to_image_folder", "AE_CONFIG", "AE_WEIGHTS", "FIELDS_BESIDE_HEAD_JSON", "HEAD_CONFIG", "HEAD_WEIGHTS", "PROJECTOR_WEIGHTS", "OFFLOADABLE",
            "check_offload", "load_folder", "save_folder"]
@@ -109,17 +108,12 @@ def load_folder(path: str | os.PathLike, *, dtype: torch.dtype | None = None, de
     if "sequential" in offload:
         if device is None:
             raise ValueError("offload='sequential' needs the device the parts visit (device='cuda', ...)")
-        if "ae" in offload:  # decode on the host instead of visiting the device
-            ae, model.ae = model.ae, None
-            enable_sequential_offload(model, device)
-            model.ae = ae
-        else:
-            enable_sequential_offload(model, device)
+        enable_sequential_offload(model, device, ae="ae" not in offload)  # "ae": decode on the host
         return model.eval()
     keep = {id(model.ae)} if "ae" in offload and model.ae is not None else set()
     if "lm_head" in offload:
         keep.add(id(llm.get_output_embeddings()))
-    _to_device_except(model, device, keep)
+    to_device_except(model, device, keep)
     return model.eval()
 
 
@@ -207,24 +201,6 @@ def check_offload(offload: Sequence[str]) -> tuple[str, ...]:
     if isinstance(offload, str) or any(o not in OFFLOADABLE for o in offload):
         raise ValueError(f"offload takes a list of {' and/or '.join(map(repr, OFFLOADABLE))}, got {offload!r}")
     return tuple(offload)
-
-
-def _to_device_except(module: nn.Module, device, keep: set[int]) -> None:
-    """Move ``module`` to ``device`` leaving the submodules whose id() is in ``keep`` where they are, without
-    ever moving those (so they never take device memory, not even briefly)."""
-    if device is None:
-        return
-    if id(module) in keep:
-        return
-    if not any(id(m) in keep for m in module.modules()):
-        module.to(device)
-        return
-    for child in module.children():
-        _to_device_except(child, device, keep)
-    for p in module.parameters(recurse=False):
-        p.data = p.data.to(device)
-    for name, b in module.named_buffers(recurse=False):
-        module._buffers[name] = b.to(device)
 
 
 def _check_folder(path: Path, need_ae: bool) -> None:

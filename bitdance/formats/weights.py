@@ -21,7 +21,7 @@ from torch import nn
 from bitdance.models.config import BitDanceConfig, ConfigError, HeadConfig, TokenizerConfig
 from bitdance.models.presets import GENERATOR_SIZES
 
-__all__ = ["SAFE_GLOBALS", "CheckpointError", "load_file", "safetensors_shapes", "check_config_fits",
+__all__ = ["SAFE_GLOBALS", "CheckpointError", "load_file", "safetensors_header", "safetensors_shapes", "check_config_fits",
            "check_shapes_fit", "split_prefix", "load_into", "infer_tokenizer_config", "infer_head_config",
            "infer_bitdance_config", "training_args_dict"]
 
@@ -88,8 +88,9 @@ def _first_line(e: BaseException) -> str:
     return s[0][:300] if s else type(e).__name__
 
 
-def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes from a safetensors header, without reading the tensors (milliseconds)."""
+def safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor names -> (safetensors dtype name such as ``"BF16"``, ``"I8"``, ``"F8_E4M3"``; shape), from the
+    file's header, without reading the tensors (milliseconds)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -97,9 +98,15 @@ def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(int(n) for n in f.get_slice(k).get_shape()) for k in f.keys()}
+            return {k: (s.get_dtype(), tuple(int(n) for n in s.get_shape()))
+                    for k in f.keys() for s in [f.get_slice(k)]}
     except Exception as e:  # SafetensorsError's import path differs across versions
         raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header (:func:`safetensors_header`)."""
+    return {k: shape for k, (_, shape) in safetensors_header(path).items()}
 
 
 def _meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

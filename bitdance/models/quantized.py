@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WEIGHT_FORMATS", "STORAGE_DTYPES", "QuantizedLinear", "quantize_", "quantize_weight",
+__all__ = ["WEIGHT_FORMATS", "STORAGE_DTYPES", "QuantizedLinear", "quantize_", "quantize_weight", "channel_scales",
            "linear_dtype", "weights_format", "check_weights"]
 
 WEIGHT_FORMATS = ("bf16", "int8", "fp8")
@@ -63,6 +63,15 @@ def quantize_weight(w: torch.Tensor, storage: torch.dtype) -> tuple[torch.Tensor
     r = w32 / scale[:, None]
     q = r.round_().clamp_(-127, 127).to(torch.int8) if storage == torch.int8 else r.to(storage)
     return q, scale
+
+
+def channel_scales(scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    """One fp32 scale per output channel, from one per tensor or one per channel in any shape ((out,), (out, 1));
+    ValueError for any other count."""
+    if scale.numel() not in (1, out_features):
+        raise ValueError(f"a weight scale of shape {tuple(scale.shape)} for {out_features} output channels "
+                         "(expected one per tensor or one per channel)")
+    return scale.reshape(-1).to(torch.float32).expand(out_features).contiguous()
 
 
 class QuantizedLinear(nn.Module):
@@ -148,7 +157,7 @@ class QuantizedLinear(nn.Module):
         key = prefix + "weight_scale"
         s = state_dict.get(key)
         if s is not None and self.weight_scale is not None and s.numel() in (1, self.out_features):
-            state_dict[key] = s.reshape(-1).to(torch.float32).expand(self.out_features).contiguous()
+            state_dict[key] = channel_scales(s, self.out_features)
         w = state_dict.get(prefix + "weight")
         if w is not None and w.dtype != self.weight.dtype:
             error_msgs.append(f"{prefix}weight: stored as {w.dtype}, this layer holds {self.weight.dtype}")

@@ -14,11 +14,12 @@ import torch
 from bitdance import validation
 from bitdance.formats.folders import FORMAT, read_json_or_none, replace_folder
 from bitdance.formats.hub import resolve
+from bitdance.formats.quantized import recorded_weights
 from bitdance.formats.t2i_folder import FIELDS_BESIDE_HEAD_JSON, check_offload, load_folder, save_folder
 from bitdance.formats.weights import CheckpointError
 from bitdance.images import image_tensor
 from bitdance.models.config import ConfigError, T2IConfig
-from bitdance.models.quantized import WEIGHT_FORMATS, check_weights, weights_format
+from bitdance.models.quantized import check_weights, weights_format
 from bitdance.models.t2i import BitDanceT2I
 from bitdance.models.tokenizer import BinaryTokenizer
 from bitdance.models.transformer import generation_order
@@ -94,11 +95,8 @@ class BitDanceT2IPipeline(Pipeline):
             dtype = torch.bfloat16 if forced_dtype() == "bf16" else torch.float32
         offload = check_offload(offload)  # a caller's mistake: checked here so it is not reported as a bad folder
         check_weights(weights)
-        if weights is None and isinstance(ours, dict) and ours.get("weights") is not None:
-            weights = ours["weights"]
-            if weights not in WEIGHT_FORMATS:
-                raise CheckpointError(f"{path / 'config.json'}: bitdance.weights = {weights!r}; one of "
-                                      f"{list(WEIGHT_FORMATS)}")
+        if weights is None and isinstance(ours, dict):
+            weights = recorded_weights(ours.get("weights"), f"{path / 'config.json'}: bitdance.weights")
         try:
             model = load_folder(path, dtype=dtype, device=device, low_cpu_mem_usage=low_cpu_mem_usage,
                                 offload=offload, weights=weights, **{**extra, **config_overrides})
