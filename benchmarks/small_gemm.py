@@ -12,7 +12,8 @@ best of 3:
 * ``compiled``: ``torch.compile`` with the weights frozen and ``max_autotune`` (what
   ``BitDance.compile_sampling`` does on CPUs): C++ GEMM templates with weights packed once.
 
-Prints GFLOP/s per row count, the weight bytes streamed per second, the fp32 matmul peak (2048^3) and the
+Prints GFLOP/s per row count, the weight bytes streamed per second, the fp32 matmul peak (2048^3,
+``bitdance.apps.bench.measure_matmul_peak``) and the
 memory bandwidth (a 1 GB copy) measured in the same process.
 """
 
@@ -26,7 +27,8 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import nn
 
-from bitdance.compiling import CPU_INDUCTOR_OPTIONS
+from bitdance.apps.bench import measure_matmul_peak
+from bitdance.compiling import CPU_INDUCTOR_OPTIONS, CPU_TEMPLATE_OPTIONS
 from bitdance.precision import cpu_description, separate_compile_cache
 
 W = 768
@@ -62,6 +64,12 @@ def _best(fn, flops: float, reps: int = 10) -> float:
     return flops * reps / (time.perf_counter() - t0)
 
 
+def _copy_bandwidth() -> float:
+    src = torch.ones(2**28)  # 1 GiB
+    dst = torch.empty_like(src)
+    return max(_best(lambda: dst.copy_(src), 2 * src.nbytes, reps=2) for _ in range(2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[4, 16, 64, 256])
@@ -70,18 +78,14 @@ def main() -> None:
 
     separate_compile_cache()
     torch.manual_seed(0)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    peak = max(_best(lambda: torch.mm(a, b), 2 * 2048**3, reps=1) for _ in range(3))
-    src = torch.ones(2**28)  # 1 GiB
-    dst = torch.empty_like(src)
-    bandwidth = max(_best(lambda: dst.copy_(src), 2 * src.nbytes, reps=2) for _ in range(2))
-    del a, b, src, dst
+    peak = measure_matmul_peak(torch.device("cpu"), torch.float32)
+    bandwidth = _copy_bandwidth()
     model = Blocks().eval()
     transposed = Blocks(transposed=True).eval()
     transposed.load_state_dict(model.state_dict())
     weight_bytes = sum(layer.weight.nbytes for layer in model.layers)
     rows_out = []
-    with torch.no_grad(), inductor_config.patch(CPU_INDUCTOR_OPTIONS):
+    with torch.no_grad(), inductor_config.patch({**CPU_INDUCTOR_OPTIONS, **CPU_TEMPLATE_OPTIONS}):
         for rows in args.rows:
             torch._dynamo.reset()
             x = torch.randn(rows, W)

@@ -11,6 +11,15 @@ they compile. (Letting inductor also time BLAS and keep the faster per shape pic
 products of B-1x: it times each product alone, with its weights hot in the cache, where sampling streams
 them from memory. The head step then ran at the eager speed, against 3.7x faster with the templates.)
 
+Products with many rows (64 in a B-16x step: 4 sequences x 16 tokens) are compute-bound, and there oneDNN's
+kernels, with each weight reordered once into their blocked layout, beat the templates: the products of a
+B head's blocks at 64 rows ran at 150-166 GFLOP/s against 122-139 (AVX2 forced, 2 cores), and a B-16x
+image took 7.0-9.1 s against 9.5-16 (the templates' speed depends on the block sizes their autotuning
+picked on a busy machine). Inductor hands an fp32 product to oneDNN with its weight packed once only when
+the row count is symbolic, so calls with at least :data:`ONEDNN_MIN_ROWS` rows in fp32 go to a second graph,
+compiled with dynamic shapes and without the templates (one graph then serves every such batch size; a
+process that runs both graphs holds two packed copies of the weights).
+
 Frozen weights are copies: a compiled loop notices when the module's parameters were written since
 (``load_state_dict``, an optimizer step) and compiles again. On GPUs the weights stay inputs of the graph,
 and ``mode`` selects the usual inductor modes ("reduce-overhead" = CUDA graphs).
@@ -29,14 +38,19 @@ from torch import nn
 
 from bitdance.precision import separate_compile_cache
 
-__all__ = ["CPU_INDUCTOR_OPTIONS", "FrozenCompiled"]
+__all__ = ["CPU_INDUCTOR_OPTIONS", "CPU_TEMPLATE_OPTIONS", "ONEDNN_MIN_ROWS", "FrozenCompiled"]
 
-# What the CPU compilation switches on (inductor config names).
-CPU_INDUCTOR_OPTIONS: dict[str, Any] = {
-    "freezing": True,
-    "max_autotune": True,
-    "max_autotune_gemm_backends": "CPP",
-}
+# What the CPU compilation switches on (inductor config names): freezing around every compiled call (it is
+# decided before per-function options apply, see FrozenCompiled.active), and for the graph of few rows the C++
+# GEMM templates as that function's options. The graph of many rows takes oneDNN's kernels, inductor's
+# choice for frozen fp32 weights with dynamic rows once the templates are not asked for.
+CPU_INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True}
+CPU_TEMPLATE_OPTIONS: dict[str, Any] = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+
+# Rows (of a call's first tensor: its elements over its last dimension) from which fp32 products go to oneDNN.
+# Measured with the B head's block products (AVX2 forced, 2 cores): the templates are faster at 4 and 16 rows
+# (59 / 84-94 GFLOP/s against 28 / 72), oneDNN at 64 (155 against 139).
+ONEDNN_MIN_ROWS = 32
 
 
 def _bound_forward(self, *args):
@@ -95,13 +109,27 @@ class FrozenCompiled:
 
     def _build(self) -> None:
         separate_compile_cache()
-        bound = _Bound(self.fn, self.module)
         if self.frozen:
-            self._compiled = torch.compile(bound, dynamic=self.dynamic, fullgraph=True)
+            self._compiled = torch.compile(_Bound(self.fn, self.module), dynamic=self.dynamic, fullgraph=True,
+                                           options=CPU_TEMPLATE_OPTIONS)
+            # built now, compiled at its first call: a model sampled only with few rows never compiles it
+            self._compiled_wide = torch.compile(_Bound(self.fn, self.module), dynamic=True, fullgraph=True)
         else:
-            self._compiled = torch.compile(bound, mode=self.mode, dynamic=self.dynamic, fullgraph=True)
+            self._compiled = torch.compile(_Bound(self.fn, self.module), mode=self.mode, dynamic=self.dynamic,
+                                           fullgraph=True)
+            self._compiled_wide = None
         self._copy_out = not self.frozen and self.mode in ("reduce-overhead", "max-autotune")
         self._weights = self._weights_state()
+
+    def graph_for(self, *args) -> str:
+        """Which graph a call with ``args`` runs: "wide" (fp32 with at least :data:`ONEDNN_MIN_ROWS` rows on
+        a CPU: oneDNN, dynamic rows) or "static" (everything else)."""
+        if self._compiled_wide is None:
+            return "static"
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None or first.dtype != torch.float32 or first.dim() == 0:
+            return "static"
+        return "wide" if first.numel() // max(first.shape[-1], 1) >= ONEDNN_MIN_ROWS else "static"
 
     def _weights_state(self) -> tuple:
         return tuple((p.data_ptr(), p._version) for p in self.module.parameters())
@@ -136,6 +164,7 @@ class FrozenCompiled:
                 self._active = False
 
     def __call__(self, *args):
+        compiled = self._compiled_wide if self.graph_for(*args) == "wide" else self._compiled
         with self.active():
-            out = self._compiled(*args)
+            out = compiled(*args)
         return _cloned(out) if self._copy_out else out

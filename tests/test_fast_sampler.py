@@ -103,12 +103,17 @@ def test_hoisted_adaln_gives_the_same_tokens(P, monkeypatch):
     assert torch.equal(hoisted, per_step)
 
 
-@pytest.mark.parametrize("P, attention", [(1, "bidirectional"), (4, "bidirectional"), (4, "causal")])
-def test_compiled_sampling_gives_the_same_tokens(P, attention):
-    """torch.compile (inductor, CPU here: weights frozen, C++ GEMM templates) of the head's inner loop and the
-    transformer's cached step (the cache written and read by one opaque op, with the mask rows of the block)
-    gives the tokens of the eager code for a seed in fp32, and follows the weights when they change after
-    compiling."""
+@pytest.mark.parametrize("P, attention, graph", [(1, "bidirectional", "static"), (4, "bidirectional", "static"),
+                                                  (4, "causal", "static"), (4, "bidirectional", "wide")])
+def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, monkeypatch):
+    """torch.compile (inductor, CPU here: weights frozen; C++ GEMM templates for few rows, oneDNN with dynamic
+    rows for many) of the head's inner loop and the transformer's cached step (the cache written and read by
+    one opaque op, with the mask rows of the block) gives the tokens of the eager code for a seed in fp32,
+    and follows the weights when they change after compiling."""
+    import bitdance.compiling
+
+    # the tiny model's calls have 4 x P rows: the threshold moves so that "wide" takes the oneDNN graph
+    monkeypatch.setattr(bitdance.compiling, "ONEDNN_MIN_ROWS", 1 if graph == "wide" else 10**9)
     model, other = _model(P, block_attention=attention), _model(P, seed=1, block_attention=attention)
     labels = torch.tensor([1, 2])
     kw = dict(sampler=FlowSampler(num_steps=3), guidance_scale=2.5)
@@ -116,6 +121,9 @@ def test_compiled_sampling_gives_the_same_tokens(P, attention):
         eager = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
     model.compile_sampling()  # the transformer's step too: the default on CPUs
     assert model._compiled_decode is not None
+    tokens = torch.zeros(4, P, model.config.latent_dim)
+    assert model._compiled_decode.graph_for(tokens) == graph
+    assert model._compiled_decode.graph_for(tokens.bfloat16()) == "static"
     try:
         with torch.inference_mode():
             compiled = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)

@@ -319,12 +319,13 @@ class BitDance(nn.Module):
     def compile_sampling(self, *, mode: str | None = None, dynamic: bool = False,
                          transformer: bool | None = None) -> None:
         """``torch.compile`` what :meth:`generate` repeats: the diffusion head's sampler update
-        (:meth:`~bitdance.models.head.DiffusionHead.compile_sampling`; on CPUs with the weights frozen into the graph
-        and inductor's C++ GEMM templates for its few-row products, see :mod:`bitdance.compiling`) and the
-        transformer's KV-cached step as one static-shape graph (``transformer``; by default on CPUs, where it
-        measured 1.5-4x faster than eager for B-16x..B-1x, and not on GPUs, where it is not measured yet).
-        Compiled once per batch size, at the first ``generate``; the tokens stay those of the eager code up to
-        float rounding. ``mode="off"`` undoes it."""
+        (:meth:`~bitdance.models.head.DiffusionHead.compile_sampling`; on CPUs with the weights frozen into the
+        graph, inductor's C++ GEMM templates for few-row products and oneDNN's for fp32 calls of 32 rows or more,
+        see :mod:`bitdance.compiling`) and the transformer's KV-cached step as one graph (``transformer``; by
+        default on CPUs, where it measured 1.5-4x faster than eager for B-16x..B-1x, and not on GPUs, where it
+        is not measured yet). Compiled once per batch size (once for all fp32 batches of 32 rows or more), at
+        the first ``generate``; the tokens stay those of the eager code up to float rounding.
+        ``mode="off"`` undoes it."""
         if hasattr(self.head, "compile_sampling"):
             self.head.compile_sampling(mode=mode, dynamic=dynamic)
         if transformer is None:
