@@ -104,7 +104,8 @@ def test_hoisted_adaln_gives_the_same_tokens(P, monkeypatch):
 
 
 @pytest.mark.parametrize("P, attention, graph", [(1, "bidirectional", "static"), (4, "bidirectional", "static"),
-                                                  (4, "causal", "static"), (4, "bidirectional", "wide")])
+                                                  (4, "causal", "static"), (1, "bidirectional", "wide"),
+                                                  (4, "bidirectional", "wide")])
 def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, monkeypatch):
     """torch.compile (inductor, CPU here: weights frozen; C++ GEMM templates for few rows, oneDNN with dynamic
     rows for many) of the head's inner loop and the transformer's cached step (the cache written and read by
