@@ -146,7 +146,7 @@ class FrozenCompiled:
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Compilation happens lazily, inside a call (and again for a new shape), so the compile options must
-        be in force then. Setting them costs about 60 us, as much as a small kernel: a loop of calls holds
+        be in force then (freezing as a patch: inductor reads it before a function's own ``options``). Setting them costs about 60 us, as much as a small kernel: a loop of calls holds
         this once around itself instead of paying it per call."""
         if self._active:
             yield

@@ -89,23 +89,19 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, *, size: int |
     c = torch.empty(n, n, device=device, dtype=dtype)
     best = 0.0
     with torch.inference_mode():
-        torch.mm(a, b, out=c)
-        _sync(device)
-        for _ in range(trials):
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                torch.mm(a, b, out=c)
-            _sync(device)
-            dt = time.perf_counter() - t0
-            best = max(best, 2.0 * n**3 * inner / dt)
+        products = [lambda: torch.mm(a, b, out=c)]
         if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
             packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)
-            torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+            products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+        for product in products:
+            product()
+            _sync(device)
             for _ in range(trials):
                 t0 = time.perf_counter()
-                torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
-                best = max(best, 2.0 * n**3 / (time.perf_counter() - t0))
-    del a, b, c
+                for _ in range(inner):
+                    product()
+                _sync(device)
+                best = max(best, 2.0 * n**3 * inner / (time.perf_counter() - t0))
     return best
 
 
