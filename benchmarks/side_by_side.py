@@ -23,6 +23,7 @@ in bitdance's run of that preset (same process kind, minutes apart); the ratio i
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 PRESETS = ("BitDance-B-16x", "BitDance-B-4x", "BitDance-B-1x")
+OFFICIAL_NEEDS = ("einops",)  # what imagenet_gen/src imports beyond torch (flash_attn gets a stand-in)
 
 
 def _official(args) -> None:
@@ -186,6 +188,12 @@ def main() -> None:
     else:
         if not args.official:
             ap.error("--official PATH (a checkout of github.com/shallowdream204/BitDance) is needed")
+        if not (Path(args.official) / "imagenet_gen" / "src" / "model_parallel.py").is_file():
+            ap.error(f"--official {args.official}: no imagenet_gen/src/model_parallel.py there "
+                     "(a checkout of github.com/shallowdream204/BitDance is needed)")
+        missing = [m for m in OFFICIAL_NEEDS if importlib.util.find_spec(m) is None]
+        if missing:  # checked before bitdance's side runs, not minutes later
+            ap.error(f"the authors' code needs {', '.join(missing)}: pip install {' '.join(missing)}")
         measure(args)
 
 

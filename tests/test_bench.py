@@ -156,3 +156,23 @@ def test_side_by_side_table_and_missing_checkout(tmp_path):
     p = subprocess.run([sys.executable, str(path), "--_official", "--official", str(tmp_path), "--preset",
                         "BitDance-B-4x"], capture_output=True, text=True)
     assert p.returncode != 0 and "no imagenet_gen/src/model_parallel.py there" in p.stderr
+
+
+def test_side_by_side_checks_before_measuring(tmp_path, monkeypatch, capsys):
+    """A wrong --official path or a missing dependency of the authors' code stops the run at once, with the
+    fix, before bitdance's side spends minutes measuring."""
+    mod, _ = _side_by_side()
+    monkeypatch.setattr(mod, "measure", lambda args: pytest.fail("measured despite a bad set-up"))
+    monkeypatch.setattr("sys.argv", ["side_by_side.py", "--official", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        mod.main()
+    assert "no imagenet_gen/src/model_parallel.py there" in capsys.readouterr().err
+    src = tmp_path / "imagenet_gen" / "src"
+    src.mkdir(parents=True)
+    (src / "model_parallel.py").write_text("")
+    monkeypatch.setattr(mod, "OFFICIAL_NEEDS", ("einops", "no_such_module_for_the_authors"))
+    monkeypatch.setattr("sys.argv", ["side_by_side.py", "--official", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        mod.main()
+    err = capsys.readouterr().err
+    assert "pip install no_such_module_for_the_authors" in err

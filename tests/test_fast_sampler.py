@@ -140,6 +140,60 @@ def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, monkeypatc
         model.compile_sampling(mode="off")
 
 
+def test_frozen_compiled_counts_rows_and_follows_train_mode():
+    """On CPUs a call takes the oneDNN graph by the rows of its products: those of its first tensor, or what
+    ``rows`` says (the head's preparation: the adaLN outputs of all flow times, 26 x the condition's rows).
+    With dynamo's guards on the module dropped, switching to training mode must still compile again."""
+    from bitdance.compiling import ONEDNN_MIN_ROWS, FrozenCompiled
+
+    model = _model(1)
+    model.compile_sampling()
+    try:
+        cond = torch.zeros(4, model.head.net.cond_embed.in_features)
+        times = FlowSampler(num_steps=25).flow_times(torch.device("cpu"))
+        assert 4 < ONEDNN_MIN_ROWS <= 4 * times.numel()
+        prepare = model.head._compiled_prepare
+        assert prepare.graph_for(cond, times) == "wide"
+        assert prepare.graph_for(cond, None) == "static"
+        assert prepare.graph_for(cond.bfloat16(), times) == "static"
+        plain = FrozenCompiled(lambda m, x, t: m(x), model.head.net.cond_embed)
+        assert plain.graph_for(cond, times) == "static"
+
+        step = model.head._compiled_step
+        assert not step.refresh()
+        model.train()
+        assert step.refresh()  # rebuilt: the graph had dropout etc. of eval mode baked in
+        assert not step.refresh()
+        model.eval()
+        assert step.refresh()
+    finally:
+        model.compile_sampling(mode="off")
+
+
+def test_attention_cpu_fp32_few_keys_matches_sdpa(monkeypatch):
+    """fp32 on CPU with few keys and no mask (a 4x head's patch; a 16x head's when compiled) takes the
+    broadcast-and-sum path."""
+    import bitdance.models.head as head
+    from bitdance.models.head import FEW_KEYS, FEW_KEYS_COMPILED, attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (FEW_KEYS, FEW_KEYS, FEW_KEYS))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def no_fused_kernel(*args, **kwargs):
+        raise AssertionError("the fused kernel was called")
+
+    k16, v16 = (torch.randn(2, 3, FEW_KEYS_COMPILED, 16, generator=g) for _ in range(2))
+    ref16 = torch.nn.functional.scaled_dot_product_attention(q, k16, v16)
+    monkeypatch.setattr(head.F, "scaled_dot_product_attention", no_fused_kernel)
+    torch.testing.assert_close(attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(AssertionError, match="fused kernel"):  # more keys, or a mask: the fused kernel
+        attention(q, torch.cat([k, k], -2), torch.cat([v, v], -2))
+    # traced by torch.compile, up to FEW_KEYS_COMPILED keys: the broadcasts too
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(attention, fullgraph=True)(q, k16, v16), ref16, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_cpu_bf16_path_matches_sdpa(masked):
     """bf16 on CPU with short keys takes the explicit-scores path; it must compute the same attention."""

@@ -112,14 +112,20 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k:
     One opaque operation for the compiled decode step: written as tensor code inside a graph, the write
     into the cache (a graph input) made inductor copy each layer's whole cache out and back at every step
     (functionalisation: on B-1x 130 of the 210 ms a step took), and the attention over it ran as
-    repacked small products. Here the write stays in place and the attention is torch's fused kernel."""
+    repacked small products. Here the write stays in place and the attention is torch's fused kernel.
+
+    On CPUs, where a host sync costs nothing, only the filled part of the cache is attended over (half of it
+    on average: the reads are the cost), and without the mask where its rows are all True there (a P = 1
+    step, block-wise attention), which spares the kernel its masked path (B-16x's step: 450 against 480 us
+    per layer; AVX2 forced, cache in L3)."""
     ck, cv = cache_k[layer], cache_v[layer]
     ck.index_copy_(2, positions, k)
     cv.index_copy_(2, positions, v)
-    if q.device.type == "cpu":  # the filled part only: half the cache on average, the reads are the cost
-        end = int(positions[-1]) + 1
-        ck, cv, mask = ck[:, :, :end], cv[:, :, :end], mask[:, :end]
-    return attention(q, ck, cv, mask)
+    if q.device.type != "cpu":
+        return attention(q, ck, cv, mask)
+    end = int(positions[-1]) + 1
+    ck, cv, mask = ck[:, :, :end], cv[:, :, :end], mask[:, :end]
+    return attention(q, ck, cv, None if bool(mask.all()) else mask)
 
 
 @cached_attention.register_fake
