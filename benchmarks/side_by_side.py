@@ -35,6 +35,14 @@ PRESETS = ("BitDance-B-16x", "BitDance-B-4x", "BitDance-B-1x")
 OFFICIAL_NEEDS = ("einops",)  # what imagenet_gen/src imports beyond torch (flash_attn gets a stand-in)
 
 
+def _checkout_problem(official: str) -> str | None:
+    """Why ``official`` is not a checkout of the authors' repository, or None."""
+    if not (Path(official) / "imagenet_gen" / "src" / "model_parallel.py").is_file():
+        return (f"--official {official}: no imagenet_gen/src/model_parallel.py there "
+                "(a checkout of github.com/shallowdream204/BitDance is needed)")
+    return None
+
+
 def _official(args) -> None:
     """Time the authors' sampler (runs in its own process: their modules install global state)."""
     import types
@@ -44,9 +52,8 @@ def _official(args) -> None:
 
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")  # their forward_model is decorated with torch.compile
     src = Path(args.official) / "imagenet_gen"
-    if not (src / "src" / "model_parallel.py").is_file():
-        sys.exit(f"--official {args.official}: no imagenet_gen/src/model_parallel.py there "
-                 "(a checkout of github.com/shallowdream204/BitDance is needed)")
+    if problem := _checkout_problem(args.official):
+        sys.exit(problem)
     if "flash_attn" not in sys.modules:  # imported by model.py's layers; no CPU build exists
         def flash_attn_func(q, k, v, causal=False, dropout_p=0.0, **_):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -188,12 +195,10 @@ def main() -> None:
     else:
         if not args.official:
             ap.error("--official PATH (a checkout of github.com/shallowdream204/BitDance) is needed")
-        if not (Path(args.official) / "imagenet_gen" / "src" / "model_parallel.py").is_file():
-            ap.error(f"--official {args.official}: no imagenet_gen/src/model_parallel.py there "
-                     "(a checkout of github.com/shallowdream204/BitDance is needed)")
+        problem = _checkout_problem(args.official)  # checked before bitdance's side runs, not minutes later
         missing = [m for m in OFFICIAL_NEEDS if importlib.util.find_spec(m) is None]
-        if missing:  # checked before bitdance's side runs, not minutes later
-            ap.error(f"the authors' code needs {', '.join(missing)}: pip install {' '.join(missing)}")
+        if problem or missing:
+            ap.error(problem or f"the authors' code needs {', '.join(missing)}: pip install {' '.join(missing)}")
         measure(args)
 
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from bitdance.precision import separate_compile_cache
 
-__all__ = ["CPU_INDUCTOR_OPTIONS", "CPU_TEMPLATE_OPTIONS", "ONEDNN_MIN_ROWS", "FrozenCompiled"]
+__all__ = ["CPU_INDUCTOR_OPTIONS", "CPU_TEMPLATE_OPTIONS", "ONEDNN_MIN_ROWS", "FrozenCompiled", "rows_of"]
 
 # What the CPU compilation switches on (inductor config names): freezing around every compiled call (it is
 # decided before per-function options apply, see FrozenCompiled.active), and for the graph of few rows the C++
@@ -54,6 +54,11 @@ CPU_TEMPLATE_OPTIONS: dict[str, Any] = {"max_autotune": True, "max_autotune_gemm
 # Measured with the B head's block products (AVX2 forced, 2 cores): the templates are faster at 4 and 16 rows
 # (59 / 84-94 GFLOP/s against 28 / 72), oneDNN at 64 (155 against 139).
 ONEDNN_MIN_ROWS = 32
+
+
+def rows_of(t: torch.Tensor) -> int:
+    """Rows ``t`` gives a product with a weight: its elements over its last dimension."""
+    return t.numel() // max(t.shape[-1], 1)
 
 
 def _bound_forward(self, *args):
@@ -135,7 +140,7 @@ class FrozenCompiled:
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if first is None or first.dtype != torch.float32 or first.dim() == 0:
             return "static"
-        rows = self.rows(*args) if self.rows is not None else first.numel() // max(first.shape[-1], 1)
+        rows = self.rows(*args) if self.rows is not None else rows_of(first)
         return "wide" if rows >= ONEDNN_MIN_ROWS else "static"
 
     def _weights_state(self) -> tuple:

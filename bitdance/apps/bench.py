@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLOP_MAPPING", "BenchResult", "count_flops", "measure_matmul_peak", "proc_memory_bytes", "reset_peak_memory",
+__all__ = ["COMPILE_MODES", "FLOP_MAPPING", "BenchResult", "count_flops", "measure_matmul_peak", "proc_memory_bytes", "reset_peak_memory",
            "run_bench"]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bitdance.apps.bench import COMPILE_MODES
 from bitdance.apps.commands import (
     CLIError,
     cmd_bench,
@@ -41,6 +42,11 @@ def _eval_command(esub, name: str, fn) -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
     e.set_defaults(fn=fn, command=f"eval {name}")
     return e
+
+
+COMPILE_HELP = ("torch.compile the diffusion head's inner loop and, on CPUs, the transformer's cached step "
+                "(weights frozen; C++ GEMM templates for few rows, oneDNN for fp32 products of 32 rows or more; "
+                "reduce-overhead = CUDA graphs on GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,12 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["fp32", "bf16"], help="None = fp32 (text-to-image: the stored dtype)")
     weights_option(s)
     s.add_argument("--no-kv-cache", action="store_true", help="recompute the sequence each step (slow, for checks)")
-    s.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
-                   help="torch.compile the diffusion head's inner loop and, on CPUs, the transformer's cached step "
-                        "(weights frozen; C++ GEMM templates for few rows, oneDNN for fp32 products of 32 rows or more: "
-                        "2.0x / 1.8x / 4.5x the authors' fp32 speed for 16x / 4x / 1x models; reduce-overhead = "
-                        "CUDA graphs on GPU); compiling takes "
-                        "a minute or two")
+    s.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                   help=f"{COMPILE_HELP}; 1.3-2.0x / 1.8-2.6x / 4.5x the authors' fp32 speed for 16x / 4x / 1x "
+                        "models on a 2-core AVX2 CPU; compiling takes a minute or two")
     s.set_defaults(fn=cmd_sample)
 
     add_edit_parser(sub)
@@ -232,11 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=1, help="timed runs (averaged)")
     s.add_argument("--seed", type=integer, default=0, help="sampling seed")
     s.add_argument("--no-decode", action="store_true", help="time the generator only (no tokenizer decode)")
-    s.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
-                   help="torch.compile the diffusion head's inner loop and, on CPUs, the transformer's cached step "
-                        "(weights frozen; C++ GEMM templates for few rows, oneDNN for fp32 products of 32 rows or more; "
-                        "reduce-overhead = CUDA graphs on GPU); compiled "
-                        "during the warm-up")
+    s.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                   help=f"{COMPILE_HELP}; compiled during the warm-up")
     s.add_argument("--compare-fp32", action="store_true",
                    help="also sample the same seed in fp32: report bit/token agreement and image PSNR")
     s.add_argument("--profile", metavar="DIR", help="profile one more run: DIR/profile.txt (top ops on the device "

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitdance import rng
-from bitdance.compiling import FrozenCompiled
+from bitdance.compiling import FrozenCompiled, rows_of
 from bitdance.models.config import HeadConfig
 from bitdance.models.quantized import linear_dtype
 from bitdance.models.quantizer import bits_to_indices, indices_to_bits
@@ -363,7 +363,7 @@ class DiffusionHead(nn.Module):
         per_step = None
         # the adaLN outputs of every flow step in one batch: (steps + 1) x more rows per weight read, which is
         # what small batches lack (on a CPU these products run several times faster then)
-        hoist = times.numel() * (cond.numel() // cond.shape[-1]) * net.modulation_width <= self.HOIST_ELEMENTS
+        hoist = _prepare_rows(cond, times) * net.modulation_width <= self.HOIST_ELEMENTS
         if self._compiled_prepare is not None:
             self._compiled_prepare.refresh()
             c, all_mods = self._compiled_prepare(cond, times if hoist else None)
@@ -400,7 +400,7 @@ def _prepare(net: nn.Module, cond: torch.Tensor, times: torch.Tensor | None
 
 def _prepare_rows(cond: torch.Tensor, times: torch.Tensor | None) -> int:
     """Rows of :func:`_prepare`'s largest product: the adaLN outputs of all flow times (or the condition's)."""
-    return cond.numel() // cond.shape[-1] * (1 if times is None else times.numel())
+    return rows_of(cond) * (1 if times is None else times.numel())
 
 
 def _flow_step(net: nn.Module, c: torch.Tensor, mods: tuple[torch.Tensor, ...] | None, scale: torch.Tensor,
