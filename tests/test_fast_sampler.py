@@ -170,6 +170,40 @@ def test_frozen_compiled_counts_rows_and_follows_train_mode():
         model.compile_sampling(mode="off")
 
 
+def test_padded_products_pad_the_weight_and_slice_the_output(monkeypatch):
+    """fp32 products whose width is not a multiple of 24 run with zero rows added to the weight (so that the
+    AVX2 GEMM template takes its widest micro-kernel) and the same outputs; with AVX2 kernels the graphs of few
+    rows are traced that way."""
+    from torch.overrides import TorchFunctionMode
+
+    from bitdance.compiling import AVX2_TEMPLATE_WIDTH, FrozenCompiled, PaddedProducts
+
+    widths = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear:
+                widths.append(args[1].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    odd, even = torch.nn.Linear(32, 40), torch.nn.Linear(32, 2 * AVX2_TEMPLATE_WIDTH, bias=False)
+    odd_bf16 = torch.nn.Linear(32, 40).bfloat16()
+    x = torch.randn(4, 32, generator=g)
+    with torch.no_grad(), Record(), PaddedProducts():  # the inner mode sees each call first
+        y_odd, y_even, _ = odd(x), even(x), odd_bf16(x.bfloat16())
+    assert widths == [2 * AVX2_TEMPLATE_WIDTH, 2 * AVX2_TEMPLATE_WIDTH, 40]  # 40 padded to 48; bf16 as it is
+    with torch.no_grad():
+        assert y_odd.shape == (4, 40) and torch.allclose(y_odd, odd(x), atol=1e-6)
+        assert torch.equal(y_even, even(x))
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    compiled = FrozenCompiled(lambda m, x: m(x), odd)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), odd(x), atol=1e-5)
+    assert compiled._compiled._orig_mod.pad_products
+
+
 def test_attention_cpu_fp32_few_keys_matches_sdpa(monkeypatch):
     """fp32 on CPU with few keys and no mask (a 4x head's patch; a 16x head's when compiled) takes the
     broadcast-and-sum path."""
