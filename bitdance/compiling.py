@@ -24,7 +24,10 @@ Frozen weights are copies: a compiled loop notices when the module's parameters 
 (``load_state_dict``, an optimizer step), or its modules switched between training and evaluation, and
 compiles again. That check runs once per autoregressive step, so the CPU graphs are built without dynamo's
 guards on the module (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``), which it would evaluate at
-every call: 140-240 us a call, 4% of a B-1x image, before; 60-100 us after (AVX2 forced, 2 cores). On GPUs the weights stay inputs of the graph,
+every call: 140-240 us a call, 4% of a B-1x image, before; 60-100 us after (AVX2 forced, 2 cores).
+
+With AVX2 kernels the graphs of few rows are traced under :class:`PaddedProducts`, which gives the templates'
+widest micro-kernel products whose width it would not divide. On GPUs the weights stay inputs of the graph,
 and ``mode`` selects the usual inductor modes ("reduce-overhead" = CUDA graphs).
 """
 
@@ -43,8 +46,8 @@ from torch.overrides import TorchFunctionMode
 
 from bitdance.precision import separate_compile_cache
 
-__all__ = ["AVX2_TEMPLATE_WIDTH", "CPU_INDUCTOR_OPTIONS", "PaddedProducts", "CPU_TEMPLATE_OPTIONS", "ONEDNN_MIN_ROWS", "FrozenCompiled",
-           "rows_of"]
+__all__ = ["AVX2_TEMPLATE_WIDTH", "CPU_INDUCTOR_OPTIONS", "CPU_TEMPLATE_OPTIONS", "ONEDNN_MIN_ROWS", "FrozenCompiled",
+           "PaddedProducts", "rows_of"]
 
 # What the CPU compilation switches on (inductor config names): freezing around every compiled call (it is
 # decided before per-function options apply, see FrozenCompiled.active), and for the graph of few rows the C++
@@ -96,10 +99,8 @@ def rows_of(t: torch.Tensor) -> int:
 
 
 def _bound_forward(self, *args):
-    if self.pad_products:
-        with PaddedProducts():
-            return self.fn(self.module, *args)
-    return self.fn(self.module, *args)
+    with PaddedProducts() if self.pad_products else contextlib.nullcontext():
+        return self.fn(self.module, *args)
 
 
 class _Bound(nn.Module):

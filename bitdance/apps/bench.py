@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["COMPILE_MODES", "FLOP_MAPPING", "BenchResult", "count_flops", "measure_matmul_peak", "proc_memory_bytes", "reset_peak_memory",
-           "run_bench"]
+__all__ = ["COMPILE_MODES", "FLOP_MAPPING", "BenchResult", "count_flops", "measure_matmul_peak", "proc_memory_bytes",
+           "reset_peak_memory", "run_bench"]
 
 
 # --------------------------------------------------------------------------------------------
