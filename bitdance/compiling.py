@@ -17,8 +17,8 @@ B head's blocks at 64 rows ran at 150-166 GFLOP/s against 122-139 (AVX2 forced, 
 image took 7.0-9.1 s against 9.5-16 (the templates' speed depends on the block sizes their autotuning
 picked on a busy machine). Inductor hands an fp32 product to oneDNN with its weight packed once only when
 the row count is symbolic, so calls with at least :data:`ONEDNN_MIN_ROWS` rows in fp32 go to a second graph,
-compiled with dynamic shapes and without the templates (one graph then serves every such batch size; a
-process that runs both graphs holds two packed copies of the weights).
+compiled with dynamic shapes, without the templates and with inductor's C++ wrapper (one graph then serves
+every such batch size; a process that runs both graphs holds two packed copies of the weights).
 
 Frozen weights are copies: a compiled loop notices when the module's parameters were written since
 (``load_state_dict``, an optimizer step), or its modules switched between training and evaluation, and
@@ -46,8 +46,8 @@ from torch.overrides import TorchFunctionMode
 
 from bitdance.precision import separate_compile_cache
 
-__all__ = ["AVX2_TEMPLATE_WIDTH", "CPU_INDUCTOR_OPTIONS", "CPU_TEMPLATE_OPTIONS", "ONEDNN_MIN_ROWS", "FrozenCompiled",
-           "PaddedProducts", "rows_of"]
+__all__ = ["AVX2_TEMPLATE_WIDTH", "CPU_INDUCTOR_OPTIONS", "CPU_TEMPLATE_OPTIONS", "CPU_WIDE_OPTIONS", "ONEDNN_MIN_ROWS",
+           "FrozenCompiled", "PaddedProducts", "rows_of"]
 
 # What the CPU compilation switches on (inductor config names): freezing around every compiled call (it is
 # decided before per-function options apply, see FrozenCompiled.active), and for the graph of few rows the C++
@@ -55,6 +55,11 @@ __all__ = ["AVX2_TEMPLATE_WIDTH", "CPU_INDUCTOR_OPTIONS", "CPU_TEMPLATE_OPTIONS"
 # choice for frozen fp32 weights with dynamic rows once the templates are not asked for.
 CPU_INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True}
 CPU_TEMPLATE_OPTIONS: dict[str, Any] = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+# The graph of many rows calls its kernels from C++ rather than from Python: while the Python wrapper runs
+# between two kernels, the second core waits (11% of its time in a B-16x head step; AVX2 forced, 2 cores).
+# A B-16x image, where every graph is this one, took 1.7% less time (median of 4 alternating rounds, tokens
+# identical). The graph of few rows keeps the Python wrapper: with the C++ one a B-1x image took 1.7% more.
+CPU_WIDE_OPTIONS: dict[str, Any] = {"cpp_wrapper": True}
 
 # Rows (of a call's first tensor: its elements over its last dimension) from which fp32 products go to oneDNN.
 # Measured with the B head's block products (AVX2 forced, 2 cores): the templates are faster at 4 and 16 rows
@@ -162,7 +167,7 @@ class FrozenCompiled:
                                            options={**CPU_TEMPLATE_OPTIONS, **guards})
             # built now, compiled at its first call: a model sampled only with few rows never compiles it
             self._compiled_wide = torch.compile(_Bound(self.fn, self.module), dynamic=True, fullgraph=True,
-                                                options=guards)
+                                                options={**CPU_WIDE_OPTIONS, **guards})
         else:
             self._compiled = torch.compile(_Bound(self.fn, self.module), mode=self.mode, dynamic=self.dynamic,
                                            fullgraph=True)

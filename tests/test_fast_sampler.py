@@ -205,9 +205,10 @@ def test_padded_products_pad_the_weight_and_slice_the_output(monkeypatch):
 
 
 def test_attention_cpu_fp32_few_keys_matches_sdpa(monkeypatch):
-    """fp32 on CPU with few keys and no mask (a 4x head's patch; a 16x head's when compiled) takes the
-    broadcast-and-sum path."""
+    """fp32 on CPU with few keys and no mask (a 4x head's patch; a 16x head's when compiled into the graph of
+    few rows) takes the broadcast-and-sum path."""
     import bitdance.models.head as head
+    from bitdance.compiling import ONEDNN_MIN_ROWS
     from bitdance.models.head import FEW_KEYS, FEW_KEYS_COMPILED, attention
 
     g = torch.Generator().manual_seed(0)
@@ -226,6 +227,13 @@ def test_attention_cpu_fp32_few_keys_matches_sdpa(monkeypatch):
     # traced by torch.compile, up to FEW_KEYS_COMPILED keys: the broadcasts too
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(attention, fullgraph=True)(q, k16, v16), ref16, atol=1e-5, rtol=1e-5)
+    # ... but only in the graph of few rows: from ONEDNN_MIN_ROWS rows (batch x queries) on, the fused kernel
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    few_rows = torch.randn(ONEDNN_MIN_ROWS // q.shape[-2] - 1, 3, q.shape[-2], 16, generator=g)
+    attention(few_rows, k16[:1].expand(len(few_rows), -1, -1, -1), v16[:1].expand(len(few_rows), -1, -1, -1))
+    many_rows = torch.randn(ONEDNN_MIN_ROWS // q.shape[-2], 3, q.shape[-2], 16, generator=g)
+    with pytest.raises(AssertionError, match="fused kernel"):
+        attention(many_rows, k16[:1].expand(len(many_rows), -1, -1, -1), v16[:1].expand(len(many_rows), -1, -1, -1))
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitdance import rng
-from bitdance.compiling import FrozenCompiled, rows_of
+from bitdance.compiling import ONEDNN_MIN_ROWS, FrozenCompiled, rows_of
 from bitdance.models.config import HeadConfig
 from bitdance.models.quantized import linear_dtype
 from bitdance.models.quantizer import bits_to_indices, indices_to_bits
@@ -83,7 +83,7 @@ class MLPBlock(_SwiGLU):
 
 
 # Keys up to which fp32 attention on a CPU is written as broadcasts and sums (see attention): in eager code,
-# and in code that torch.compile traces
+# and in the graph of few rows that torch.compile traces
 FEW_KEYS = 4
 FEW_KEYS_COMPILED = 16
 
@@ -95,15 +95,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
       the head's P-token attention and the KV-cached steps of small models), so the scores are computed
       explicitly, with the softmax in fp32;
     - fp32, no mask, up to :data:`FEW_KEYS` keys (a 4x head's attention over its patch), or up to
-      :data:`FEW_KEYS_COMPILED` under ``torch.compile`` (a 16x head's): the products are written as broadcasts
-      and sums, which inductor fuses with the layout changes around them into a few loops. Compiled, that
-      took 34 us a call against 83 for the fused kernel at 4 keys, and six 16x head blocks' attention with
-      their products 13 ms against 18.5 (AVX2 forced); in eager code, where nothing fuses, the broadcasts
-      are 3x slower than the fused kernel at 16 keys."""
-    few = FEW_KEYS_COMPILED if torch.compiler.is_compiling() else FEW_KEYS
-    if q.device.type == "cpu" and q.dtype == torch.float32 and mask is None and k.shape[-2] <= few:
-        scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * (q.shape[-1] ** -0.5)
-        return (scores.softmax(-1).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
+      :data:`FEW_KEYS_COMPILED` (a 16x head's) where ``torch.compile`` traces a call of fewer than
+      :data:`~bitdance.compiling.ONEDNN_MIN_ROWS` rows (batch x queries; the graph of few rows): the products
+      are written as broadcasts and sums, which inductor fuses with the layout changes around them into a few
+      loops. Compiled, that took 34 us a call against 83 for the fused kernel at 4 keys, and a 16x image of
+      one unguided sequence 1.8% less time than with the fused kernel (AVX2 forced, 2 cores). In the graph
+      of many rows (B-16x at batch 2 with guidance: 64 rows) the fused kernel took 1.2% less time, and in
+      eager code, where nothing fuses, the broadcasts are 3x slower than the fused kernel at 16 keys."""
+    if q.device.type == "cpu" and q.dtype == torch.float32 and mask is None:
+        few = FEW_KEYS
+        if torch.compiler.is_compiling() and q.shape[0] * q.shape[-2] < ONEDNN_MIN_ROWS:
+            few = FEW_KEYS_COMPILED
+        if k.shape[-2] <= few:
+            scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * (q.shape[-1] ** -0.5)
+            return (scores.softmax(-1).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
     if q.device.type != "cpu" or q.dtype == torch.float32 or k.shape[-2] > 128:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
