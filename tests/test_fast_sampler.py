@@ -229,11 +229,14 @@ def test_attention_cpu_fp32_few_keys_matches_sdpa(monkeypatch):
     torch.testing.assert_close(torch.compile(attention, fullgraph=True)(q, k16, v16), ref16, atol=1e-5, rtol=1e-5)
     # ... but only in the graph of few rows: from ONEDNN_MIN_ROWS rows (batch x queries) on, the fused kernel
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    few_rows = torch.randn(ONEDNN_MIN_ROWS // q.shape[-2] - 1, 3, q.shape[-2], 16, generator=g)
-    attention(few_rows, k16[:1].expand(len(few_rows), -1, -1, -1), v16[:1].expand(len(few_rows), -1, -1, -1))
-    many_rows = torch.randn(ONEDNN_MIN_ROWS // q.shape[-2], 3, q.shape[-2], 16, generator=g)
+
+    def traced(batch):  # batch x the queries of q: the rows of the traced call
+        shape = (batch, -1, -1, -1)
+        return attention(torch.randn(batch, 3, q.shape[-2], 16, generator=g), k16[:1].expand(shape), v16[:1].expand(shape))
+
+    traced(ONEDNN_MIN_ROWS // q.shape[-2] - 1)
     with pytest.raises(AssertionError, match="fused kernel"):
-        attention(many_rows, k16[:1].expand(len(many_rows), -1, -1, -1), v16[:1].expand(len(many_rows), -1, -1, -1))
+        traced(ONEDNN_MIN_ROWS // q.shape[-2])
 
 
 @pytest.mark.parametrize("masked", [False, True])
