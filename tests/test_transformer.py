@@ -92,6 +92,36 @@ def test_kv_cache_gives_same_tokens(P):
     assert a.shape == (2, 16, 8, 8) and set(a.unique().tolist()) <= {-1.0, 1.0}
 
 
+@pytest.mark.parametrize("block_attention", ["bidirectional", "causal"])
+@pytest.mark.parametrize("P", [1, 4])
+def test_cached_step_attention_writes_the_block_and_attends_under_the_mask(P, block_attention):
+    """The compiled step's cache op (called eagerly here): it writes the block's keys/values in place and
+    attends over the filled cache exactly as masked attention does; the cache's ``dense`` flag (attend without
+    the mask) holds where every decoded block's mask rows are True up to the block's end, and only there."""
+    m = tiny_model(P, block_attention=block_attention)
+    cache = m._kv_cache(2)
+    H, D = m.config.n_head, m.config.dim // m.config.n_head
+    steps = list(range(m.config.num_steps - 1))
+    ends = [m.prefix_len + (b + 1) * P for b in steps]
+    rows_dense = all(bool(m.attn_mask[e - P: e, :e].all()) for e in ends)
+    assert cache.dense == rows_dense == (block_attention == "bidirectional" or P == 1)
+    g = torch.Generator().manual_seed(0)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    for end in (ends[0], ends[len(ends) // 2]):
+        positions = torch.arange(end - P, end)
+        q, k, v = (torch.randn(2, H, P, D, generator=g) for _ in range(3))
+        before_k, before_v = cache.k.clone(), cache.v.clone()
+        out = torch.ops.bitdance.cached_attention(q, k, v, cache.k, cache.v, 1, positions, m.attn_mask[positions],
+                                                  cache.dense)
+        before_k[1, :, :, end - P: end], before_v[1, :, :, end - P: end] = k, v
+        assert torch.equal(cache.k, before_k) and torch.equal(cache.v, before_v)
+        mask = m.attn_mask[positions][:, :end]
+        want = torch.nn.functional.scaled_dot_product_attention(q, before_k[1, :, :, :end], before_v[1, :, :, :end],
+                                                                 attn_mask=mask)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
 def test_sampling_is_seeded():
     m = tiny_model(4)
     ids = torch.tensor([0, 5])

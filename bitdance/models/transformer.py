@@ -84,10 +84,16 @@ def flip_bits(x: torch.Tensor, rate: float, generator: torch.Generator | None = 
 # Transformer blocks
 # --------------------------------------------------------------------------------------------
 class KVCache:
-    """Static, preallocated key/value cache for all layers: (layers, B, heads, max_len, head_dim)."""
+    """Static, preallocated key/value cache for all layers: (layers, B, heads, max_len, head_dim).
 
-    def __init__(self, n_layer, batch, n_head, max_len, head_dim, *, device=None, dtype=torch.float32):
+    ``dense``: a decoded block's queries see every position up to the block's end (their attention-mask rows
+    are all True there: block-wise attention, or one token per block), so the cached step may attend
+    without the mask."""
+
+    def __init__(self, n_layer, batch, n_head, max_len, head_dim, *, device=None, dtype=torch.float32,
+                 dense: bool = False):
         shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.dense = dense
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -104,9 +110,12 @@ class KVCache:
 
 
 def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
-                      cache_v: torch.Tensor, layer: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Write the block's keys/values of ``layer`` into the whole-model cache at ``positions`` and attend over
-    the cache under ``mask`` (the mask rows of those positions).
+                      cache_v: torch.Tensor, layer: int, positions: torch.Tensor, mask: torch.Tensor,
+                      dense: bool) -> torch.Tensor:
+    """Write the block's keys/values of ``layer`` into the whole-model cache at ``positions`` (consecutive:
+    one block) and attend over the cache under ``mask`` (the mask rows of those positions). ``dense``: those
+    rows are True everywhere up to the block's end (block-wise attention, or P = 1), as the caller knows from
+    its mask.
 
     One opaque operation for the compiled decode step: written as tensor code inside a graph, the write
     into the cache (a graph input) made inductor copy each layer's whole cache out and back at every step
@@ -114,17 +123,22 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k
     repacked small products. Here the write stays in place and the attention is torch's fused kernel.
 
     On CPUs, where a host sync costs nothing, only the filled part of the cache is attended over (half of it
-    on average: the reads are the cost), and without the mask where its rows are all True there (a P = 1
-    step, block-wise attention), which spares the kernel its masked path (B-16x's step: 450 against 480 us
-    per layer; AVX2 forced, cache in L3)."""
-    ck, cv = cache_k[layer], cache_v[layer]
-    ck.index_copy_(2, positions, k)
-    cv.index_copy_(2, positions, v)
+    on average: the reads are the cost), without the mask where ``dense`` (the kernel's masked path is slower:
+    B-16x's step, 450 against 480 us per layer; AVX2 forced, cache in L3), and the write is a copy into the
+    block's slice. This function runs 24 times per B-1x step around a 180-390 us kernel, so it does as little
+    as it can: with an ``index_copy_`` per cache and a check of the mask rows, a B-1x image took 5% more time
+    (median of 4 alternating rounds, one process; AVX2 forced, 2 cores)."""
     if q.device.type != "cpu":
+        ck, cv = cache_k[layer], cache_v[layer]
+        ck.index_copy_(2, positions, k)
+        cv.index_copy_(2, positions, v)
         return attention(q, ck, cv, mask)
-    end = int(positions[-1]) + 1
-    ck, cv, mask = ck[:, :, :end], cv[:, :, :end], mask[:, :end]
-    return attention(q, ck, cv, None if bool(mask.all()) else mask)
+    n = k.shape[2]
+    end = positions.tolist()[0] + n
+    ck, cv = cache_k.select(0, layer).narrow(2, 0, end), cache_v.select(0, layer).narrow(2, 0, end)
+    ck.narrow(2, end - n, n).copy_(k)
+    cv.narrow(2, end - n, n).copy_(v)
+    return attention(q, ck, cv, None if dense else mask[:, :end])
 
 
 # Registered with torch.library's low-level API: a call then costs a few microseconds over the function,
@@ -132,12 +146,12 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k
 # of its 24 layers x 256 steps. The schema marks the two caches as written in place.
 _LIBRARY = torch.library.Library("bitdance", "DEF")
 _LIBRARY.define("cached_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) cache_k, Tensor(b!) cache_v, "
-                "int layer, Tensor positions, Tensor mask) -> Tensor")
+                "int layer, Tensor positions, Tensor mask, bool dense) -> Tensor")
 _LIBRARY.impl("cached_attention", _cached_attention, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("bitdance::cached_attention")
-def _cached_attention_shape(q, k, v, cache_k, cache_v, layer, positions, mask):
+def _cached_attention_shape(q, k, v, cache_k, cache_v, layer, positions, mask, dense):
     return torch.empty_like(q)
 
 
@@ -157,7 +171,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if isinstance(start, torch.Tensor):  # the compiled step: positions as a tensor, one graph for all steps
-            o = cached_attention(q, k, v, cache.k, cache.v, layer, start, mask)
+            o = cached_attention(q, k, v, cache.k, cache.v, layer, start, mask, cache.dense)
         else:
             if cache is not None:
                 k, v = cache.update(layer, start, k, v)
@@ -258,7 +272,8 @@ class BitDance(nn.Module):
     def _kv_cache(self, rows: int, device=None) -> KVCache:
         cfg = self.config
         return KVCache(cfg.n_layer, rows, cfg.n_head, self.seq_len, cfg.dim // cfg.n_head, device=device,
-                       dtype=linear_dtype(self.proj_in.w1))
+                       dtype=linear_dtype(self.proj_in.w1),
+                       dense=cfg.block_attention != "causal" or cfg.parallel_num == 1)
 
     def kv_cache_bytes(self, rows: int) -> int:
         """Size of the KV cache :meth:`generate` allocates for ``rows`` sequences (2 per image with guidance)."""
