@@ -126,8 +126,9 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k
     on average: the reads are the cost), without the mask where ``dense`` (the kernel's masked path is slower:
     B-16x's step, 450 against 480 us per layer; AVX2 forced, cache in L3), and the write is a copy into the
     block's slice. This function runs 24 times per B-1x step around a 180-390 us kernel, so it does as little
-    as it can: with an ``index_copy_`` per cache and a check of the mask rows, a B-1x image took 5% more time
-    (median of 4 alternating rounds, one process; AVX2 forced, 2 cores)."""
+    as it can: with an ``index_copy_`` per cache and a check of the mask rows, a B-1x image took 3-5% more time
+    (median of 4 alternating rounds, one process, two such comparisons; AVX2 forced, 2 cores; B-16x, with 16
+    times fewer steps, measured the same either way)."""
     if q.device.type != "cpu":
         ck, cv = cache_k[layer], cache_v[layer]
         ck.index_copy_(2, positions, k)
