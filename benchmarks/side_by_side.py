@@ -97,8 +97,7 @@ def _official(args) -> None:
     seconds = sum(runs) / len(runs)
     print(json.dumps({"impl": "official", "preset": args.preset, "batch": args.batch, "steps": args.steps,
                       "cfg": args.cfg, "threads": torch.get_num_threads(), "seconds": seconds,
-                      "warmup_seconds": warm, "seconds_per_image": seconds / args.batch, "run_seconds": runs,
-                      "best_seconds_per_image": min(runs) / args.batch}))
+                      "warmup_seconds": warm, "seconds_per_image": seconds / args.batch, "run_seconds": runs}))
 
 
 def _json_tail(out: str) -> dict:
@@ -145,11 +144,8 @@ def measure(args) -> None:
         for compile_mode in args.compile:
             ours = _run([sys.executable, "-m", "bitdance.apps.cli", "bench", *common, "--dtype", "fp32", "--no-decode",
                          "--warmup", "1", "--repeats", str(args.repeats), "--compile", compile_mode, "--json"])
-            kept = {k: ours[k] for k in ("seconds_per_image", "flops_per_image", "peak_flops", "mfu", "achieved_flops",
-                                         "run_seconds")}
-            best = min(ours["run_seconds"]) / args.batch
-            row[f"bitdance_{compile_mode}"] = {**kept, "best_seconds_per_image": best,
-                                               "best_mfu": ours["flops_per_image"] / best / ours["peak_flops"]}
+            row[f"bitdance_{compile_mode}"] = {k: ours[k] for k in ("seconds_per_image", "flops_per_image", "peak_flops",
+                                                                     "mfu", "achieved_flops", "run_seconds")}
         theirs = _run([sys.executable, __file__, "--_official", "--official", args.official, "--preset", preset,
                        *common[2:], "--repeats", str(args.repeats),
                        *(["--official-warmup"] if args.official_warmup else [])])
@@ -159,11 +155,11 @@ def measure(args) -> None:
         print(json.dumps(row), flush=True)
 
 
-def _cell(side: dict, flops: float, peak: float) -> tuple[float, str]:
+def _cell(side: dict, batch: int, flops: float, peak: float) -> tuple[float, str]:
     """A side's figure (its fastest run, or the only one in files written before ``--repeats``) and its cell:
     seconds per image (MFU), with the mean of several runs after it."""
     mean = side["seconds_per_image"]
-    best = side.get("best_seconds_per_image", mean)
+    best = min(side["run_seconds"]) / batch if "run_seconds" in side else mean
     cell = f"{best:.2f} ({flops / best / peak:.1%})"
     if len(side.get("run_seconds", ())) > 1:
         cell += f"; mean {mean:.2f} ({flops / mean / peak:.1%})"
@@ -179,14 +175,14 @@ def render(path: str) -> str:
         kind = "AVX2 (forced)" if m["env"].get("ATEN_CPU_CAPABILITY") == "avx2" else m["capability"]
         ran = [r[k] for k in ("bitdance_off", "bitdance_default") if k in r]
         flops, peak = ran[0]["flops_per_image"], ran[-1]["peak_flops"]
-        off, off_cell = _cell(r["official"], flops, peak)
+        off, off_cell = _cell(r["official"], r.get("batch", 1), flops, peak)
         cells, ratios = [], []
         for key in ("bitdance_off", "bitdance_default"):
             if key not in r:
                 cells.append("—")
                 ratios.append("—")
                 continue
-            ours, cell = _cell(r[key], flops, r[key]["peak_flops"])
+            ours, cell = _cell(r[key], r.get("batch", 1), flops, r[key]["peak_flops"])
             cells.append(cell)
             ratios.append(f"{off / ours:.2f}x")
         lines.append(f"| {m['model']} {kind} | {r['preset']} | {cells[0]} | {cells[1]} | {off_cell} "

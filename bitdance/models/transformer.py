@@ -114,8 +114,7 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k
                       dense: bool) -> torch.Tensor:
     """Write the block's keys/values of ``layer`` into the whole-model cache at ``positions`` (consecutive:
     one block) and attend over the cache under ``mask`` (the mask rows of those positions). ``dense``: those
-    rows are True everywhere up to the block's end (block-wise attention, or P = 1), as the caller knows from
-    its mask.
+    rows are True everywhere up to the block's end (block-wise attention, or P = 1; :class:`KVCache`).
 
     One opaque operation for the compiled decode step: written as tensor code inside a graph, the write
     into the cache (a graph input) made inductor copy each layer's whole cache out and back at every step
@@ -256,11 +255,16 @@ class BitDance(nn.Module):
         cos, sin = rope_2d(coords, dim // cfg.n_head)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        if cfg.block_attention == "causal":  # plain causal everywhere
-            mask = block_causal_mask(self.seq_len, self.seq_len, 1)
-        else:  # official: the P positions of a block see each other
-            mask = block_causal_mask(self.seq_len, cfg.cls_token_num - 1, P)
-        self.register_buffer("attn_mask", mask, persistent=False)
+        # plain causal everywhere, or (official) the P positions of a block see each other
+        num_causal, block = (self.seq_len, 1) if cfg.block_attention == "causal" else (cfg.cls_token_num - 1, P)
+        self.register_buffer("attn_mask", block_causal_mask(self.seq_len, num_causal, block), persistent=False)
+        # Whether each decoded block's queries see every position up to the block's end (then the cached step
+        # attends without the mask): read off the mask once (on the CPU, whatever device the model is built
+        # on), so the step never checks it.
+        mask = block_causal_mask(self.seq_len, num_causal, block, device="cpu")
+        rows = torch.arange(self.prefix_len, self.seq_len, device="cpu")
+        ends = self.prefix_len + ((rows - self.prefix_len) // P + 1) * P
+        self._dense_blocks = bool((mask[rows] | (torch.arange(self.seq_len, device="cpu") >= ends[:, None])).all())
         self._compiled_decode: FrozenCompiled | None = None
         self.initialize_weights()
 
@@ -273,8 +277,7 @@ class BitDance(nn.Module):
     def _kv_cache(self, rows: int, device=None) -> KVCache:
         cfg = self.config
         return KVCache(cfg.n_layer, rows, cfg.n_head, self.seq_len, cfg.dim // cfg.n_head, device=device,
-                       dtype=linear_dtype(self.proj_in.w1),
-                       dense=cfg.block_attention != "causal" or cfg.parallel_num == 1)
+                       dtype=linear_dtype(self.proj_in.w1), dense=self._dense_blocks)
 
     def kv_cache_bytes(self, rows: int) -> int:
         """Size of the KV cache :meth:`generate` allocates for ``rows`` sequences (2 per image with guidance)."""
