@@ -1,7 +1,7 @@
 """Training speed of `bitdance demo`'s two trainings: seconds per step, counted FLOPs per step, MFU.
 
     python benchmarks/demo_train_speed.py                      # this CPU as it is (bf16 where native)
-    BITDANCE_DTYPE=fp32 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/demo_train_speed.py
+    BITDANCE_DTYPE=fp32 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/demo_train_speed.py
                                                                # a CPU without bf16 units, on a bigger one
     python benchmarks/demo_train_speed.py --json out.json --steps 8
 

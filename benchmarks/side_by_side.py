@@ -1,7 +1,7 @@
 """bitdance's sampler against the authors' code, in one run, on this machine (issue 13).
 
     python benchmarks/side_by_side.py --official ../BitDance --out docs/assets/side_by_side.jsonl
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 BITDANCE_DTYPE=fp32 \
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 BITDANCE_DTYPE=fp32 \
         python benchmarks/side_by_side.py --official ../BitDance --out docs/assets/side_by_side.jsonl
     python benchmarks/side_by_side.py --render docs/assets/side_by_side.jsonl
 
@@ -115,6 +115,17 @@ def _run(cmd: list[str]) -> dict:
     return _json_tail(p.stdout)
 
 
+FORCING_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "BITDANCE_DTYPE",
+               "BITDANCE_WIDE_PRODUCTS")
+
+
+def _complete_forcing() -> None:
+    """An AVX2 forcing reaches MKL too, in both sides' processes: MKL reads its own variable (at its first call),
+    so with torch's two alone the authors' eager products and the peak ran AVX-512 code on an Intel CPU."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() == "avx2":
+        os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+
+
 def _machine() -> dict:
     from bitdance.precision import cpu_description
 
@@ -128,7 +139,7 @@ def _machine() -> dict:
     except OSError:
         pass
     keep = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "BITDANCE_DTYPE") if k in os.environ}
+    env = {k: os.environ[k] for k in FORCING_ENV if k in os.environ}
     return {**d, "flags": keep, "cores": os.cpu_count(), "env": env}
 
 
@@ -207,6 +218,8 @@ def main() -> None:
     ap.add_argument("--_official", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.render:
+        if not Path(args.render).is_file():
+            ap.error(f"--render {args.render}: no such results file")
         print(render(args.render))
     elif args._official:
         _official(args)
@@ -219,6 +232,7 @@ def main() -> None:
         missing = [m for m in OFFICIAL_NEEDS if importlib.util.find_spec(m) is None]
         if problem or missing:
             ap.error(problem or f"the authors' code needs {', '.join(missing)}: pip install {' '.join(missing)}")
+        _complete_forcing()
         measure(args)
 
 

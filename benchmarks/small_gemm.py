@@ -1,7 +1,7 @@
 """How fast a CPU multiplies few rows by a B head's weights: BLAS against inductor's C++ GEMM templates.
 
     python benchmarks/small_gemm.py                       # rows 4 16 64 256
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/small_gemm.py --rows 4 16 64
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/small_gemm.py --rows 4 16 64
 
 The products are shaped like those of the 6 blocks of the BitDance-B head (width 768: W->3W, 3W->W, SwiGLU
 W->3W and 1.5W->W, with biases; 149 MB of fp32 weights, more than a 32 MB L3). Three ways, interleaved,

@@ -11,14 +11,21 @@ they compile. (Letting inductor also time BLAS and keep the faster per shape pic
 products of B-1x: it times each product alone, with its weights hot in the cache, where sampling streams
 them from memory. The head step then ran at the eager speed, against 3.7x faster with the templates.)
 
-Products with many rows (64 in a B-16x step: 4 sequences x 16 tokens) are compute-bound, and there oneDNN's
-kernels, with each weight reordered once into their blocked layout, beat the templates: the products of a
-B head's blocks at 64 rows ran at 150-166 GFLOP/s against 122-139 (AVX2 forced, 2 cores), and a B-16x
-image took 7.0-9.1 s against 9.5-16 (the templates' speed depends on the block sizes their autotuning
-picked on a busy machine). Inductor hands an fp32 product to oneDNN with its weight packed once only when
-the row count is symbolic, so calls with at least :data:`ONEDNN_MIN_ROWS` rows in fp32 go to a second graph,
-compiled with dynamic shapes, without the templates and with inductor's C++ wrapper (one graph then serves
-every such batch size; a process that runs both graphs holds two packed copies of the weights).
+Products with many rows (64 in a B-16x step: 4 sequences x 16 tokens) are compute-bound, and there the
+BLAS libraries' kernels, with each weight packed once into their own layout, beat the templates: the
+products of a B head's blocks at 64 rows ran at 150-166 GFLOP/s in oneDNN against 122-139 (AVX2 forced,
+2-core AMD EPYC), and a B-16x image took 7.0-9.1 s against 9.5-16 (the templates' speed depends on the block
+sizes their autotuning picked on a busy machine). So calls with at least :data:`ONEDNN_MIN_ROWS` rows in fp32
+go to a second graph, compiled without the templates and with inductor's C++ wrapper. Which library packs
+its weights depends on the CPU (:func:`wide_products`): inductor hands a frozen fp32 product to MKL's packed
+GEMM when the row count is static and to oneDNN's when it is symbolic. On Intel CPUs the second graph is
+compiled with static shapes, for MKL, where torch runs its AVX2 kernels: a B-16x image took 10.7% less time
+than with oneDNN and dynamic rows, and 6.7% less than with oneDNN and static rows (2-core Xeon, AVX2 forced,
+MKL included; one run each). It then compiles once per row count, each graph holding its own packed weights.
+Elsewhere it is compiled with dynamic shapes, for oneDNN, and one graph serves every batch size: with AVX-512
+on the same Xeon the two libraries took the same time (oneDNN 1-3% faster, two rounds), and on an AMD EPYC
+MKL's packed GEMM ran 64-row products at 100-140 GFLOP/s against oneDNN's 170 (AVX2). Either way a process
+that runs both graphs holds two packed copies of the weights.
 
 Frozen weights are copies: a compiled loop notices when the module's parameters were written since
 (``load_state_dict``, an optimizer step), or its modules switched between training and evaluation, and
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -44,10 +52,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from bitdance.precision import separate_compile_cache
+from bitdance.precision import cpu_vendor, separate_compile_cache
 
 __all__ = ["AVX2_TEMPLATE_WIDTH", "CPU_INDUCTOR_OPTIONS", "CPU_TEMPLATE_OPTIONS", "CPU_WIDE_OPTIONS", "ONEDNN_MIN_ROWS",
-           "FrozenCompiled", "PaddedProducts", "rows_of"]
+           "WIDE_PRODUCTS_ENV", "FrozenCompiled", "PaddedProducts", "rows_of", "wide_min_rows", "wide_products"]
 
 # What the CPU compilation switches on (inductor config names): freezing around every compiled call (it is
 # decided before per-function options apply, see FrozenCompiled.active), and for the graph of few rows the C++
@@ -61,10 +69,38 @@ CPU_TEMPLATE_OPTIONS: dict[str, Any] = {"max_autotune": True, "max_autotune_gemm
 # identical). The graph of few rows keeps the Python wrapper: with the C++ one a B-1x image took 1.7% more.
 CPU_WIDE_OPTIONS: dict[str, Any] = {"cpp_wrapper": True}
 
-# Rows (of a call's first tensor: its elements over its last dimension) from which fp32 products go to oneDNN.
+# Rows (of a call's first tensor: its elements over its last dimension) from which fp32 products go to the graph
+# of many rows (oneDNN or MKL, see wide_products; the name is from when it was oneDNN's everywhere).
 # Measured with the B head's block products (AVX2 forced, 2 cores): the templates are faster at 4 and 16 rows
 # (59 / 84-94 GFLOP/s against 28 / 72), oneDNN at 64 (155 against 139).
 ONEDNN_MIN_ROWS = 32
+
+# Overrides :func:`wide_products` for the whole process ("mkl" or "onednn"), e.g. to compare the two.
+WIDE_PRODUCTS_ENV = "BITDANCE_WIDE_PRODUCTS"
+
+
+def wide_products() -> str:
+    """The library that runs the fp32 products of the graph of many rows on CPUs: ``"mkl"`` (its packed GEMM;
+    the graph is then compiled with static rows) on Intel CPUs running torch's AVX2 kernels where torch has MKL,
+    else ``"onednn"`` (dynamic rows). ``$BITDANCE_WIDE_PRODUCTS`` overrides the choice."""
+    forced = os.environ.get(WIDE_PRODUCTS_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("mkl", "onednn"):
+            raise ValueError(f"{WIDE_PRODUCTS_ENV}={os.environ[WIDE_PRODUCTS_ENV]!r}: use mkl or onednn")
+        if forced == "mkl" and not torch.backends.mkl.is_available():
+            raise ValueError(f"{WIDE_PRODUCTS_ENV}=mkl: this torch build has no MKL")
+        return forced
+    avx2 = torch.backends.cpu.get_cpu_capability().upper() == "AVX2"
+    return "mkl" if avx2 and cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available() else "onednn"
+
+
+@torch.compiler.assume_constant_result  # read while dynamo traces (the head's attention): evaluated, not traced
+def wide_min_rows() -> int:
+    """Rows from which an fp32 call takes the graph of many rows: :data:`ONEDNN_MIN_ROWS` with oneDNN, 1 with
+    MKL, whose packed GEMM also beat the C++ templates at the 4 and 16 rows of B-1x and B-4x (2-core Xeon, AVX2
+    forced: a B-1x image 8.6% less time, B-4x 3.6%; one process, 3 alternating rounds each, tokens
+    identical). The graph of few rows then serves bf16 only."""
+    return 1 if wide_products() == "mkl" else ONEDNN_MIN_ROWS
 
 
 # The widest fp32 micro-kernel of inductor's C++ GEMM template with AVX2 (3 vectors of 8). The template ranks
@@ -152,6 +188,8 @@ class FrozenCompiled:
     def __init__(self, fn: Callable[..., Any], module: nn.Module, *, mode: str | None = None,
                  dynamic: bool = False, rows: Callable[..., int] | None = None):
         self.fn, self.module, self.mode, self.dynamic, self.rows = fn, module, mode, dynamic, rows
+        self.wide_products: str | None = None  # set where there is a graph of many rows (CPUs)
+        self.min_rows = ONEDNN_MIN_ROWS
         params = list(module.parameters())
         self.device = params[0].device if params else torch.device("cpu")
         self.frozen = self.device.type == "cpu"
@@ -165,8 +203,11 @@ class FrozenCompiled:
             self._compiled = torch.compile(_Bound(self.fn, self.module, pad_products=_pads_products()),
                                            dynamic=self.dynamic, fullgraph=True,
                                            options={**CPU_TEMPLATE_OPTIONS, **guards})
-            # built now, compiled at its first call: a model sampled only with few rows never compiles it
-            self._compiled_wide = torch.compile(_Bound(self.fn, self.module), dynamic=True, fullgraph=True,
+            # built now, compiled at its first call: a model sampled only with few rows never compiles it.
+            # Static rows (MKL) means static: dynamic=None would turn the rows symbolic at the second row count.
+            self.wide_products, self.min_rows = wide_products(), wide_min_rows()
+            self._compiled_wide = torch.compile(_Bound(self.fn, self.module),
+                                                dynamic=self.wide_products == "onednn", fullgraph=True,
                                                 options={**CPU_WIDE_OPTIONS, **guards})
         else:
             self._compiled = torch.compile(_Bound(self.fn, self.module), mode=self.mode, dynamic=self.dynamic,
@@ -176,8 +217,8 @@ class FrozenCompiled:
         self._weights = self._weights_state()
 
     def graph_for(self, *args) -> str:
-        """Which graph a call with ``args`` runs: "wide" (fp32 with at least :data:`ONEDNN_MIN_ROWS` rows on
-        a CPU: oneDNN, dynamic rows) or "static" (everything else). A call's rows are ``rows(*args)`` where
+        """Which graph a call with ``args`` runs: "wide" (fp32 with at least :func:`wide_min_rows` rows on a
+        CPU, as of construction: the products in :attr:`wide_products`) or "static" (everything else). A call's rows are ``rows(*args)`` where
         the constructor got that function, else those of its first tensor (elements over last dimension)."""
         if self._compiled_wide is None:
             return "static"
@@ -185,7 +226,7 @@ class FrozenCompiled:
         if first is None or first.dtype != torch.float32 or first.dim() == 0:
             return "static"
         rows = self.rows(*args) if self.rows is not None else rows_of(first)
-        return "wide" if rows >= ONEDNN_MIN_ROWS else "static"
+        return "wide" if rows >= self.min_rows else "static"
 
     def _weights_state(self) -> tuple:
         return (tuple((p.data_ptr(), p._version) for p in self.module.parameters()),

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["DTYPE_ENV", "PrecisionError", "forced_dtype", "bf16_supported", "auto_dtype", "auto_precision",
-           "cpu_bf16_reason", "cpu_description", "separate_compile_cache"]
+           "cpu_bf16_reason", "cpu_description", "cpu_vendor", "mkl_forcing_gap", "separate_compile_cache"]
 
 DTYPE_ENV = "BITDANCE_DTYPE"
 _NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "auto": None, "": None}
@@ -63,6 +63,26 @@ def _cpuinfo() -> dict[str, str]:
 def _cpu_flags() -> frozenset[str]:
     info = _cpuinfo()
     return frozenset((info.get("flags") or info.get("Features") or "").split())
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor as /proc/cpuinfo names it (``GenuineIntel``, ``AuthenticAMD``), or "" where unknown."""
+    return _cpuinfo().get("vendor_id", "")
+
+
+def mkl_forcing_gap() -> str | None:
+    """Where torch is forced down to its AVX2 kernels on an Intel CPU with AVX-512 but MKL is not: one phrase
+    saying so, else None. ``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` do not reach MKL, which picks its
+    own code path from the CPU at its first call; on Intel CPUs that is AVX-512 unless
+    ``MKL_ENABLE_INSTRUCTIONS=AVX2`` (measured on a 2-core Xeon: fp32 matmul peak 393 GFLOP/s against 233). On
+    AMD CPUs MKL runs its AVX2 code anyway."""
+    if torch.backends.cpu.get_cpu_capability().upper() != "AVX2":
+        return None
+    if cpu_vendor() != "GenuineIntel" or "avx512f" not in _cpu_flags():
+        return None
+    if os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper() in ("AVX2", "AVX", "SSE4_2"):
+        return None
+    return "MKL still runs its AVX-512 code: set MKL_ENABLE_INSTRUCTIONS=AVX2 as well"
 
 
 def cpu_bf16_reason() -> str | None:
@@ -105,13 +125,16 @@ def auto_precision(device: torch.device | str) -> str:
 
 
 def cpu_description() -> dict:
-    """The CPU this process runs on, for reports: model name, torch's kernel level, bf16 units (and why not)."""
+    """The CPU this process runs on, for reports: model name, vendor, torch's kernel level, bf16 units (and
+    why not), and whether MKL escaped an AVX2 forcing (:func:`mkl_forcing_gap`)."""
     import platform
 
     reason = cpu_bf16_reason()
+    gap = mkl_forcing_gap()
     return {"model": _cpuinfo().get("model name") or platform.processor() or platform.machine(),
-            "capability": torch.backends.cpu.get_cpu_capability(), "bf16_units": reason is None,
-            **({"no_bf16_because": reason} if reason else {})}
+            "vendor": cpu_vendor(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_units": reason is None, **({"no_bf16_because": reason} if reason else {}),
+            **({"mkl_not_forced": gap} if gap else {})}
 
 
 def separate_compile_cache() -> str | None:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -167,7 +168,7 @@ def test_side_by_side_table_and_missing_checkout(tmp_path):
 
 def test_side_by_side_checks_before_measuring(tmp_path, monkeypatch, capsys):
     """A wrong --official path or a missing dependency of the authors' code stops the run at once, with the
-    fix, before bitdance's side spends minutes measuring."""
+    fix, before bitdance's side spends minutes measuring; --render of a missing file is a one-line error."""
     mod, _ = _side_by_side()
     monkeypatch.setattr(mod, "measure", lambda args: pytest.fail("measured despite a bad set-up"))
     monkeypatch.setattr("sys.argv", ["side_by_side.py", "--official", str(tmp_path)])
@@ -183,3 +184,25 @@ def test_side_by_side_checks_before_measuring(tmp_path, monkeypatch, capsys):
         mod.main()
     err = capsys.readouterr().err
     assert "pip install no_such_module_for_the_authors" in err
+    monkeypatch.setattr("sys.argv", ["side_by_side.py", "--render", str(tmp_path / "none.jsonl")])
+    with pytest.raises(SystemExit):
+        mod.main()
+    assert "none.jsonl: no such results file" in capsys.readouterr().err
+
+
+def test_side_by_side_forcing_reaches_mkl(monkeypatch):
+    """Under ATEN_CPU_CAPABILITY=avx2 both sides' processes get MKL_ENABLE_INSTRUCTIONS=AVX2 (MKL ignores
+    torch's variables: on an Intel CPU the peak and the authors' products ran AVX-512 without it); a value
+    already set is kept, and an unforced run is left alone. The results file records the variable."""
+    mod, _ = _side_by_side()
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    mod._complete_forcing()
+    assert "MKL_ENABLE_INSTRUCTIONS" not in os.environ
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    mod._complete_forcing()
+    assert os.environ["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
+    assert mod._machine()["env"]["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "SSE4_2")
+    mod._complete_forcing()
+    assert os.environ["MKL_ENABLE_INSTRUCTIONS"] == "SSE4_2"

@@ -104,17 +104,28 @@ def test_hoisted_adaln_gives_the_same_tokens(P, monkeypatch):
 
 
 @pytest.mark.parametrize("P, attention, graph", [(1, "bidirectional", "static"), (4, "bidirectional", "static"),
-                                                  (4, "causal", "static"), (1, "bidirectional", "wide"),
-                                                  (4, "bidirectional", "wide")])
+                                                  (4, "causal", "static"), (1, "bidirectional", "wide-mkl"),
+                                                  (4, "bidirectional", "wide-onednn"),
+                                                  (4, "bidirectional", "wide-mkl")])
 def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, monkeypatch):
-    """torch.compile (inductor, CPU here: weights frozen; C++ GEMM templates for few rows, oneDNN with dynamic
-    rows for many) of the head's inner loop and the transformer's cached step (the cache written and read by
-    one opaque op, with the mask rows of the block) gives the tokens of the eager code for a seed in fp32,
-    and follows the weights when they change after compiling."""
+    """torch.compile (inductor, CPU here: weights frozen; C++ GEMM templates for few rows, MKL with static rows
+    or oneDNN with dynamic rows for many) of the head's inner loop and the transformer's cached step (the cache
+    written and read by one opaque op, with the mask rows of the block) gives the tokens of the eager code for a
+    seed in fp32, and follows the weights when they change after compiling."""
     import bitdance.compiling
+    import bitdance.models.head
 
-    # the tiny model's calls have 4 x P rows: the threshold moves so that "wide" takes the oneDNN graph
-    monkeypatch.setattr(bitdance.compiling, "ONEDNN_MIN_ROWS", 1 if graph == "wide" else 10**9)
+    graph, _, products = graph.partition("-")
+    if products == "mkl" and not torch.backends.mkl.is_available():
+        pytest.skip("this torch build has no MKL")
+    if products:
+        monkeypatch.setenv(bitdance.compiling.WIDE_PRODUCTS_ENV, products)
+    # the tiny model's calls have 4 x P rows: with oneDNN the threshold moves so that "wide" takes the graph of
+    # many rows; with MKL every fp32 call does (the rule itself runs, also where dynamo traces the head)
+    if products != "mkl":
+        min_rows = 1 if graph == "wide" else 10**9
+        monkeypatch.setattr(bitdance.compiling, "wide_min_rows", lambda: min_rows)
+        monkeypatch.setattr(bitdance.models.head, "wide_min_rows", lambda: min_rows)
     model, other = _model(P, block_attention=attention), _model(P, seed=1, block_attention=attention)
     labels = torch.tensor([1, 2])
     kw = dict(sampler=FlowSampler(num_steps=3), guidance_scale=2.5)
@@ -125,6 +136,7 @@ def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, monkeypatc
     tokens = torch.zeros(4, P, model.config.latent_dim)
     assert model._compiled_decode.graph_for(tokens) == graph
     assert model._compiled_decode.graph_for(tokens.bfloat16()) == "static"
+    assert model._compiled_decode.wide_products == (products or bitdance.compiling.wide_products())
     try:
         with torch.inference_mode():
             compiled = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
@@ -140,12 +152,44 @@ def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, monkeypatc
         model.compile_sampling(mode="off")
 
 
-def test_frozen_compiled_counts_rows_and_follows_train_mode():
-    """On CPUs a call takes the oneDNN graph by the rows of its products: those of its first tensor, or what
-    ``rows`` says (the head's preparation: the adaLN outputs of all flow times, 26 x the condition's rows).
-    With dynamo's guards on the module dropped, switching to training mode must still compile again."""
-    from bitdance.compiling import ONEDNN_MIN_ROWS, FrozenCompiled
+def test_wide_products_follow_the_cpu_vendor_and_the_override(monkeypatch):
+    """MKL's packed GEMM (static rows) for the graph of many rows on Intel CPUs running AVX2 kernels, oneDNN
+    (dynamic rows) elsewhere; $BITDANCE_WIDE_PRODUCTS overrides it and a value it does not know is an error
+    naming it."""
+    import bitdance.compiling as compiling
 
+    monkeypatch.delenv(compiling.WIDE_PRODUCTS_ENV, raising=False)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    monkeypatch.setattr(compiling, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert compiling.wide_products() == "mkl"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert compiling.wide_products() == "onednn"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(compiling, "cpu_vendor", lambda: "AuthenticAMD")
+    assert compiling.wide_products() == "onednn"
+    monkeypatch.setenv(compiling.WIDE_PRODUCTS_ENV, "MKL")
+    assert compiling.wide_products() == "mkl"
+    monkeypatch.setenv(compiling.WIDE_PRODUCTS_ENV, "blas")
+    with pytest.raises(ValueError, match="BITDANCE_WIDE_PRODUCTS='blas'"):
+        compiling.wide_products()
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
+    monkeypatch.setenv(compiling.WIDE_PRODUCTS_ENV, "mkl")
+    with pytest.raises(ValueError, match="no MKL"):
+        compiling.wide_products()
+    monkeypatch.delenv(compiling.WIDE_PRODUCTS_ENV)
+    monkeypatch.setattr(compiling, "cpu_vendor", lambda: "GenuineIntel")
+    assert compiling.wide_products() == "onednn"
+
+
+def test_frozen_compiled_counts_rows_and_follows_train_mode(monkeypatch):
+    """On CPUs a call takes the oneDNN graph by the rows of its products: those of its first tensor, or what
+    ``rows`` says (the head's preparation: the adaLN outputs of all flow times, 26 x the condition's rows);
+    with MKL every fp32 call takes it. With dynamo's guards on the module dropped, switching to training mode
+    must still compile again."""
+    from bitdance.compiling import ONEDNN_MIN_ROWS, WIDE_PRODUCTS_ENV, FrozenCompiled
+
+    monkeypatch.setenv(WIDE_PRODUCTS_ENV, "onednn")  # the row threshold of oneDNN (MKL's is 1: below)
     model = _model(1)
     model.compile_sampling()
     try:
@@ -158,6 +202,11 @@ def test_frozen_compiled_counts_rows_and_follows_train_mode():
         assert prepare.graph_for(cond.bfloat16(), times) == "static"
         plain = FrozenCompiled(lambda m, x, t: m(x), model.head.net.cond_embed)
         assert plain.graph_for(cond, times) == "static"
+        if torch.backends.mkl.is_available():
+            monkeypatch.setenv(WIDE_PRODUCTS_ENV, "mkl")
+            with_mkl = FrozenCompiled(lambda m, x, t: m(x), model.head.net.cond_embed)
+            assert with_mkl.graph_for(cond[:1], None) == "wide" and with_mkl.wide_products == "mkl"
+            assert with_mkl.graph_for(cond.bfloat16(), None) == "static"
 
         step = model.head._compiled_step
         assert not step.refresh()
@@ -208,8 +257,10 @@ def test_attention_cpu_fp32_few_keys_matches_sdpa(monkeypatch):
     """fp32 on CPU with few keys and no mask (a 4x head's patch; a 16x head's when compiled into the graph of
     few rows) takes the broadcast-and-sum path."""
     import bitdance.models.head as head
-    from bitdance.compiling import ONEDNN_MIN_ROWS
+    from bitdance.compiling import ONEDNN_MIN_ROWS, WIDE_PRODUCTS_ENV
     from bitdance.models.head import FEW_KEYS, FEW_KEYS_COMPILED, attention
+
+    monkeypatch.setenv(WIDE_PRODUCTS_ENV, "onednn")  # the graph of few rows exists below ONEDNN_MIN_ROWS rows
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (FEW_KEYS, FEW_KEYS, FEW_KEYS))
@@ -237,6 +288,10 @@ def test_attention_cpu_fp32_few_keys_matches_sdpa(monkeypatch):
     traced(ONEDNN_MIN_ROWS // q.shape[-2] - 1)
     with pytest.raises(AssertionError, match="fused kernel"):
         traced(ONEDNN_MIN_ROWS // q.shape[-2])
+    if torch.backends.mkl.is_available():  # with MKL every fp32 call is in the graph of many rows
+        monkeypatch.setenv(WIDE_PRODUCTS_ENV, "mkl")
+        with pytest.raises(AssertionError, match="fused kernel"):
+            traced(1)
 
 
 @pytest.mark.parametrize("masked", [False, True])

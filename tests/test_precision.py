@@ -55,6 +55,26 @@ def test_cpu_description_names_the_cpu_and_its_bf16_units(monkeypatch):
     assert precision.auto_precision("cpu") == "fp32"
 
 
+def test_an_avx2_forcing_that_misses_mkl_is_named(monkeypatch):
+    """ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA do not reach MKL: on an Intel CPU with AVX-512 the forcing is
+    incomplete until MKL_ENABLE_INSTRUCTIONS=AVX2; AMD CPUs and unforced processes have nothing to report."""
+    info = {"model name": "Test Xeon", "vendor_id": "GenuineIntel", "flags": "avx2 fma avx512f"}
+    monkeypatch.setattr(precision, "_cpuinfo", lambda: info)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    gap = precision.mkl_forcing_gap()
+    assert "MKL_ENABLE_INSTRUCTIONS=AVX2" in gap and precision.cpu_description()["mkl_not_forced"] == gap
+    assert precision.cpu_description()["vendor"] == "GenuineIntel"
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "avx2")
+    assert precision.mkl_forcing_gap() is None and "mkl_not_forced" not in precision.cpu_description()
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert precision.mkl_forcing_gap() is None
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    info["vendor_id"] = "AuthenticAMD"
+    assert precision.mkl_forcing_gap() is None
+
+
 def test_training_auto_precision_follows_the_switch(monkeypatch, tmp_path):
     from bitdance.training.config import TrainConfig
     from bitdance.training.trainer import Trainer

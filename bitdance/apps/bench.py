@@ -219,7 +219,7 @@ class BenchResult:
 
 
 def _resolve(device: str, dtype: str, notes: list[str]) -> tuple[torch.device, torch.dtype, str]:
-    from bitdance.precision import auto_precision, bf16_supported, cpu_bf16_reason
+    from bitdance.precision import auto_precision, bf16_supported, cpu_bf16_reason, mkl_forcing_gap
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -235,6 +235,9 @@ def _resolve(device: str, dtype: str, notes: list[str]) -> tuple[torch.device, t
         why = cpu_bf16_reason() if dev.type == "cpu" else "the GPU has no bf16"
         notes.append(f"bf16 is not supported on this {dev.type} ({why}); falling back to fp32")
         name = "fp32"
+    gap = mkl_forcing_gap() if dev.type == "cpu" else None
+    if gap:  # the peak (and any eager product) would be timed with AVX-512 while the rest runs AVX2
+        notes.append(f"torch runs its AVX2 kernels but {gap}")
     return dev, (torch.bfloat16 if name == "bf16" else torch.float32), name
 
 

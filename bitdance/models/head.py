@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitdance import rng
-from bitdance.compiling import ONEDNN_MIN_ROWS, FrozenCompiled, rows_of
+from bitdance.compiling import FrozenCompiled, rows_of, wide_min_rows
 from bitdance.models.config import HeadConfig
 from bitdance.models.quantized import linear_dtype
 from bitdance.models.quantizer import bits_to_indices, indices_to_bits
@@ -96,7 +96,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
       explicitly, with the softmax in fp32;
     - fp32, no mask, up to :data:`FEW_KEYS` keys (a 4x head's attention over its patch), or up to
       :data:`FEW_KEYS_COMPILED` (a 16x head's) where ``torch.compile`` traces a call of fewer than
-      :data:`~bitdance.compiling.ONEDNN_MIN_ROWS` rows (batch x queries; the graph of few rows): the products
+      :func:`~bitdance.compiling.wide_min_rows` rows (batch x queries; the graph of few rows): the products
       are written as broadcasts and sums, which inductor fuses with the layout changes around them into a few
       loops. Compiled, that took 34 us a call against 83 for the fused kernel at 4 keys, and a 16x image of
       one unguided sequence 1.8% less time than with the fused kernel (AVX2 forced, 2 cores). In the graph
@@ -104,7 +104,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
       eager code, where nothing fuses, the broadcasts are 3x slower than the fused kernel at 16 keys."""
     if q.device.type == "cpu" and q.dtype == torch.float32 and mask is None:
         few = FEW_KEYS
-        if torch.compiler.is_compiling() and q.shape[0] * q.shape[-2] < ONEDNN_MIN_ROWS:
+        if torch.compiler.is_compiling() and q.shape[0] * q.shape[-2] < wide_min_rows():
             few = FEW_KEYS_COMPILED
         if k.shape[-2] <= few:
             scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * (q.shape[-1] ** -0.5)
