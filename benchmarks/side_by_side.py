@@ -23,6 +23,10 @@ The table's figure for each side is its fastest timed run, as the peak is the fa
 shared machine a slower run measures what the neighbours took, and that goes both ways (a peak timed while
 they are busy would flatter every MFU). The mean of the runs is shown next to it, and every run's seconds
 are in the results file (``run_seconds``).
+
+The last bitdance run of each preset also measures the MFU ceiling (``bitdance bench --roofline``): the MFU
+this machine's memory allows the preset at this batch, every product taken at the slower of reading its
+operands once and computing at the peak. A target above the ceiling cannot be met on that machine.
 """
 
 from __future__ import annotations
@@ -127,17 +131,10 @@ def _complete_forcing() -> None:
 
 
 def _machine() -> dict:
-    from bitdance.precision import cpu_description
+    from bitdance.precision import cpu_description, cpu_flags
 
     d = cpu_description()
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = cpu_flags()
     keep = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     env = {k: os.environ[k] for k in FORCING_ENV if k in os.environ}
     return {**d, "flags": keep, "cores": os.cpu_count(), "env": env}
@@ -153,10 +150,14 @@ def measure(args) -> None:
         row = {"preset": preset, "batch": args.batch, "steps": args.steps, "cfg": args.cfg, "date": stamp,
                "machine": machine}
         for compile_mode in args.compile:
+            last = compile_mode == args.compile[-1]  # the ceiling depends on the machine, not on compilation
             ours = _run([sys.executable, "-m", "bitdance.apps.cli", "bench", *common, "--dtype", "fp32", "--no-decode",
-                         "--warmup", "1", "--repeats", str(args.repeats), "--compile", compile_mode, "--json"])
+                         "--warmup", "1", "--repeats", str(args.repeats), "--compile", compile_mode, "--json",
+                         *(["--roofline"] if last else [])])
             row[f"bitdance_{compile_mode}"] = {k: ours[k] for k in ("seconds_per_image", "flops_per_image", "peak_flops",
                                                                      "mfu", "achieved_flops", "run_seconds")}
+            if last:
+                row["mfu_ceiling"] = ours["mfu_ceiling"]
         theirs = _run([sys.executable, __file__, "--_official", "--official", args.official, "--preset", preset,
                        *common[2:], "--repeats", str(args.repeats),
                        *(["--official-warmup"] if args.official_warmup else [])])
@@ -179,7 +180,7 @@ def _cell(side: dict, batch: int, flops: float, peak: float) -> tuple[float, str
 
 def render(path: str) -> str:
     lines = ["| CPU (forced) | preset | bitdance eager s/img (MFU) | bitdance compiled s/img (MFU) | authors' s/img (MFU) "
-             "| speed-up eager / compiled | fp32 peak GFLOP/s |", "|---|---|---|---|---|---|---|"]
+             "| speed-up eager / compiled | fp32 peak GFLOP/s | MFU ceiling |", "|---|---|---|---|---|---|---|---|"]
     for line in Path(path).read_text().splitlines():
         r = json.loads(line)
         m = r["machine"]
@@ -197,7 +198,8 @@ def render(path: str) -> str:
             cells.append(cell)
             ratios.append(f"{off / ours:.2f}x")
         lines.append(f"| {m['model']} {kind} | {r['preset']} | {cells[0]} | {cells[1]} | {off_cell} "
-                     f"| {ratios[0]} / {ratios[1]} | {peak / 1e9:.0f} |")
+                     f"| {ratios[0]} / {ratios[1]} | {peak / 1e9:.0f} "
+                     f"| {'—' if r.get('mfu_ceiling') is None else format(r['mfu_ceiling'], '.1%')} |")
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["DTYPE_ENV", "PrecisionError", "forced_dtype", "bf16_supported", "auto_dtype", "auto_precision",
-           "cpu_bf16_reason", "cpu_description", "cpu_vendor", "mkl_forcing_gap", "separate_compile_cache"]
+           "cpu_bf16_reason", "cpu_description", "cpu_flags", "cpu_vendor", "mkl_forcing_gap", "separate_compile_cache"]
 
 DTYPE_ENV = "BITDANCE_DTYPE"
 _NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "auto": None, "": None}
@@ -60,7 +60,8 @@ def _cpuinfo() -> dict[str, str]:
     return out
 
 
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (``avx2``, ``avx512_bf16``...), empty where unknown."""
     info = _cpuinfo()
     return frozenset((info.get("flags") or info.get("Features") or "").split())
 
@@ -78,7 +79,7 @@ def mkl_forcing_gap() -> str | None:
     AMD CPUs MKL runs its AVX2 code anyway."""
     if torch.backends.cpu.get_cpu_capability().upper() != "AVX2":
         return None
-    if cpu_vendor() != "GenuineIntel" or "avx512f" not in _cpu_flags():
+    if cpu_vendor() != "GenuineIntel" or "avx512f" not in cpu_flags():
         return None
     if os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper() in ("AVX2", "AVX", "SSE4_2"):
         return None
@@ -87,7 +88,7 @@ def mkl_forcing_gap() -> str | None:
 
 def cpu_bf16_reason() -> str | None:
     """None when the CPU computes bf16 natively in this process, else why not (one phrase)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if not ({"avx512_bf16", "amx_bf16"} & flags):
         return "no avx512_bf16/amx_bf16 in /proc/cpuinfo"
     # The units may be there but switched off for this process: ATEN_CPU_CAPABILITY=avx2 and

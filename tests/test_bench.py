@@ -153,14 +153,14 @@ def test_side_by_side_table_and_missing_checkout(tmp_path):
     results.write_text(json.dumps(row) + "\n")
     table = mod.render(str(results)).splitlines()
     assert table[2] == ("| AMD EPYC AVX2 (forced) | BitDance-B-4x | 20.00 (50.0%) | 10.00 (100.0%) | 30.00 (33.3%) "
-                        "| 1.50x / 3.00x | 100 |")
+                        "| 1.50x / 3.00x | 100 | — |")
     # several timed runs: each side's figure is its fastest run (as the peak is the fastest timing), the mean after it
     runs = {"batch": 2, "bitdance_default": {**ours(12.0, 0.8), "run_seconds": [20.0, 28.0, 24.0]},
-            "official": {"seconds_per_image": 35.0, "run_seconds": [60.0, 80.0]}}
+            "official": {"seconds_per_image": 35.0, "run_seconds": [60.0, 80.0]}, "mfu_ceiling": 0.3125}
     results.write_text(json.dumps({**row, **runs}) + "\n")
     assert mod.render(str(results)).splitlines()[2] == (
         "| AMD EPYC AVX2 (forced) | BitDance-B-4x | 20.00 (50.0%) | 10.00 (100.0%); mean 12.00 (83.3%) "
-        "| 30.00 (33.3%); mean 35.00 (28.6%) | 1.50x / 3.00x | 100 |")
+        "| 30.00 (33.3%); mean 35.00 (28.6%) | 1.50x / 3.00x | 100 | 31.2% |")
     p = subprocess.run([sys.executable, str(path), "--_official", "--official", str(tmp_path), "--preset",
                         "BitDance-B-4x"], capture_output=True, text=True)
     assert p.returncode != 0 and "no imagenet_gen/src/model_parallel.py there" in p.stderr
@@ -206,3 +206,53 @@ def test_side_by_side_forcing_reaches_mkl(monkeypatch):
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "SSE4_2")
     mod._complete_forcing()
     assert os.environ["MKL_ENABLE_INSTRUCTIONS"] == "SSE4_2"
+
+
+def test_product_log_reads_the_weights_it_used():
+    """`record_products` logs each product with its FLOPs and its operands of at least READ_MIN_BYTES: a weight
+    as a view of the parameter itself (a replay reads the same memory), an activation as its byte count; a few
+    rows of input are left out. Composite ops (linear under inference mode) are logged as what they run."""
+    from bitdance.apps.bench import READ_MIN_BYTES, count_flops, record_products
+
+    lin = torch.nn.Linear(512, 1024)  # weight 2 MiB
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    rows = torch.randn(4, 512)
+    image = torch.randn(1, 8, 128, 128)  # 512 KiB in and out
+    with torch.inference_mode():
+        flops, (log, _) = count_flops(lambda: record_products(lambda: (lin(rows), conv(image)), lin, conv))
+    assert log.flops == [2 * 4 * 512 * 1024, 2 * 8 * 8 * 9 * 128 * 128] and sum(log.flops) == flops
+    (weight,), (act_in, act_out) = log.reads
+    assert weight.untyped_storage().data_ptr() == lin.weight.untyped_storage().data_ptr()
+    assert weight.numel() == lin.weight.numel()
+    assert act_in == act_out == image.numel() * 4 >= READ_MIN_BYTES  # the conv's own weight is too small
+
+
+def test_read_floor_is_at_least_the_compute_time():
+    """Each product counts the slower of reading its operands and computing at the peak: a log without reads
+    gives exactly FLOPs / peak, with reads no less; a peak of zero is an error."""
+    from bitdance.apps.bench import ProductLog, read_floor
+
+    log = ProductLog(flops=[10**9, 3 * 10**9], reads=[[], []])
+    assert read_floor(log, 1e12) == pytest.approx(4e-3, rel=1e-12)
+    big = torch.ones(2**20)
+    log = ProductLog(flops=[10**9, 10**3], reads=[[big], [big, 2**22]])
+    floor = read_floor(log, 1e12)
+    assert floor >= 1e-3 + 1e-9 and math.isfinite(floor)
+    with pytest.raises(ValueError, match="peak_flops"):
+        read_floor(log, 0.0)
+
+
+def test_bench_roofline(capsys):
+    """--roofline: the read-bound floor and the MFU ceiling it allows (never above 100%: the floor holds every
+    product's compute time at the peak); --memory does not take it."""
+    assert main(TINY + ["--dtype", "fp32", "--roofline"]) == 0
+    r, text = _last_json(capsys)
+    assert 0 < r["mfu_ceiling"] <= 1 + 1e-9
+    assert r["read_floor_seconds_per_image"] * r["peak_flops"] * r["mfu_ceiling"] == pytest.approx(
+        r["flops_per_image"], rel=1e-9)
+    assert "MFU ceiling" in text and "read-bound floor" in text
+    assert main(TINY + ["--dtype", "fp32"]) == 0
+    assert _last_json(capsys)[0]["mfu_ceiling"] is None
+    assert main(["bench", "--memory", "--roofline"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--roofline" in err[0]

@@ -8,7 +8,7 @@ from bitdance.precision import DTYPE_ENV, PrecisionError, auto_dtype, bf16_suppo
 
 
 def _flags(monkeypatch, flags):
-    monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
 
 
 def test_forced_dtype_values(monkeypatch):

@@ -15,6 +15,14 @@ that the flow does the same work as with trained weights (the cost does not depe
 * Memory budget: sampling should need no more than the weights, the KV cache and one decode chunk. The bench
   reports the three (weights and KV cache from their shapes, the decode chunk's activations measured during
   the FLOP-counting decode) and their sum next to the peak.
+* MFU ceiling (``roofline``): what the memory system lets this preset reach at this batch. The FLOP-counting
+  run also records every product (each op with a FLOP formula: matmuls, attention, convolutions) and its
+  operands; they are read back once in the same order (``torch.sum`` over each operand of at least
+  :data:`READ_MIN_BYTES`, the model's own weights where the operand is one, so caches behave as in sampling),
+  each product timed. A product can take no less than the slower of reading its operands and computing its
+  FLOPs at the measured peak; the sum over the run is the read-bound floor, and the counted FLOPs over that
+  floor at the peak is the ceiling. Few-row products (B-1x, B-4x with small batches) are bound by how fast
+  weights stream from memory: where the ceiling is below an MFU target, no kernel reaches the target there.
 """
 
 from __future__ import annotations
@@ -28,9 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry, shape_wrapper
 
-__all__ = ["COMPILE_MODES", "FLOP_MAPPING", "BenchResult", "count_flops", "measure_matmul_peak", "proc_memory_bytes",
-           "reset_peak_memory", "run_bench"]
+__all__ = ["COMPILE_MODES", "FLOP_MAPPING", "READ_MIN_BYTES", "BenchResult", "ProductLog", "count_flops",
+           "measure_matmul_peak", "proc_memory_bytes", "read_floor", "record_products", "reset_peak_memory",
+           "run_bench"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,6 +76,95 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
     with FlopCounterMode(display=False, custom_mapping=FLOP_MAPPING) as fc:
         out = fn()
     return int(fc.get_total_flops()), out
+
+
+# --------------------------------------------------------------------------------------------
+# Read-bound ceiling
+# --------------------------------------------------------------------------------------------
+# Smaller operands (a few rows of activations, biases) are taken as cache-resident and free: counting them
+# would add per-call overheads to the floor, and the floor must stay a floor.
+READ_MIN_BYTES = 256 * 1024
+
+
+@dataclass
+class ProductLog:
+    """The products one run dispatched, in order: ``flops[i]`` and ``reads[i]``, the operands (inputs and
+    output) of at least :data:`READ_MIN_BYTES`, each a flat view of a model tensor it lives in (a weight, a
+    buffer) or, for activations, its size in bytes."""
+
+    flops: list[int] = field(default_factory=list)
+    reads: list[list[torch.Tensor | int]] = field(default_factory=list)
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class _ProductRecorder(TorchDispatchMode):
+    def __init__(self, tensors: dict[int, torch.Tensor], log: ProductLog):
+        super().__init__()
+        self.tensors, self.log = tensors, log
+        self.formulas = dict(flop_registry)
+        self.formulas.update({k: shape_wrapper(v) for k, v in FLOP_MAPPING.items()})
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        formula = self.formulas.get(func._overloadpacket)
+        if formula is None:  # composite ops (aten.linear under inference mode): log the products they run
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if formula is not None:
+            reads: list[torch.Tensor | int] = []
+            for t in tree_flatten((args, kwargs, out))[0]:
+                if not isinstance(t, torch.Tensor) or t.numel() * t.element_size() < READ_MIN_BYTES:
+                    continue
+                owner = self.tensors.get(_storage_key(t))
+                # the operand's own bytes, read from the start of the weight or buffer it is a view of
+                reads.append(owner[: t.numel()] if owner is not None and owner.numel() >= t.numel()
+                             else t.numel() * t.element_size())
+            self.log.flops.append(int(formula(*args, **kwargs, out_val=out)))
+            self.log.reads.append(reads)
+        return out
+
+
+def record_products(fn: Callable[[], Any], *modules: torch.nn.Module) -> tuple[ProductLog, Any]:
+    """Run ``fn()`` and log its products (see :class:`ProductLog`); operands that are views of ``modules``'
+    parameters or buffers are logged as those tensors, so that a replay reads the same memory."""
+    tensors = {}
+    for m in modules:
+        for t in [*m.parameters(), *m.buffers()]:
+            if t.is_contiguous():
+                tensors[_storage_key(t)] = t.detach().reshape(-1)
+    log = ProductLog()
+    with _ProductRecorder(tensors, log):
+        out = fn()
+    return log, out
+
+
+def read_floor(log: ProductLog, peak_flops: float, device: torch.device | str = "cpu") -> float:
+    """Seconds the logged products need at least: each the slower of reading its operands once (timed here,
+    ``torch.sum`` over each, in the logged order) and computing its FLOPs at ``peak_flops``."""
+    if peak_flops <= 0:
+        raise ValueError(f"peak_flops must be positive, got {peak_flops}")
+    device = torch.device(device)
+    sizes = [r for reads in log.reads for r in reads if isinstance(r, int)]
+    scratch = torch.ones(max(sizes, default=4) // 4 + 1, device=device)  # activations: one hot buffer, as in sampling
+    total = 0.0
+    with torch.inference_mode():
+        for flops, reads in zip(log.flops, log.reads):
+            seconds = 0.0
+            if reads:
+                _sync(device)
+                t0 = time.perf_counter()
+                for r in reads:
+                    (scratch[: r // 4] if isinstance(r, int) else r).sum()
+                _sync(device)
+                seconds = time.perf_counter() - t0
+            total += max(seconds, flops / peak_flops)
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +312,9 @@ class BenchResult:
     bf16_bit_agreement: float | None = None
     bf16_token_agreement: float | None = None
     bf16_image_psnr: float | None = None
+    # ``roofline``: the seconds per image every product needs at least, and the MFU that allows
+    read_floor_seconds_per_image: float | None = None
+    mfu_ceiling: float | None = None
     run_seconds: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -295,6 +399,7 @@ def run_bench(
     compare_fp32: bool = False,
     model: str | None = None,
     profile: str | Path | None = None,
+    roofline: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Time ``repeats`` sampling runs (after ``warmup``) of ``batch`` images with random weights, count the
@@ -311,6 +416,8 @@ def run_bench(
     ``profile``: a folder; one more run goes through ``torch.profiler`` and leaves ``profile.txt`` (the ops
     that took the most time, on the device and on the host) and ``trace.json.gz`` (open in Perfetto or
     chrome://tracing) there.
+    ``roofline``: also log the products of the FLOP-counting run, read their operands back once and report the
+    read-bound floor and the MFU ceiling it allows (see the module docstring).
     """
     from bitdance.sampling.flow import FlowSampler
 
@@ -380,13 +487,22 @@ def run_bench(
             peak_mem = int(_maxrss_bytes() - maxrss0)
             mem_method = "cpu getrusage ru_maxrss increase over the start of the bench (lifetime peak)"
 
-        say("counting FLOPs (one more run under FlopCounterMode)")
+        say("counting FLOPs (one more run under FlopCounterMode)" + (", logging its products" if roofline else ""))
+        logs: list[ProductLog] = []
+
+        def counted(fn):
+            if not roofline:
+                return count_flops(fn)
+            flops, (log, out) = count_flops(lambda: record_products(fn, gen, tok))
+            logs.append(log)
+            return flops, out
+
         with gen.eager_sampling():  # count on the eager code: same ops, and the counter sees every one
-            gen_flops, (latents, g) = count_flops(generate)
+            gen_flops, (latents, g) = counted(generate)
         dec_flops, decode_mem = 0, None
         if decode:  # the KV cache is gone by now: this peak is one decode chunk's activations (+ outputs)
             with _PeakSince(dev) as chunk_peak:
-                dec_flops = count_flops(lambda: decode_fn(latents, g))[0]
+                dec_flops = counted(lambda: decode_fn(latents, g))[0]
             decode_mem = chunk_peak.bytes
 
         if profile is not None:
@@ -401,6 +517,10 @@ def run_bench(
 
     say("measuring the matmul peak")
     peak = measure_matmul_peak(dev, tdtype, size=peak_size)
+    floor = None
+    if roofline:
+        say("reading every product's operands once, in the sampler's order (the read-bound floor)")
+        floor = sum(read_floor(log, peak, dev) for log in logs)
 
     sec = sum(times) / len(times)
     weights = _module_bytes(gen, tok)
@@ -416,7 +536,9 @@ def run_bench(
         generator_flops_per_image=gen_flops / batch, decode_flops_per_image=dec_flops / batch,
         achieved_flops=achieved, peak_flops=peak, mfu=achieved / peak, peak_memory_bytes=peak_mem,
         peak_memory_method=mem_method, weights_bytes=weights, kv_cache_bytes=kv, decode_chunk_bytes=decode_mem,
-        memory_budget_bytes=budget, compile_mode=compile, run_seconds=times, notes=notes, **agreement)
+        memory_budget_bytes=budget, compile_mode=compile, run_seconds=times, notes=notes,
+        read_floor_seconds_per_image=None if floor is None else floor / batch,
+        mfu_ceiling=None if floor is None else (gen_flops + dec_flops) / floor / peak, **agreement)
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")

@@ -45,7 +45,8 @@ def _eval_command(esub, name: str, fn) -> argparse.ArgumentParser:
 
 
 COMPILE_HELP = ("torch.compile the diffusion head's inner loop and, on CPUs, the transformer's cached step "
-                "(weights frozen; C++ GEMM templates for few rows, oneDNN for fp32 products of 32 rows or more; "
+                "(weights frozen; C++ GEMM templates for few rows, oneDNN for fp32 products of 32 rows or more, "
+                "MKL's packed GEMM for every fp32 product on Intel CPUs running AVX2 kernels; "
                 "reduce-overhead = CUDA graphs on GPU)")
 
 
@@ -241,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also sample the same seed in fp32: report bit/token agreement and image PSNR")
     s.add_argument("--profile", metavar="DIR", help="profile one more run: DIR/profile.txt (top ops on the device "
                    "and the host) and DIR/trace.json.gz (Perfetto / chrome://tracing)")
+    s.add_argument("--roofline", action="store_true", help="also the MFU ceiling this machine's memory allows: "
+                   "every product of one run timed at the slower of reading its operands once and computing at the "
+                   "measured peak")
     s.add_argument("--memory", action="store_true", help="instead: peak memory of loading, of the first AR steps "
                    "and of decoding one image, and seconds per AR step, for each --weights storage, each in a fresh "
                    "process (text-to-image --model: a released name, repository id or folder)")

@@ -352,6 +352,8 @@ def cmd_bench(args) -> None:
     from bitdance.apps.bench import run_bench
 
     if args.memory:
+        if args.roofline:
+            raise CLIError("--roofline goes with the timing bench, not with --memory")
         return _bench_memory(args)
     if args.weights or args.random_weights:
         raise CLIError("--weights and --random-weights go with --memory")
@@ -365,7 +367,8 @@ def cmd_bench(args) -> None:
     r = run_bench(args.preset, batch=args.batch, steps=args.steps, guidance_scale=args.cfg, image_size=args.image_size,
                   dtype=args.dtype, device=args.device, warmup=args.warmup, repeats=args.repeats,
                   decode=not args.no_decode, tokenizer=args.tokenizer, seed=args.seed, compile=args.compile,
-                  compare_fp32=args.compare_fp32, model=args.model, profile=args.profile, log=None if args.json else (lambda m: print(m, file=sys.stderr)))
+                  compare_fp32=args.compare_fp32, model=args.model, profile=args.profile, roofline=args.roofline,
+                  log=None if args.json else (lambda m: print(m, file=sys.stderr)))
     for note in r.notes:
         print(f"note: {note}")
     print(f"{r.preset} + {r.tokenizer} tokenizer, {r.image_size} px, batch {r.batch}, {r.ar_steps} AR steps x "
@@ -378,6 +381,10 @@ def cmd_bench(args) -> None:
     print(f"achieved FLOP/s:     {r.achieved_flops:.4g}")
     print(f"matmul peak FLOP/s:  {r.peak_flops:.4g} ({r.dtype}, measured)")
     print(f"MFU:                 {100 * r.mfu:.2f}%")
+    if r.mfu_ceiling is not None:
+        print(f"read-bound floor:    {r.read_floor_seconds_per_image:.4g} s/image (each product at the peak or "
+              f"at the speed of reading its operands once, whichever is slower)")
+        print(f"MFU ceiling:         {100 * r.mfu_ceiling:.2f}% (what this machine's memory allows at this batch)")
     print(f"peak memory:         {r.peak_memory_bytes / 2**20:.1f} MiB ({r.peak_memory_method})")
     chunk = "not measured" if r.decode_chunk_bytes is None else f"{r.decode_chunk_bytes / 2**20:.1f} MiB"
     budget = "" if r.memory_budget_bytes is None else f"{r.memory_budget_bytes / 2**20:.1f} MiB = "
