@@ -256,3 +256,12 @@ def test_bench_roofline(capsys):
     assert main(["bench", "--memory", "--roofline"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--roofline" in err[0]
+
+
+def test_cold_weights_rejects_bad_rows():
+    import subprocess
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cold_weights.py"
+    p = subprocess.run([sys.executable, str(path), "--rows", "16", "0"], capture_output=True, text=True)
+    assert p.returncode == 2 and "--rows must be positive" in p.stderr.strip().splitlines()[-1]

@@ -22,7 +22,8 @@ that the flow does the same work as with trained weights (the cost does not depe
   each product timed. A product can take no less than the slower of reading its operands and computing its
   FLOPs at the measured peak; the sum over the run is the read-bound floor, and the counted FLOPs over that
   floor at the peak is the ceiling. Few-row products (B-1x, B-4x with small batches) are bound by how fast
-  weights stream from memory: where the ceiling is below an MFU target, no kernel reaches the target there.
+  weights stream from memory: where the ceiling is below an MFU target, faster products alone do not reach it
+  there (as far as torch's own reduction can read memory, the measure used).
 """
 
 from __future__ import annotations
