@@ -218,8 +218,9 @@ class FrozenCompiled:
 
     def graph_for(self, *args) -> str:
         """Which graph a call with ``args`` runs: "wide" (fp32 with at least :func:`wide_min_rows` rows on a
-        CPU, as of construction: the products in :attr:`wide_products`) or "static" (everything else). A call's rows are ``rows(*args)`` where
-        the constructor got that function, else those of its first tensor (elements over last dimension)."""
+        CPU, as of construction: the products in :attr:`wide_products`) or "static" (everything else). A call's
+        rows are ``rows(*args)`` where the constructor got that function, else those of its first tensor
+        (elements over last dimension)."""
         if self._compiled_wide is None:
             return "static"
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
