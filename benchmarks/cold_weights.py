@@ -78,8 +78,7 @@ def main() -> None:
     missing = [lib for lib in args.libraries if not available.get(lib, True)]
     if missing:
         sys.exit(f"cold_weights.py: this torch build has no {' or '.join(missing)}")
-    libraries = args.libraries
-    if any(lib.startswith("panel") for lib in libraries):
+    if any(lib.startswith("panel") for lib in args.libraries):
         import panel_gemm  # beside this script
 
         panel_gemm.load()
@@ -94,7 +93,7 @@ def main() -> None:
         for rows in args.rows:
             for n in SHAPES:
                 cold = [torch.randn(n, K) for _ in range(COLD_WEIGHTS)]
-                for lib in libraries:
+                for lib in args.libraries:
                     h = _gflops(hot, rows, lib, repeat=200)
                     c = _gflops(cold, rows, lib, repeat=1)
                     print(f"| {rows} | {n} x {K} | {lib} | {h:.0f} ({h / peak:.0%}) | {c:.0f} ({c / peak:.0%}) "

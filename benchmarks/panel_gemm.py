@@ -31,8 +31,7 @@ def load() -> None:
         return
     from bitdance.precision import cpu_flags
 
-    flags = cpu_flags()
-    if not {"avx2", "fma"} <= flags:
+    if not {"avx2", "fma"} <= cpu_flags():
         sys.exit("panel_gemm: the kernel needs an x86 CPU with AVX2 and FMA")
     from torch.utils.cpp_extension import load as build
 
@@ -50,7 +49,7 @@ def load() -> None:
 
     @register_flop_formula(torch.ops.bitdance_bench.panel_linear)
     def _(x_shape, packed_shape, n, prefetch, *args, out_shape=None, **kwargs):
-        return 2 * (torch.Size(x_shape).numel() // x_shape[-1]) * x_shape[-1] * n
+        return 2 * torch.Size(x_shape).numel() * n
 
     # every row-tile height (1-6, and a 7th row) and a last panel of fewer than 16 columns
     w, x = torch.randn(37, 40), torch.randn(7, 40)

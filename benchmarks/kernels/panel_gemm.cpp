@@ -84,10 +84,7 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& packed, 
       for (int64_t r = 0; r < R; r += 6) {
         const int64_t rows = std::min<int64_t>(6, R - r);
         // only the first row tile prefetches: a test in the inner loop of every tile cost a third of the speed
-        if (prefetch && r == 0)
-          rows_tile<true>(rows, xp, K, w, next, o, n, cols);
-        else
-          rows_tile<false>(rows, xp + r * K, K, w, next, o + r * n, n, cols);
+        (prefetch && r == 0 ? rows_tile<true> : rows_tile<false>)(rows, xp + r * K, K, w, next, o + r * n, n, cols);
       }
     }
   });
