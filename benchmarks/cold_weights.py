@@ -14,9 +14,9 @@ sampling uses them):
 GFLOP/s are the best of 7 timings, next to the fp32 matmul peak measured the way ``bitdance bench`` does. Where
 cold is far below hot, the kernel waits for its weights instead of computing while they stream in: that is
 what a product costs beyond the ceiling of ``bitdance bench --roofline``, which takes each product at the
-slower of the two, not their sum. ``--libraries panel panel-prefetch`` adds the experimental kernel of
-``benchmarks/panel_gemm.py`` (weights packed 16 columns at a time), without and with prefetching the next
-part of its weight.
+slower of the two, not their sum. ``--libraries mkl panel`` compares MKL with the prefetching kernel that
+compiled sampling runs instead of MKL for the few-row products where it takes MKL's (:mod:`bitdance.kernels`;
+it needs a C++ compiler and AVX2).
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ import time
 import torch
 
 from bitdance.apps.bench import measure_matmul_peak
+from bitdance.kernels import KernelError, load_panel_gemm, panel_linear, panel_pack
 
 K = 768
 SHAPES = (768, 2304, 3072)  # output widths of the B head's products (attention out, q/k/v, MLP)
 COLD_WEIGHTS = 60
-LIBRARIES = ("mkl", "onednn", "panel", "panel-prefetch")
+LIBRARIES = ("mkl", "onednn", "panel")
 
 
 def _gflops(weights: list[torch.Tensor], rows: int, library: str, repeat: int) -> float:
@@ -41,11 +42,9 @@ def _gflops(weights: list[torch.Tensor], rows: int, library: str, repeat: int) -
         packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in weights]
         calls = [lambda x=x, p=p, w=w: torch.ops.mkl._mkl_linear(x, p, w, None, rows)
                  for x, p, w in zip(xs, packed, weights)]
-    elif library.startswith("panel"):
-        packed = [torch.ops.bitdance_bench.panel_pack(w) for w in weights]
-        prefetch = library == "panel-prefetch"
-        calls = [lambda x=x, p=p, n=w.shape[0]: torch.ops.bitdance_bench.panel_linear(x, p, n, prefetch)
-                 for x, p, w in zip(xs, packed, weights)]
+    elif library == "panel":
+        packed = [panel_pack(w) for w in weights]
+        calls = [lambda x=x, p=p, n=w.shape[0]: panel_linear(x, p, n) for x, p, w in zip(xs, packed, weights)]
     else:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
         calls = [lambda x=x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
@@ -69,8 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[4, 16, 64], help="rows of each product")
     ap.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=["mkl", "onednn"],
-                    help="panel / panel-prefetch: the experimental kernel of benchmarks/panel_gemm.py, "
-                         "without and with prefetching")
+                    help="panel: bitdance's kernel for few rows (bitdance.kernels)")
     args = ap.parse_args()
     if any(r < 1 for r in args.rows):
         ap.error(f"--rows must be positive, got {args.rows}")
@@ -78,10 +76,11 @@ def main() -> None:
     missing = [lib for lib in args.libraries if not available.get(lib, True)]
     if missing:
         sys.exit(f"cold_weights.py: this torch build has no {' or '.join(missing)}")
-    if any(lib.startswith("panel") for lib in args.libraries):
-        import panel_gemm  # beside this script
-
-        panel_gemm.load()
+    if "panel" in args.libraries:
+        try:
+            load_panel_gemm()
+        except KernelError as err:
+            sys.exit(f"cold_weights.py: {err}")
     torch.manual_seed(0)
     peak = measure_matmul_peak(torch.device("cpu"), torch.float32) / 1e9
     print(f"fp32 matmul peak {peak:.0f} GFLOP/s, {torch.get_num_threads()} threads, "

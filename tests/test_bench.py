@@ -271,11 +271,3 @@ def _script_error(script: str, *args: str) -> tuple[int, str]:
 def test_cold_weights_rejects_bad_rows():
     code, err = _script_error("cold_weights.py", "--rows", "16", "0")
     assert code == 2 and "--rows must be positive" in err
-
-
-def test_panel_gemm_rejects_bad_arguments():
-    for args, message in ((["--max-rows", "0", "--compile", "default"], "--max-rows must be positive"),
-                          (["--preset", "BitDance-B-4x"], "pass --compile default"),
-                          (["--compile", "off"], "pass --compile default")):
-        code, err = _script_error("panel_gemm.py", *args)
-        assert code == 2 and message in err, (args, err)

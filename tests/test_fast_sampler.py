@@ -103,21 +103,27 @@ def test_hoisted_adaln_gives_the_same_tokens(P, monkeypatch):
     assert torch.equal(hoisted, per_step)
 
 
-@pytest.mark.parametrize("P, attention, graph", [(1, "bidirectional", "static"), (4, "bidirectional", "static"),
-                                                  (4, "causal", "static"), (1, "bidirectional", "wide-mkl"),
-                                                  (4, "bidirectional", "wide-onednn"),
-                                                  (4, "bidirectional", "wide-mkl")])
-def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, monkeypatch):
-    """torch.compile (inductor, CPU here: weights frozen; C++ GEMM templates for few rows, MKL with static rows
-    or oneDNN with dynamic rows for many) of the head's inner loop and the transformer's cached step (the cache
-    written and read by one opaque op, with the mask rows of the block) gives the tokens of the eager code for a
-    seed in fp32, and follows the weights when they change after compiling."""
+@pytest.mark.parametrize("P, attention, graph, few", [
+    (1, "bidirectional", "static", "library"), (4, "bidirectional", "static", "library"),
+    (4, "causal", "static", "library"), (1, "bidirectional", "wide-mkl", "library"),
+    (4, "bidirectional", "wide-onednn", "library"), (4, "bidirectional", "wide-mkl", "library"),
+    (4, "bidirectional", "wide-mkl", "panel"), (4, "causal", "static", "panel")])
+def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, few, monkeypatch):
+    """torch.compile (inductor, CPU here: weights frozen; C++ GEMM templates or the panel kernel for few
+    rows, MKL with static rows or oneDNN with dynamic rows for many) of the head's inner loop and the
+    transformer's cached step (the cache written and read by one opaque op, with the mask rows of the block)
+    gives the tokens of the eager code for a seed in fp32, and follows the weights when they change after
+    compiling."""
     import bitdance.compiling
     import bitdance.models.head
+    from bitdance.kernels import panel_gemm_unsupported
 
     graph, _, products = graph.partition("-")
     if products == "mkl" and not torch.backends.mkl.is_available():
         pytest.skip("this torch build has no MKL")
+    if few == "panel" and panel_gemm_unsupported():
+        pytest.skip(f"the panel kernel cannot run here: {panel_gemm_unsupported()}")
+    monkeypatch.setenv(bitdance.compiling.FEW_ROW_PRODUCTS_ENV, few)
     if products:
         monkeypatch.setenv(bitdance.compiling.WIDE_PRODUCTS_ENV, products)
     # the tiny model's calls have 4 x P rows: with oneDNN the threshold moves so that "wide" takes the graph of
@@ -137,6 +143,7 @@ def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, monkeypatc
     assert model._compiled_decode.graph_for(tokens) == graph
     assert model._compiled_decode.graph_for(tokens.bfloat16()) == "static"
     assert model._compiled_decode.wide_products == (products or bitdance.compiling.wide_products())
+    assert model._compiled_decode.few_row_products == few
     try:
         with torch.inference_mode():
             compiled = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
@@ -225,7 +232,7 @@ def test_padded_products_pad_the_weight_and_slice_the_output(monkeypatch):
     rows are traced that way."""
     from torch.overrides import TorchFunctionMode
 
-    from bitdance.compiling import AVX2_TEMPLATE_WIDTH, FrozenCompiled, PaddedProducts
+    from bitdance.compiling import AVX2_TEMPLATE_WIDTH, FEW_ROW_PRODUCTS_ENV, FrozenCompiled, PaddedProducts
 
     widths = []
 
@@ -247,10 +254,11 @@ def test_padded_products_pad_the_weight_and_slice_the_output(monkeypatch):
         assert torch.equal(y_even, even(x))
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setenv(FEW_ROW_PRODUCTS_ENV, "library")  # else on an Intel CPU the panel kernel takes them
     compiled = FrozenCompiled(lambda m, x: m(x), odd)
     with torch.no_grad():
         assert torch.allclose(compiled(x), odd(x), atol=1e-5)
-    assert compiled._compiled._orig_mod.pad_products
+    assert compiled._compiled._orig_mod.products is PaddedProducts
 
 
 def test_attention_cpu_fp32_few_keys_matches_sdpa(monkeypatch):

@@ -41,9 +41,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, shape_wrapper
 
-__all__ = ["COMPILE_MODES", "FLOP_MAPPING", "READ_MIN_BYTES", "BenchResult", "ProductLog", "count_flops",
-           "measure_matmul_peak", "proc_memory_bytes", "read_floor", "record_products", "reset_peak_memory",
-           "run_bench"]
+__all__ = ["COMPILE_MODES", "FLOP_MAPPING", "READ_MIN_BYTES", "BenchResult", "ProductLog",
+           "compiled_products_note", "count_flops", "measure_matmul_peak", "proc_memory_bytes", "read_floor",
+           "record_products", "reset_peak_memory", "run_bench"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,6 +448,8 @@ def run_bench(
     tok_name = tok_name or next((k for k, v in _tokenizer_presets().items() if v == mcfg.tokenizer), "custom")
     if compile != "off":
         gen.compile_sampling(mode=None if compile == "default" else compile)
+        if dev.type == "cpu" and tdtype == torch.float32:
+            notes.append(compiled_products_note())
     sampler = FlowSampler(num_steps=steps)
     labels = (torch.arange(batch) % mcfg.num_classes).to(dev)
 
@@ -543,6 +545,19 @@ def run_bench(
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
+def compiled_products_note() -> str:
+    """Which kernels run the fp32 products of the compiled CPU sampler, in one line for the report."""
+    from bitdance.compiling import ONEDNN_MIN_ROWS, few_row_products, wide_products
+    from bitdance.kernels import PANEL_MAX_ROWS
+
+    wide = "MKL's packed GEMM" if wide_products() == "mkl" else "oneDNN"
+    if few_row_products() == "panel":
+        few, rows = "bitdance's panel kernel", PANEL_MAX_ROWS
+    else:
+        few, rows = (wide if wide_products() == "mkl" else "inductor's C++ GEMM templates"), ONEDNN_MIN_ROWS
+    return f"compiled fp32 products: {few} below {rows} rows, {wide} from {rows} rows"
 DECODE_CHUNK = 16  # images per tokenizer decode call, as the pipeline's default decode_chunk_size
 
 
