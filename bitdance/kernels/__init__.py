@@ -54,14 +54,20 @@ def panel_gemm_unsupported() -> str | None:
     return None
 
 
-@functools.cache
 def load_panel_gemm() -> None:
     """Build (once per source version; torch caches it on disk) and register ``torch.ops.bitdance.panel_pack``
     and ``panel_linear``, with their shapes for tracing and their FLOPs for ``FlopCounterMode``. Raises
-    :class:`KernelError` with a one-line reason where it cannot run."""
+    :class:`KernelError` with a one-line reason where it cannot run (tried once per process)."""
+    failure = _load_panel_gemm()
+    if failure:
+        raise KernelError(failure)
+
+
+@functools.cache
+def _load_panel_gemm() -> str | None:
     reason = panel_gemm_unsupported()
     if reason:
-        raise KernelError(f"the panel kernel cannot run here: {reason}")
+        return f"the panel kernel cannot run here: {reason}"
     from torch.utils.cpp_extension import load
 
     try:
@@ -69,7 +75,7 @@ def load_panel_gemm() -> None:
              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except (OSError, RuntimeError, ImportError) as err:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise KernelError(f"could not build {SOURCE.name}: {first}") from err
+        return f"could not build {SOURCE.name}: {first}"
 
     @torch.library.register_fake("bitdance::panel_pack")
     def _(w):
@@ -84,6 +90,8 @@ def load_panel_gemm() -> None:
     @register_flop_formula(torch.ops.bitdance.panel_linear)
     def _(x_shape, packed_shape, n, *args, out_shape=None, **kwargs):
         return 2 * torch.Size(x_shape).numel() * n
+
+    return None
 
 
 def panel_pack(weight: torch.Tensor) -> torch.Tensor:
