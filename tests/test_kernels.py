@@ -104,7 +104,7 @@ def test_bench_names_the_kernels_of_the_compiled_products(monkeypatch):
     from bitdance.apps.bench import compiled_products_note
 
     for wide, few, expected in (("mkl", "panel", "bitdance's panel kernel below 32 rows, MKL's packed GEMM from"),
-                                ("mkl", "library", "MKL's packed GEMM below 32 rows, MKL's packed GEMM from"),
+                                ("mkl", "library", "MKL's packed GEMM at every row count"),
                                 ("onednn", "library", "inductor's C++ GEMM templates below 32 rows, oneDNN from")):
         monkeypatch.setattr(compiling, "wide_products", lambda wide=wide: wide)
         monkeypatch.setattr(compiling, "few_row_products", lambda few=few: few)

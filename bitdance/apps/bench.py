@@ -545,6 +545,7 @@ def run_bench(
 
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+DECODE_CHUNK = 16  # images per tokenizer decode call, as the pipeline's default decode_chunk_size
 
 
 def compiled_products_note() -> str:
@@ -552,13 +553,15 @@ def compiled_products_note() -> str:
     from bitdance.compiling import ONEDNN_MIN_ROWS, few_row_products, wide_products
     from bitdance.kernels import PANEL_MAX_ROWS
 
-    wide = "MKL's packed GEMM" if wide_products() == "mkl" else "oneDNN"
+    if wide_products() == "onednn":
+        few, wide, rows = "inductor's C++ GEMM templates", "oneDNN", ONEDNN_MIN_ROWS
+    else:
+        few, wide, rows = "MKL's packed GEMM", "MKL's packed GEMM", PANEL_MAX_ROWS
     if few_row_products() == "panel":
         few, rows = "bitdance's panel kernel", PANEL_MAX_ROWS
-    else:
-        few, rows = (wide if wide_products() == "mkl" else "inductor's C++ GEMM templates"), ONEDNN_MIN_ROWS
+    if few == wide:
+        return f"compiled fp32 products: {wide} at every row count"
     return f"compiled fp32 products: {few} below {rows} rows, {wide} from {rows} rows"
-DECODE_CHUNK = 16  # images per tokenizer decode call, as the pipeline's default decode_chunk_size
 
 
 def _profile(fn: Callable[[], Any], dev: torch.device, folder: Path) -> None:
