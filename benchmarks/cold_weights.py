@@ -28,7 +28,7 @@ import time
 import torch
 
 from bitdance.apps.bench import measure_matmul_peak
-from bitdance.kernels import KernelError, load_panel_gemm, panel_linear, panel_pack
+from bitdance.kernels import KernelError, load_panel_gemm
 
 K = 768
 SHAPES = (768, 2304, 3072)  # output widths of the B head's products (attention out, q/k/v, MLP)
@@ -43,8 +43,9 @@ def _gflops(weights: list[torch.Tensor], rows: int, library: str, repeat: int) -
         calls = [lambda x=x, p=p, w=w: torch.ops.mkl._mkl_linear(x, p, w, None, rows)
                  for x, p, w in zip(xs, packed, weights)]
     elif library == "panel":
-        packed = [panel_pack(w) for w in weights]
-        calls = [lambda x=x, p=p, n=w.shape[0]: panel_linear(x, p, n) for x, p, w in zip(xs, packed, weights)]
+        packed = [torch.ops.bitdance.panel_pack(w) for w in weights]  # the ops, as the other libraries'
+        calls = [lambda x=x, p=p, n=w.shape[0]: torch.ops.bitdance.panel_linear(x, p, n)
+                 for x, p, w in zip(xs, packed, weights)]
     else:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
         calls = [lambda x=x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")

@@ -97,8 +97,12 @@ def wide_products() -> str:
         if forced == "mkl" and not torch.backends.mkl.is_available():
             raise ValueError(f"{WIDE_PRODUCTS_ENV}=mkl: this torch build has no MKL")
         return forced
-    avx2 = torch.backends.cpu.get_cpu_capability().upper() == "AVX2"
-    return "mkl" if avx2 and cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available() else "onednn"
+    intel_mkl = cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available()
+    return "mkl" if _runs_avx2_kernels() and intel_mkl else "onednn"
+
+
+def _runs_avx2_kernels() -> bool:
+    return torch.backends.cpu.get_cpu_capability().upper() == "AVX2"
 
 
 # Overrides :func:`few_row_products` for the whole process ("panel" or "library").
@@ -117,8 +121,7 @@ def few_row_products() -> str:
         raise ValueError(f"{FEW_ROW_PRODUCTS_ENV}={os.environ[FEW_ROW_PRODUCTS_ENV]!r}: use panel or library")
     if forced == "library":
         return "library"
-    avx2 = torch.backends.cpu.get_cpu_capability().upper() == "AVX2"
-    if not forced and (not avx2 or wide_products() != "mkl" or panel_gemm_unsupported()):
+    if not forced and (not _runs_avx2_kernels() or wide_products() != "mkl" or panel_gemm_unsupported()):
         return "library"
     try:
         load_panel_gemm()
@@ -147,6 +150,11 @@ def wide_min_rows() -> int:
 AVX2_TEMPLATE_WIDTH = 24
 
 
+def _linear_operands(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``F.linear``'s input, weight and bias, however the call passed them."""
+    return args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
+
+
 class PaddedProducts(TorchFunctionMode):
     """While active: an fp32 ``F.linear`` whose output width is not a multiple of :data:`AVX2_TEMPLATE_WIDTH`
     runs with its weight (and bias) padded with zero rows up to one, and the padding sliced off its output.
@@ -156,8 +164,7 @@ class PaddedProducts(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            x, weight, bias = _linear_operands(args, kwargs)
             width = weight.shape[0]
             if weight.dim() == 2 and weight.dtype == x.dtype == torch.float32 and width % AVX2_TEMPLATE_WIDTH:
                 pad = -width % AVX2_TEMPLATE_WIDTH
@@ -175,18 +182,13 @@ class PanelProducts(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            x, weight, bias = _linear_operands(args, kwargs)
             if (weight.dim() == 2 and weight.dtype == x.dtype == torch.float32 and x.device.type == "cpu"
                     and all(isinstance(d, int) for d in x.shape) and rows_of(x) < PANEL_MAX_ROWS):
                 packed = torch.ops.bitdance.panel_pack(weight)
                 out = torch.ops.bitdance.panel_linear(x, packed, weight.shape[0])
                 return out if bias is None else out + bias
         return func(*args, **kwargs)
-
-
-def _pads_products() -> bool:
-    return torch.backends.cpu.get_cpu_capability().upper() == "AVX2"
 
 
 def rows_of(t: torch.Tensor) -> int:
@@ -260,7 +262,7 @@ class FrozenCompiled:
             self.wide_products, self.min_rows = wide_products(), wide_min_rows()
             self.few_row_products = few_row_products()
             panel = PanelProducts if self.few_row_products == "panel" else None
-            few = panel or (PaddedProducts if _pads_products() else None)
+            few = panel or (PaddedProducts if _runs_avx2_kernels() else None)
             self._compiled = torch.compile(_Bound(self.fn, self.module, products=few),
                                            dynamic=self.dynamic, fullgraph=True,
                                            options={**CPU_TEMPLATE_OPTIONS, **guards})

@@ -258,16 +258,10 @@ def test_bench_roofline(capsys):
     assert len(err) == 1 and "--roofline" in err[0]
 
 
-def _script_error(script: str, *args: str) -> tuple[int, str]:
-    """Exit status and last stderr line of ``python benchmarks/<script> <args>``."""
+def test_cold_weights_rejects_bad_rows():
     import subprocess
     import sys
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
-    p = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, check=False)
-    return p.returncode, (p.stderr.strip().splitlines() or [""])[-1]
-
-
-def test_cold_weights_rejects_bad_rows():
-    code, err = _script_error("cold_weights.py", "--rows", "16", "0")
-    assert code == 2 and "--rows must be positive" in err
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cold_weights.py"
+    p = subprocess.run([sys.executable, str(path), "--rows", "16", "0"], capture_output=True, text=True)
+    assert p.returncode == 2 and "--rows must be positive" in p.stderr.strip().splitlines()[-1]
