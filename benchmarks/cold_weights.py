@@ -28,7 +28,7 @@ import time
 import torch
 
 from bitdance.apps.bench import measure_matmul_peak
-from bitdance.kernels import KernelError, load_panel_gemm
+from bitdance.kernels import KernelError, load_kernels
 
 K = 768
 SHAPES = (768, 2304, 3072)  # output widths of the B head's products (attention out, q/k/v, MLP)
@@ -79,7 +79,7 @@ def main() -> None:
         sys.exit(f"cold_weights.py: this torch build has no {' or '.join(missing)}")
     if "panel" in args.libraries:
         try:
-            load_panel_gemm()
+            load_kernels()
         except KernelError as err:
             sys.exit(f"cold_weights.py: {err}")
     torch.manual_seed(0)

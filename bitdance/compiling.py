@@ -38,8 +38,11 @@ widest micro-kernel products whose width it would not divide. Where :func:`few_r
 default on Intel CPUs running AVX2 kernels, where MKL's packed GEMM would take them), fp32 products of fewer
 than :data:`~bitdance.kernels.PANEL_MAX_ROWS` rows are traced under :class:`PanelProducts` instead and run the
 hand-written kernel of :mod:`bitdance.kernels`, each weight packed for it at compile time (a B-4x image 4-13%
-less time than with MKL, B-1x 6-17%: paired runs, 2-core Xeon, AVX2 forced). On GPUs the weights stay inputs
-of the graph, and ``mode`` selects the usual inductor modes ("reduce-overhead" = CUDA graphs).
+less time than with MKL, B-1x 6-17%: paired runs, 2-core Xeon, AVX2 forced). The transformer's compiled decode
+step attends over its KV cache with the kernel of :mod:`bitdance.kernels` where :func:`kv_attention_fits` and
+:func:`kv_attention_kernel` say so (fp32, no mask to apply, up to four queries per sequence: B-1x and B-4x),
+with torch's fused kernel otherwise. On GPUs the weights stay inputs of the graph, and ``mode`` selects the
+usual inductor modes ("reduce-overhead" = CUDA graphs).
 """
 
 from __future__ import annotations
@@ -57,12 +60,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from bitdance.kernels import PANEL_MAX_ROWS, KernelError, load_panel_gemm, panel_gemm_unsupported
+from bitdance.kernels import KV_MAX_QUERIES, PANEL_MAX_ROWS, KernelError, kernels_unsupported, load_kernels
 from bitdance.precision import cpu_vendor, separate_compile_cache
 
 __all__ = ["AVX2_TEMPLATE_WIDTH", "CPU_INDUCTOR_OPTIONS", "CPU_TEMPLATE_OPTIONS", "CPU_WIDE_OPTIONS",
-           "FEW_ROW_PRODUCTS_ENV", "ONEDNN_MIN_ROWS", "WIDE_PRODUCTS_ENV", "FrozenCompiled", "PaddedProducts",
-           "PanelProducts", "few_row_products", "rows_of", "wide_min_rows", "wide_products"]
+           "FEW_ROW_PRODUCTS_ENV", "KV_ATTENTION_ENV", "ONEDNN_MIN_ROWS", "WIDE_PRODUCTS_ENV", "FrozenCompiled",
+           "PaddedProducts", "PanelProducts", "few_row_products", "kv_attention_fits", "kv_attention_kernel", "rows_of", "wide_min_rows",
+           "wide_products"]
 
 # What the CPU compilation switches on (inductor config names): freezing around every compiled call (it is
 # decided before per-function options apply, see FrozenCompiled.active), and for the graph of few rows the C++
@@ -116,21 +120,54 @@ def few_row_products() -> str:
     templates, as the graph has it). The kernel was measured against MKL only (on an Intel CPU), so by default
     it replaces MKL only; ``$BITDANCE_FEW_ROW_PRODUCTS`` forces either (``panel`` raises
     :class:`~bitdance.kernels.KernelError` where the kernel cannot run)."""
-    forced = os.environ.get(FEW_ROW_PRODUCTS_ENV, "").strip().lower()
-    if forced not in ("", "panel", "library"):
-        raise ValueError(f"{FEW_ROW_PRODUCTS_ENV}={os.environ[FEW_ROW_PRODUCTS_ENV]!r}: use panel or library")
-    if forced == "library":
-        return "library"
-    if not forced and (not _runs_avx2_kernels() or wide_products() != "mkl" or panel_gemm_unsupported()):
-        return "library"
+
+    def wanted() -> bool:
+        return _runs_avx2_kernels() and wide_products() == "mkl" and not kernels_unsupported()
+
+    chosen = _kernel_choice(FEW_ROW_PRODUCTS_ENV, "panel", "library", wanted, "few-row products stay with MKL")
+    return "panel" if chosen else "library"
+
+
+def _kernel_choice(env: str, on: str, off: str, wanted: Callable[[], bool], fallback: str) -> bool:
+    """Whether a kernel of :mod:`bitdance.kernels` runs: ``$env`` = ``on`` / ``off`` forces it, else ``wanted()``
+    decides, and a kernel that fails to build leaves the library with a warning (``fallback``: what stays).
+    A value the switch does not know, or a forced kernel that cannot run, is a one-line error."""
+    forced = os.environ.get(env, "").strip().lower()
+    if forced not in ("", on, off):
+        raise ValueError(f"{env}={os.environ[env]!r}: use {on} or {off}")
+    if forced == off or (not forced and not wanted()):
+        return False
     try:
-        load_panel_gemm()
+        load_kernels()
     except KernelError as err:
         if forced:
-            raise KernelError(f"{FEW_ROW_PRODUCTS_ENV}=panel: {err}") from err
-        warnings.warn(f"few-row products stay with MKL: {err}", RuntimeWarning, stacklevel=2)
-        return "library"
-    return "panel"
+            raise KernelError(f"{env}={on}: {err}") from err
+        warnings.warn(f"{fallback}: {err}", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+# Overrides :func:`kv_attention_kernel` for the whole process ("kernel" or "library").
+KV_ATTENTION_ENV = "BITDANCE_KV_ATTENTION"
+
+
+@torch.compiler.assume_constant_result  # read while dynamo traces the decode step: evaluated, not traced
+def kv_attention_kernel() -> bool:
+    """Whether the compiled CPU decode step attends over its KV cache with :func:`bitdance.kernels.kv_attention`
+    (fp32, every cached position visible, at most :data:`~bitdance.kernels.KV_MAX_QUERIES` queries per
+    sequence; the caller checks those) rather than torch's fused kernel. By default wherever the kernel builds:
+    it read the cache faster than torch's kernel with AVX2 and with AVX-512 (``bitdance.kernels``).
+    ``$BITDANCE_KV_ATTENTION`` = ``kernel`` / ``library`` forces either (``kernel`` raises
+    :class:`~bitdance.kernels.KernelError` where the kernel cannot run)."""
+    return _kernel_choice(KV_ATTENTION_ENV, "kernel", "library", lambda: not kernels_unsupported(),
+                          "the KV-cache attention stays with torch's kernel")
+
+
+def kv_attention_fits(q: torch.Tensor, dense: bool) -> bool:
+    """Whether a decode step's attention (queries ``q``: (batch, heads, queries, dims)) is one the KV-cache
+    kernel takes: CPU fp32, every cached position visible (``dense``), few queries, a head size it has."""
+    return (dense and q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-2] <= KV_MAX_QUERIES
+            and q.shape[-1] in (32, 64, 128))
 
 
 @torch.compiler.assume_constant_result  # read while dynamo traces (the head's attention): evaluated, not traced
@@ -177,7 +214,7 @@ class PanelProducts(TorchFunctionMode):
     """While active: an fp32 ``F.linear`` of a 2-D weight with fewer than
     :data:`~bitdance.kernels.PANEL_MAX_ROWS` rows (static ones: a symbolic row count is left alone) runs
     ``bitdance::panel_linear`` on ``bitdance::panel_pack(weight)``. Traced into a frozen graph, the packing of
-    each weight is folded into a constant. Needs :func:`~bitdance.kernels.load_panel_gemm` to have run."""
+    each weight is folded into a constant. Needs :func:`~bitdance.kernels.load_kernels` to have run."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -221,8 +258,9 @@ class _Bound(nn.Module):
 
 
 def _recompile_room():
-    """One graph per batch size x {guided, unguided} x {stochastic, last} step: more than dynamo's default of
-    8 per code object for a studio serving several batch sizes (``fullgraph`` turns the limit into an error)."""
+    """One graph per batch size x {guided, unguided} step (in the graph of few rows or of many): more than
+    dynamo's default of 8 per code object for a studio serving several batch sizes (``fullgraph`` turns the
+    limit into an error)."""
     return torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit))
 
 

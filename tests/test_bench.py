@@ -265,3 +265,13 @@ def test_cold_weights_rejects_bad_rows():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "cold_weights.py"
     p = subprocess.run([sys.executable, str(path), "--rows", "16", "0"], capture_output=True, text=True)
     assert p.returncode == 2 and "--rows must be positive" in p.stderr.strip().splitlines()[-1]
+
+
+def test_kv_attention_benchmark_rejects_what_the_cache_cannot_hold():
+    import subprocess
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kv_attention.py"
+    p = subprocess.run([sys.executable, str(path), "--queries", "4", "--filled", "317"], capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and "--filled 317: the cache holds 320 positions, so at most 316" in p.stderr

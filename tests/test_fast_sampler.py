@@ -103,26 +103,31 @@ def test_hoisted_adaln_gives_the_same_tokens(P, monkeypatch):
     assert torch.equal(hoisted, per_step)
 
 
-@pytest.mark.parametrize("P, attention, graph, few", [
-    (1, "bidirectional", "static", "library"), (4, "bidirectional", "static", "library"),
-    (4, "causal", "static", "library"), (1, "bidirectional", "wide-mkl", "library"),
-    (4, "bidirectional", "wide-onednn", "library"), (4, "bidirectional", "wide-mkl", "library"),
-    (4, "bidirectional", "wide-mkl", "panel"), (4, "causal", "static", "panel")])
-def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, few, monkeypatch):
+@pytest.mark.parametrize("P, attention, graph, few, kv", [
+    (1, "bidirectional", "static", "library", "kernel"), (4, "bidirectional", "static", "library", "kernel"),
+    (4, "causal", "static", "library", "kernel"), (1, "bidirectional", "wide-mkl", "library", "kernel"),
+    (4, "bidirectional", "wide-onednn", "library", "library"), (4, "bidirectional", "wide-mkl", "library", "kernel"),
+    (4, "bidirectional", "wide-mkl", "panel", "kernel"), (4, "causal", "static", "panel", "kernel")])
+def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, few, kv, monkeypatch):
     """torch.compile (inductor, CPU here: weights frozen; C++ GEMM templates or the panel kernel for few
     rows, MKL with static rows or oneDNN with dynamic rows for many) of the head's inner loop and the
-    transformer's cached step (the cache written and read by one opaque op, with the mask rows of the block)
-    gives the tokens of the eager code for a seed in fp32, and follows the weights when they change after
-    compiling."""
+    transformer's cached step (the cache written and read by one opaque op: bitdance's KV-cache kernel where
+    every cached position is visible, else with the mask rows of the block) gives the tokens of the eager code
+    for a seed in fp32, and follows the weights when they change after compiling."""
+    from torch._inductor.utils import run_and_get_code
+
     import bitdance.compiling
     import bitdance.models.head
-    from bitdance.kernels import panel_gemm_unsupported
+    from bitdance.kernels import kernels_unsupported
 
     graph, _, products = graph.partition("-")
     if products == "mkl" and not torch.backends.mkl.is_available():
         pytest.skip("this torch build has no MKL")
-    if few == "panel" and panel_gemm_unsupported():
-        pytest.skip(f"the panel kernel cannot run here: {panel_gemm_unsupported()}")
+    if few == "panel" and kernels_unsupported():
+        pytest.skip(f"the panel kernel cannot run here: {kernels_unsupported()}")
+    if kernels_unsupported():
+        kv = "library"  # torch's kernel then, and the rest is tested all the same
+    monkeypatch.setenv(bitdance.compiling.KV_ATTENTION_ENV, kv)
     monkeypatch.setenv(bitdance.compiling.FEW_ROW_PRODUCTS_ENV, few)
     if products:
         monkeypatch.setenv(bitdance.compiling.WIDE_PRODUCTS_ENV, products)
@@ -146,8 +151,10 @@ def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, few, monke
     assert model._compiled_decode.few_row_products == few
     try:
         with torch.inference_mode():
-            compiled = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
+            compiled, code = run_and_get_code(model.generate, labels, generator=torch.Generator().manual_seed(0),
+                                              **kw)
         assert torch.equal(eager, compiled), f"{(eager != compiled).float().mean().item():.4%} of bits differ"
+        assert ("kv_attention" in "\n".join(code)) == (kv == "kernel" and attention == "bidirectional")
         with torch.no_grad():
             model.load_state_dict(other.state_dict())  # the frozen copies are stale now
         with torch.inference_mode():

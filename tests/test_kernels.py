@@ -1,13 +1,15 @@
-"""The panel kernel (bitdance.kernels): its products, its errors, where the compiled sampler uses it."""
+"""bitdance.kernels: the panel kernel's products and the KV-cache attention, their errors, where the compiled
+sampler uses them."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bitdance.compiling as compiling
-from bitdance.kernels import PANEL_MAX_ROWS, KernelError, panel_gemm_unsupported
+from bitdance.kernels import PANEL_MAX_ROWS, KernelError, kernels_unsupported
 
-needs_kernel = pytest.mark.skipif(panel_gemm_unsupported() is not None,
-                                  reason=f"the panel kernel cannot run here: {panel_gemm_unsupported()}")
+needs_kernel = pytest.mark.skipif(kernels_unsupported() is not None,
+                                  reason=f"bitdance's kernels cannot run here: {kernels_unsupported()}")
 
 
 @needs_kernel
@@ -50,8 +52,8 @@ def test_panel_kernel_rejects_what_it_cannot_multiply():
 def test_few_row_products_choice_and_override(monkeypatch):
     """The kernel by default only where MKL would run the products with AVX2 kernels; the override either way,
     a value it does not know or a kernel that cannot run named in one line."""
-    monkeypatch.setattr(compiling, "load_panel_gemm", lambda: None)
-    monkeypatch.setattr(compiling, "panel_gemm_unsupported", lambda: None)
+    monkeypatch.setattr(compiling, "load_kernels", lambda: None)
+    monkeypatch.setattr(compiling, "kernels_unsupported", lambda: None)
     cases = [  # torch's kernels, the library of many rows, $BITDANCE_FEW_ROW_PRODUCTS -> the choice
         ("AVX2", "mkl", "", "panel"), ("AVX512", "mkl", "", "library"), ("AVX2", "onednn", "", "library"),
         ("AVX2", "onednn", "Panel", "panel"), ("AVX2", "mkl", "library", "library")]
@@ -60,20 +62,28 @@ def test_few_row_products_choice_and_override(monkeypatch):
         monkeypatch.setattr(compiling, "wide_products", lambda w=wide: w)
         monkeypatch.setenv(compiling.FEW_ROW_PRODUCTS_ENV, forced)
         assert compiling.few_row_products() == expected, (capability, wide, forced)
-    monkeypatch.setenv(compiling.FEW_ROW_PRODUCTS_ENV, "asm")
-    with pytest.raises(ValueError, match="BITDANCE_FEW_ROW_PRODUCTS='asm'"):
-        compiling.few_row_products()
+    _check_bad_values_and_builds(monkeypatch, compiling.few_row_products, "BITDANCE_FEW_ROW_PRODUCTS", "panel",
+                                 "stay with MKL", "library")
+
+
+def _check_bad_values_and_builds(monkeypatch, choice, env, on, fallback, off_result):
+    """A value the switch does not know is a one-line error naming it; a kernel that cannot build is an error
+    where the switch forces it, and a warning (the library stays) where it does not."""
+    monkeypatch.setenv(env, "asm")
+    with pytest.raises(ValueError, match=f"{env}='asm'"):
+        choice()
 
     def no_compiler():
-        raise KernelError("could not build panel_gemm.cpp: no compiler")
+        raise KernelError("could not build kv_attention.cpp: no compiler")
 
-    monkeypatch.setattr(compiling, "load_panel_gemm", no_compiler)
-    monkeypatch.setenv(compiling.FEW_ROW_PRODUCTS_ENV, "panel")
-    with pytest.raises(KernelError, match="BITDANCE_FEW_ROW_PRODUCTS=panel: could not build"):
-        compiling.few_row_products()
-    monkeypatch.delenv(compiling.FEW_ROW_PRODUCTS_ENV)
-    with pytest.warns(RuntimeWarning, match="stay with MKL: could not build"):
-        assert compiling.few_row_products() == "library"
+    monkeypatch.setattr(compiling, "load_kernels", no_compiler)
+    monkeypatch.setattr(compiling, "kernels_unsupported", lambda: None)
+    monkeypatch.setenv(env, on)
+    with pytest.raises(KernelError, match=f"{env}={on}: could not build"):
+        choice()
+    monkeypatch.delenv(env)
+    with pytest.warns(RuntimeWarning, match=f"{fallback}: could not build"):
+        assert choice() == off_result
 
 
 @needs_kernel
@@ -100,12 +110,81 @@ def test_frozen_graphs_run_the_kernel_on_few_rows(monkeypatch):
         assert "panel_linear" not in "\n".join(code)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dims", [32, 64, 128])
+def test_kv_attention_writes_the_cache_and_attends_over_it(dims):
+    """The block's keys and values land in the layer's cache at its positions and nowhere else, and the output
+    is torch's attention over the cache up to the block's end, for 1-4 queries, at the cache's start, middle
+    and end, with q, k, v in the layout the transformer passes them (heads transposed)."""
+    from bitdance.kernels import kv_attention
+
+    g = torch.Generator().manual_seed(0)
+    layers, batch, heads, max_len = 3, 2, 3, 40
+    cache_k = torch.randn(layers, batch, heads, max_len, dims, generator=g)
+    cache_v = torch.randn(layers, batch, heads, max_len, dims, generator=g)
+    for queries, start in ((1, 0), (1, 17), (3, 20), (4, 36)):
+        q, k, v = (torch.randn(batch, queries, heads, dims, generator=g).transpose(1, 2) for _ in range(3))
+        positions = torch.arange(start, start + queries)
+        want_k, want_v = cache_k.clone(), cache_v.clone()
+        want_k[1, :, :, start:start + queries] = k
+        want_v[1, :, :, start:start + queries] = v
+        end = start + queries
+        want = F.scaled_dot_product_attention(q, want_k[1, :, :, :end], want_v[1, :, :, :end])
+        got = kv_attention(q, k, v, cache_k, cache_v, 1, positions)
+        assert torch.equal(cache_k, want_k) and torch.equal(cache_v, want_v)
+        assert got.shape == q.shape and got.stride() == torch.empty_like(q).stride()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kv_attention_rejects_what_it_cannot_attend():
+    from bitdance.kernels import kv_attention
+
+    cache = torch.zeros(2, 1, 2, 8, 64)
+    q = torch.randn(1, 2, 1, 64)
+    with pytest.raises(RuntimeError, match="outside the cache of 8"):
+        kv_attention(q, q, q, cache, cache.clone(), 0, torch.tensor([8]))
+    with pytest.raises(RuntimeError, match="layer 2 out of range"):
+        kv_attention(q, q, q, cache, cache.clone(), 2, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="head dims 32, 64 or 128, got 48"):
+        kv_attention(q[..., :48], q[..., :48], q[..., :48], cache[..., :48], cache[..., :48], 0, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="fp32 CPU tensors only"):
+        kv_attention(q.bfloat16(), q, q, cache, cache.clone(), 0, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="the caches must be contiguous"):
+        kv_attention(q, q, q, cache.transpose(1, 2), cache.transpose(1, 2), 0, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="positions must be a CPU int64 tensor"):
+        kv_attention(q, q, q, cache, cache.clone(), 0, torch.tensor([0.0]))
+
+
+def test_kv_attention_choice_and_override(monkeypatch):
+    """The kernel by default wherever it builds, for fp32 CPU decode steps with every cached position visible
+    and few queries; the override either way; a bad value or a kernel that cannot run named in one line."""
+    monkeypatch.setattr(compiling, "load_kernels", lambda: None)
+    for unsupported, forced, expected in ((None, "", True), ("the CPU lacks avx2", "", False),
+                                          (None, "Library", False), (None, "kernel", True)):
+        monkeypatch.setattr(compiling, "kernels_unsupported", lambda u=unsupported: u)
+        monkeypatch.setenv(compiling.KV_ATTENTION_ENV, forced)
+        assert compiling.kv_attention_kernel() is expected, (unsupported, forced)
+    q = torch.zeros(2, 12, 4, 64)
+    assert compiling.kv_attention_fits(q, dense=True)
+    assert not compiling.kv_attention_fits(q, dense=False)  # a mask to apply: torch's kernel
+    assert not compiling.kv_attention_fits(torch.zeros(2, 12, 16, 64), dense=True)  # B-16x's 16 queries
+    assert not compiling.kv_attention_fits(q.bfloat16(), dense=True)
+    assert not compiling.kv_attention_fits(torch.zeros(2, 12, 4, 48), dense=True)
+    _check_bad_values_and_builds(monkeypatch, compiling.kv_attention_kernel, "BITDANCE_KV_ATTENTION", "kernel",
+                                 "stays with torch's kernel", False)
+
+
 def test_bench_names_the_kernels_of_the_compiled_products(monkeypatch):
     from bitdance.apps.bench import compiled_products_note
 
-    for wide, few, expected in (("mkl", "panel", "bitdance's panel kernel below 32 rows, MKL's packed GEMM from"),
-                                ("mkl", "library", "MKL's packed GEMM at every row count"),
-                                ("onednn", "library", "inductor's C++ GEMM templates below 32 rows, oneDNN from")):
+    for wide, few, kv, expected in (
+            ("mkl", "panel", True, "bitdance's panel kernel below 32 rows, MKL's packed GEMM from"),
+            ("mkl", "library", True, "MKL's packed GEMM at every row count"),
+            ("onednn", "library", False, "inductor's C++ GEMM templates below 32 rows, oneDNN from"),
+            ("mkl", "panel", True, "KV-cache attention of up to 4 queries per sequence: bitdance's kernel"),
+            ("mkl", "panel", False, "KV-cache attention of up to 4 queries per sequence: torch's fused kernel")):
         monkeypatch.setattr(compiling, "wide_products", lambda wide=wide: wide)
         monkeypatch.setattr(compiling, "few_row_products", lambda few=few: few)
+        monkeypatch.setattr(compiling, "kv_attention_kernel", lambda kv=kv: kv)
         assert expected in compiled_products_note()

@@ -549,9 +549,10 @@ DECODE_CHUNK = 16  # images per tokenizer decode call, as the pipeline's default
 
 
 def compiled_products_note() -> str:
-    """Which kernels run the fp32 products of the compiled CPU sampler, in one line for the report."""
-    from bitdance.compiling import ONEDNN_MIN_ROWS, few_row_products, wide_products
-    from bitdance.kernels import PANEL_MAX_ROWS
+    """Which kernels run the fp32 products and the KV-cache attention of the compiled CPU sampler, in one line
+    for the report."""
+    from bitdance.compiling import ONEDNN_MIN_ROWS, few_row_products, kv_attention_kernel, wide_products
+    from bitdance.kernels import KV_MAX_QUERIES, PANEL_MAX_ROWS
 
     if wide_products() == "onednn":
         few, wide, rows = "inductor's C++ GEMM templates", "oneDNN", ONEDNN_MIN_ROWS
@@ -559,9 +560,10 @@ def compiled_products_note() -> str:
         few, wide, rows = "MKL's packed GEMM", "MKL's packed GEMM", PANEL_MAX_ROWS
     if few_row_products() == "panel":
         few, rows = "bitdance's panel kernel", PANEL_MAX_ROWS
-    if few == wide:
-        return f"compiled fp32 products: {wide} at every row count"
-    return f"compiled fp32 products: {few} below {rows} rows, {wide} from {rows} rows"
+    products = (f"{wide} at every row count" if few == wide else f"{few} below {rows} rows, {wide} from {rows} rows")
+    attention = "bitdance's kernel" if kv_attention_kernel() else "torch's fused kernel"
+    return (f"compiled fp32 products: {products}; KV-cache attention of up to {KV_MAX_QUERIES} queries per "
+            f"sequence: {attention}")
 
 
 def _profile(fn: Callable[[], Any], dev: torch.device, folder: Path) -> None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitdance import rng
-from bitdance.compiling import FrozenCompiled
+from bitdance.compiling import FrozenCompiled, kv_attention_fits, kv_attention_kernel
 from bitdance.models.config import BitDanceConfig
 from bitdance.models.head import attention, build_head
 from bitdance.models.quantized import linear_dtype
@@ -119,7 +119,9 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k
     One opaque operation for the compiled decode step: written as tensor code inside a graph, the write
     into the cache (a graph input) made inductor copy each layer's whole cache out and back at every step
     (functionalisation: on B-1x 130 of the 210 ms a step took), and the attention over it ran as
-    repacked small products. Here the write stays in place and the attention is torch's fused kernel.
+    repacked small products. Here the write stays in place and the attention is torch's fused kernel. (Where
+    :func:`~bitdance.compiling.kv_attention_fits`, the compiled step calls ``bitdance::kv_attention`` of
+    :mod:`bitdance.kernels` instead: the same write and attention in C++, without this function's Python.)
 
     On CPUs, where a host sync costs nothing, only the filled part of the cache is attended over (half of it
     on average: the reads are the cost), without the mask where ``dense`` (the kernel's masked path is slower:
@@ -171,7 +173,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if isinstance(start, torch.Tensor):  # the compiled step: positions as a tensor, one graph for all steps
-            o = cached_attention(q, k, v, cache.k, cache.v, layer, start, mask, cache.dense)
+            if kv_attention_fits(q, cache.dense) and kv_attention_kernel():
+                o = torch.ops.bitdance.kv_attention(q, k, v, cache.k, cache.v, layer, start)
+            else:
+                o = cached_attention(q, k, v, cache.k, cache.v, layer, start, mask, cache.dense)
         else:
             if cache is not None:
                 k, v = cache.update(layer, start, k, v)
