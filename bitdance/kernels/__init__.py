@@ -17,11 +17,11 @@ this kernel, B-1x 6-17% (2-core Xeon with AVX2 kernels forced, paired runs; ``be
 a KV cache, with no mask, writing the step's keys and values into the cache in the same call
 (:func:`kv_attention`). The compiled transformer step of the class-conditional models calls it once per
 layer in place of torch's fused kernel, which read a cold B-1x cache at 15-20 GB/s; this one prefetches the
-values while it reads the keys, and took 35-45% less time over 24 layers' caches (1 and 4 queries per
-sequence; at 16 the two measured the same, hence the query limit).
+values while it reads the keys, and took 28-46% less time over 24 layers' caches (1 and 4 queries per
+sequence, ``benchmarks/kv_attention.py``; at 16 the two measured the same, hence the query limit).
 
 The build uses torch's C++ extension builder (``torch.utils.cpp_extension.load``: a C++ compiler, which
-torch.compile on CPUs needs anyway; about 7 s once, then cached under ``$TORCH_EXTENSIONS_DIR``, by default
+torch.compile on CPUs needs anyway; about 10 s once, then cached under ``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) and links the OpenMP runtime torch already loaded, so the kernel's threads are
 torch's (``torch.set_num_threads``).
 """
