@@ -60,13 +60,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from bitdance.kernels import KV_MAX_QUERIES, PANEL_MAX_ROWS, KernelError, kernels_unsupported, load_kernels
+from bitdance.kernels import (
+    KV_HEAD_DIMS,
+    KV_MAX_QUERIES,
+    PANEL_MAX_ROWS,
+    KernelError,
+    kernels_unsupported,
+    load_kernels,
+)
 from bitdance.precision import cpu_vendor, separate_compile_cache
 
 __all__ = ["AVX2_TEMPLATE_WIDTH", "CPU_INDUCTOR_OPTIONS", "CPU_TEMPLATE_OPTIONS", "CPU_WIDE_OPTIONS",
            "FEW_ROW_PRODUCTS_ENV", "KV_ATTENTION_ENV", "ONEDNN_MIN_ROWS", "WIDE_PRODUCTS_ENV", "FrozenCompiled",
-           "PaddedProducts", "PanelProducts", "few_row_products", "kv_attention_fits", "kv_attention_kernel", "rows_of", "wide_min_rows",
-           "wide_products"]
+           "PaddedProducts", "PanelProducts", "few_row_products", "kv_attention_fits", "kv_attention_kernel",
+           "rows_of", "wide_min_rows", "wide_products"]
 
 # What the CPU compilation switches on (inductor config names): freezing around every compiled call (it is
 # decided before per-function options apply, see FrozenCompiled.active), and for the graph of few rows the C++
@@ -167,7 +174,7 @@ def kv_attention_fits(q: torch.Tensor, dense: bool) -> bool:
     """Whether a decode step's attention (queries ``q``: (batch, heads, queries, dims)) is one the KV-cache
     kernel takes: CPU fp32, every cached position visible (``dense``), few queries, a head size it has."""
     return (dense and q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-2] <= KV_MAX_QUERIES
-            and q.shape[-1] in (32, 64, 128))
+            and q.shape[-1] in KV_HEAD_DIMS)
 
 
 @torch.compiler.assume_constant_result  # read while dynamo traces (the head's attention): evaluated, not traced

@@ -258,20 +258,21 @@ def test_bench_roofline(capsys):
     assert len(err) == 1 and "--roofline" in err[0]
 
 
-def test_cold_weights_rejects_bad_rows():
+def _script_error(script: str, *args: str) -> tuple[int, str]:
+    """Exit status and last stderr line of ``python benchmarks/<script> <args>``."""
     import subprocess
     import sys
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cold_weights.py"
-    p = subprocess.run([sys.executable, str(path), "--rows", "16", "0"], capture_output=True, text=True)
-    assert p.returncode == 2 and "--rows must be positive" in p.stderr.strip().splitlines()[-1]
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    p = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, check=False)
+    return p.returncode, (p.stderr.strip().splitlines() or [""])[-1]
+
+
+def test_cold_weights_rejects_bad_rows():
+    code, err = _script_error("cold_weights.py", "--rows", "16", "0")
+    assert code == 2 and "--rows must be positive" in err
 
 
 def test_kv_attention_benchmark_rejects_what_the_cache_cannot_hold():
-    import subprocess
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kv_attention.py"
-    p = subprocess.run([sys.executable, str(path), "--queries", "4", "--filled", "317"], capture_output=True,
-                       text=True)
-    assert p.returncode == 2 and "--filled 317: the cache holds 320 positions, so at most 316" in p.stderr
+    code, err = _script_error("kv_attention.py", "--queries", "4", "--filled", "317")
+    assert code == 2 and "--filled 317: the cache holds 320 positions, so at most 316" in err

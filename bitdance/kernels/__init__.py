@@ -36,7 +36,7 @@ import torch
 
 from bitdance.precision import cpu_flags
 
-__all__ = ["KV_MAX_QUERIES", "PANEL_MAX_ROWS", "PANEL_WIDTH", "KernelError", "kernels_unsupported",
+__all__ = ["KV_HEAD_DIMS", "KV_MAX_QUERIES", "PANEL_MAX_ROWS", "PANEL_WIDTH", "KernelError", "kernels_unsupported",
            "kv_attention", "load_kernels", "panel_linear", "panel_pack"]
 
 # Products of fewer rows go to the kernel; at 64 rows MKL's packed GEMM ran 163-166 GFLOP/s against 147-153.
@@ -45,6 +45,7 @@ PANEL_WIDTH = 16  # output columns per panel (two AVX2 vectors)
 
 # Queries per sequence up to which the KV-cache kernel runs (B-1x: 1, B-4x: 4; B-16x's 16 stay with torch).
 KV_MAX_QUERIES = 4
+KV_HEAD_DIMS = (32, 64, 128)  # head sizes kv_attention.cpp has a specialisation for
 
 SOURCES = tuple(Path(__file__).resolve().parent / name for name in ("panel_gemm.cpp", "kv_attention.cpp"))
 
@@ -134,6 +135,6 @@ def kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: tor
     max_len, D)) at ``positions`` (the n consecutive positions of one block, int64; only the first is read) and
     return the attention of ``q`` (B, H, n, D) over every position up to the block's end, unmasked: as
     ``F.scaled_dot_product_attention(q, cache_k[layer, :, :, :end], cache_v[layer, :, :, :end])``. fp32, head
-    dimensions 32, 64 or 128."""
+    dimensions in :data:`KV_HEAD_DIMS`."""
     load_kernels()
     return torch.ops.bitdance.kv_attention(q, k, v, cache_k, cache_v, layer, positions)

@@ -304,7 +304,8 @@ class DiffusionHead(nn.Module):
         (``dynamic=False``) is compiled once per batch size (and for guided / unguided steps; the last,
         deterministic update of an AR step runs in the graph of the stochastic ones). On CPUs the weights are
         frozen into the graph and inductor's C++ GEMM templates replace BLAS for the head's few-row products,
-        oneDNN's packed kernels for fp32 calls of 32 rows or more (see :mod:`bitdance.compiling`; compiled again by itself when the weights change).
+        oneDNN's packed kernels for fp32 calls of 32 rows or more (see :mod:`bitdance.compiling`; compiled
+        again by itself when the weights change).
         On GPUs ``mode="reduce-overhead"`` captures the update in a CUDA graph, removing the kernel-launch
         overhead that dominates small batches. Training (``loss``)
         keeps the eager network. ``mode="off"`` undoes it.
