@@ -166,6 +166,27 @@ def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, few, kv, m
         model.compile_sampling(mode="off")
 
 
+def test_compiled_sampling_runs_in_bf16():
+    """The compiled sampler in bf16 (the default dtype on CPUs with bf16 units): the transformer's cached step
+    runs its graph (bf16 takes the graph of few rows and torch's KV-cache attention, whose output layout the
+    graph checks) and every token is a point of the hypercube. bf16 rounds differently compiled and eager,
+    so the tokens are not compared."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _model(4).to(torch.bfloat16)
+    labels = torch.tensor([1, 2])
+    model.compile_sampling()
+    try:
+        with torch.inference_mode():
+            tokens, code = run_and_get_code(model.generate, labels, sampler=FlowSampler(num_steps=2),
+                                            guidance_scale=2.5, generator=torch.Generator().manual_seed(0))
+        assert "cached_attention" in "\n".join(code)
+        assert tokens.shape == (2, model.config.latent_dim, *(2 * [model.config.grid_size]))
+        assert set(tokens.unique().tolist()) <= {-1.0, 1.0}
+    finally:
+        model.compile_sampling(mode="off")
+
+
 def test_wide_products_follow_the_cpu_vendor_and_the_override(monkeypatch):
     """MKL's packed GEMM (static rows) for the graph of many rows on Intel CPUs running AVX2 kernels, oneDNN
     (dynamic rows) elsewhere; $BITDANCE_WIDE_PRODUCTS overrides it and a value it does not know is an error

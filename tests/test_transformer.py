@@ -122,6 +122,28 @@ def test_cached_step_attention_writes_the_block_and_attends_under_the_mask(P, bl
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, keys", [(torch.float32, 4), (torch.float32, 40), (torch.bfloat16, 40),
+                                         (torch.bfloat16, 200)])
+def test_cached_step_attention_returns_the_layout_its_fake_promises(dtype, keys):
+    """The compiled step checks the op's output against its fake implementation's layout (that of the
+    queries, a transposed view as the step makes them), whichever of attention's paths ran: fp32 over a few
+    keys and bf16 over up to 128 take paths that return contiguous tensors, the fused kernel the queries'
+    layout."""
+    B, H, P, D, layers = 2, 2, 4, 16, 2
+    g = torch.Generator().manual_seed(0)
+    cache_k, cache_v = (torch.randn(layers, B, H, keys, D, generator=g).to(dtype) for _ in range(2))
+    q, k, v = (torch.randn(B, P, H, D, generator=g).to(dtype).transpose(1, 2) for _ in range(3))
+    positions = torch.arange(keys - P, keys)
+    mask = torch.ones(P, keys + 8, dtype=torch.bool)
+    fake = torch.ops.bitdance.cached_attention.default  # the registered fake gives empty_like(q)
+    out = fake(q, k, v, cache_k, cache_v, 1, positions, mask, True)
+    assert out.shape == q.shape and out.stride() == torch.empty_like(q).stride() == q.stride()
+    cache_k[1, :, :, keys - P:], cache_v[1, :, :, keys - P:] = k, v
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), cache_k[1].float(), cache_v[1].float())
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
+
+
 def test_sampling_is_seeded():
     m = tiny_model(4)
     ids = torch.tensor([0, 5])
