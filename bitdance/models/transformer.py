@@ -134,21 +134,18 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k
         ck, cv = cache_k[layer], cache_v[layer]
         ck.index_copy_(2, positions, k)
         cv.index_copy_(2, positions, v)
-        return _like_query(attention(q, ck, cv, mask), q)
-    n = k.shape[2]
-    end = positions.tolist()[0] + n
-    ck, cv = cache_k.select(0, layer).narrow(2, 0, end), cache_v.select(0, layer).narrow(2, 0, end)
-    ck.narrow(2, end - n, n).copy_(k)
-    cv.narrow(2, end - n, n).copy_(v)
-    return _like_query(attention(q, ck, cv, None if dense else mask[:, :end]), q)
-
-
-def _like_query(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``out`` in the memory layout of ``q``, the layout the op's fake implementation promises the compiled
-    graph. ``attention`` returns the fused kernel's layout (that of ``q``, transposed heads) or, on its other
-    paths (bf16 with up to 128 keys, fp32 with a few), a contiguous tensor; the compiled step then failed its
-    layout check at its first call in bf16 on every CPU. Where the layouts agree (fp32 over more than a few
-    keys: every step of B-16x) nothing is copied."""
+    else:
+        n = k.shape[2]
+        end = positions.tolist()[0] + n
+        ck, cv = cache_k.select(0, layer).narrow(2, 0, end), cache_v.select(0, layer).narrow(2, 0, end)
+        ck.narrow(2, end - n, n).copy_(k)
+        cv.narrow(2, end - n, n).copy_(v)
+        mask = None if dense else mask[:, :end]
+    out = attention(q, ck, cv, mask)
+    # in the layout of q, which the fake implementation promises the compiled graph: the fused kernel returns
+    # it, attention's other paths (bf16 over up to 128 keys, fp32 over a few) a contiguous tensor, and the
+    # compiled step then failed its layout check at its first call in bf16 on every CPU. Where the two agree
+    # (fp32 over more keys: every step of B-16x) nothing is copied.
     return out if out.stride() == q.stride() else torch.empty_like(q).copy_(out)
 
 
