@@ -114,6 +114,9 @@ def test_bench_compile_needs_a_warmup(capsys):
     assert main(TINY + ["--compile", "default", "--warmup", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "warm-up" in err[0]
+    assert main(TINY + ["--whole-flow"]) == 2  # compiles the flow loop: needs --compile
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--whole-flow" in err[0] and "--compile" in err[0]
 
 
 def test_cpu_peak_memory_survives_freed_heap_pages():
@@ -161,6 +164,9 @@ def test_side_by_side_table_and_missing_checkout(tmp_path):
     assert mod.render(str(results)).splitlines()[2] == (
         "| AMD EPYC AVX2 (forced) | BitDance-B-4x | 20.00 (50.0%) | 10.00 (100.0%); mean 12.00 (83.3%) "
         "| 30.00 (33.3%); mean 35.00 (28.6%) | 1.50x / 3.00x | 100 | 31.2% |")
+    whole = {**row, "bitdance_default": {**ours(10.0, 1.0), "whole_flow": True}}  # side_by_side.py --whole-flow
+    results.write_text(json.dumps(whole) + "\n")
+    assert "| 10.00 (100.0%), whole flow |" in mod.render(str(results))
     p = subprocess.run([sys.executable, str(path), "--_official", "--official", str(tmp_path), "--preset",
                         "BitDance-B-4x"], capture_output=True, text=True)
     assert p.returncode != 0 and "no imagenet_gen/src/model_parallel.py there" in p.stderr
@@ -184,6 +190,12 @@ def test_side_by_side_checks_before_measuring(tmp_path, monkeypatch, capsys):
         mod.main()
     err = capsys.readouterr().err
     assert "pip install no_such_module_for_the_authors" in err
+    monkeypatch.setattr(mod, "OFFICIAL_NEEDS", ())
+    monkeypatch.setattr("sys.argv", ["side_by_side.py", "--official", str(tmp_path), "--presets", "BitDance-B-4x",
+                                     "--whole-flow", "BitDance-B-1x"])
+    with pytest.raises(SystemExit):
+        mod.main()
+    assert "--whole-flow BitDance-B-1x: not among --presets BitDance-B-4x" in capsys.readouterr().err
     monkeypatch.setattr("sys.argv", ["side_by_side.py", "--render", str(tmp_path / "none.jsonl")])
     with pytest.raises(SystemExit):
         mod.main()

@@ -103,19 +103,10 @@ def test_hoisted_adaln_gives_the_same_tokens(P, monkeypatch):
     assert torch.equal(hoisted, per_step)
 
 
-@pytest.mark.parametrize("P, attention, graph, few, kv", [
-    (1, "bidirectional", "static", "library", "kernel"), (4, "bidirectional", "static", "library", "kernel"),
-    (4, "causal", "static", "library", "kernel"), (1, "bidirectional", "wide-mkl", "library", "kernel"),
-    (4, "bidirectional", "wide-onednn", "library", "library"), (4, "bidirectional", "wide-mkl", "library", "kernel"),
-    (4, "bidirectional", "wide-mkl", "panel", "kernel"), (4, "causal", "static", "panel", "kernel")])
-def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, few, kv, monkeypatch):
-    """torch.compile (inductor, CPU here: weights frozen; C++ GEMM templates or the panel kernel for few
-    rows, MKL with static rows or oneDNN with dynamic rows for many) of the head's inner loop and the
-    transformer's cached step (the cache written and read by one opaque op: bitdance's KV-cache kernel where
-    every cached position is visible, else with the mask rows of the block) gives the tokens of the eager code
-    for a seed in fp32, and follows the weights when they change after compiling."""
-    from torch._inductor.utils import run_and_get_code
-
+def _route_products(graph: str, few: str, kv: str, monkeypatch) -> tuple[str, str, str]:
+    """Sends the compiled graphs' products where a test asks: ``graph`` "static", "wide-mkl" or "wide-onednn",
+    ``few`` / ``kv`` the switches of bitdance's kernels (skipped where they cannot run). Returns the graph, the
+    KV-cache attention that will run and the wide products' library ("" = the CPU's choice)."""
     import bitdance.compiling
     import bitdance.models.head
     from bitdance.kernels import kernels_unsupported
@@ -137,6 +128,25 @@ def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, few, kv, m
         min_rows = 1 if graph == "wide" else 10**9
         monkeypatch.setattr(bitdance.compiling, "wide_min_rows", lambda: min_rows)
         monkeypatch.setattr(bitdance.models.head, "wide_min_rows", lambda: min_rows)
+    return graph, kv, products
+
+
+@pytest.mark.parametrize("P, attention, graph, few, kv", [
+    (1, "bidirectional", "static", "library", "kernel"), (4, "bidirectional", "static", "library", "kernel"),
+    (4, "causal", "static", "library", "kernel"), (1, "bidirectional", "wide-mkl", "library", "kernel"),
+    (4, "bidirectional", "wide-onednn", "library", "library"), (4, "bidirectional", "wide-mkl", "library", "kernel"),
+    (4, "bidirectional", "wide-mkl", "panel", "kernel"), (4, "causal", "static", "panel", "kernel")])
+def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, few, kv, monkeypatch):
+    """torch.compile (inductor, CPU here: weights frozen; C++ GEMM templates or the panel kernel for few
+    rows, MKL with static rows or oneDNN with dynamic rows for many) of the head's inner loop and the
+    transformer's cached step (the cache written and read by one opaque op: bitdance's KV-cache kernel where
+    every cached position is visible, else with the mask rows of the block) gives the tokens of the eager code
+    for a seed in fp32, and follows the weights when they change after compiling."""
+    from torch._inductor.utils import run_and_get_code
+
+    import bitdance.compiling
+
+    graph, kv, products = _route_products(graph, few, kv, monkeypatch)
     model, other = _model(P, block_attention=attention), _model(P, seed=1, block_attention=attention)
     labels = torch.tensor([1, 2])
     kw = dict(sampler=FlowSampler(num_steps=3), guidance_scale=2.5)
@@ -164,6 +174,43 @@ def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, few, kv, m
         assert torch.equal(reloaded, expected)
     finally:
         model.compile_sampling(mode="off")
+
+
+@pytest.mark.parametrize("P, graph, few, method, hoist", [
+    (1, "static", "library", "euler_maruyama", True), (4, "wide-mkl", "panel", "euler_maruyama", True),
+    (4, "static", "library", "euler", False)])
+def test_whole_flow_compiled_gives_the_same_tokens(P, graph, few, method, hoist, monkeypatch):
+    """compile_sampling(whole_flow=True): each AR step's flow loop runs as one compiled call on noise drawn up
+    front, and gives the eager tokens for a seed in fp32 (Euler-Maruyama and Euler; adaLN outputs hoisted or
+    computed at each update)."""
+    from unittest import mock
+
+    from bitdance.compiling import FrozenCompiled
+
+    _route_products(graph, few, "kernel", monkeypatch)
+    if not hoist:
+        monkeypatch.setattr(type(_model(P).head), "HOIST_ELEMENTS", 0)
+    model = _model(P)
+    labels = torch.tensor([1, 2])
+    kw = dict(sampler=FlowSampler(num_steps=3, method=method), guidance_scale=2.5)
+    with torch.inference_mode():
+        eager = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
+    model.compile_sampling(whole_flow=True)
+    flow, calls = model.head._compiled_flow, []
+    real_call = FrozenCompiled.__call__
+
+    def counted(self, *args):
+        calls.append("flow" if self is flow else "step" if self is model.head._compiled_step else "other")
+        return real_call(self, *args)
+
+    try:
+        with torch.inference_mode(), mock.patch.object(FrozenCompiled, "__call__", counted):
+            compiled = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
+        assert torch.equal(eager, compiled), f"{(eager != compiled).float().mean().item():.4%} of bits differ"
+        assert calls.count("flow") == model.config.num_steps and "step" not in calls
+    finally:
+        model.compile_sampling(mode="off")
+    assert model.head._compiled_flow is None
 
 
 def test_compiled_sampling_runs_in_bf16():

@@ -309,6 +309,7 @@ class BenchResult:
     decode_chunk_bytes: int | None = None
     memory_budget_bytes: int | None = None
     compile_mode: str = "off"
+    whole_flow: bool = False  # the head's flow loop compiled as one graph per AR step
     # bf16 vs fp32 on the same seed (``compare_fp32``): fraction of equal bits, PSNR of the decoded images
     bf16_bit_agreement: float | None = None
     bf16_token_agreement: float | None = None
@@ -397,6 +398,7 @@ def run_bench(
     seed: int = 0,
     peak_size: int | None = None,
     compile: str = "off",
+    whole_flow: bool = False,
     compare_fp32: bool = False,
     model: str | None = None,
     profile: str | Path | None = None,
@@ -409,6 +411,7 @@ def run_bench(
     ``compile``: "off", or a ``torch.compile`` mode for the diffusion head's inner loop and, on CPUs, the
     transformer's cached step (:meth:`~bitdance.models.transformer.BitDance.compile_sampling`; "default",
     "reduce-overhead" = CUDA graphs on GPUs, "max-autotune"); compilation happens in the warm-up run.
+    ``whole_flow``: with ``compile``, the head's whole flow loop of an AR step as one graph (longer compilation).
     ``compare_fp32``: also sample the same seed with the fp32 model and report how many bits/tokens agree
     and the PSNR between the decoded images (only meaningful when ``dtype`` is bf16; with random weights
     the flow is near-chaotic, so check quality on trained weights).
@@ -428,6 +431,8 @@ def run_bench(
             raise ValueError(f"{name} must be >= {lo}, got {v}")
     if compile not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {compile!r}; use one of {', '.join(COMPILE_MODES)}")
+    if whole_flow and compile == "off":
+        raise ValueError("whole_flow compiles the head's flow loop: it needs compile")
     if compile != "off" and warmup < 1:
         raise ValueError("compile needs at least one warm-up run (compilation must not be timed)")
     say = log or (lambda s: None)
@@ -447,7 +452,7 @@ def run_bench(
     tok_name = tokenizer if (tokenizer and model is None) else None
     tok_name = tok_name or next((k for k, v in _tokenizer_presets().items() if v == mcfg.tokenizer), "custom")
     if compile != "off":
-        gen.compile_sampling(mode=None if compile == "default" else compile)
+        gen.compile_sampling(mode=None if compile == "default" else compile, whole_flow=whole_flow)
         if dev.type == "cpu" and tdtype == torch.float32:
             notes.append(compiled_products_note())
     sampler = FlowSampler(num_steps=steps)
@@ -539,7 +544,7 @@ def run_bench(
         generator_flops_per_image=gen_flops / batch, decode_flops_per_image=dec_flops / batch,
         achieved_flops=achieved, peak_flops=peak, mfu=achieved / peak, peak_memory_bytes=peak_mem,
         peak_memory_method=mem_method, weights_bytes=weights, kv_cache_bytes=kv, decode_chunk_bytes=decode_mem,
-        memory_budget_bytes=budget, compile_mode=compile, run_seconds=times, notes=notes,
+        memory_budget_bytes=budget, compile_mode=compile, whole_flow=whole_flow, run_seconds=times, notes=notes,
         read_floor_seconds_per_image=None if floor is None else floor / batch,
         mfu_ceiling=None if floor is None else (gen_flops + dec_flops) / floor / peak, **agreement)
 

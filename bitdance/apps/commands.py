@@ -176,6 +176,8 @@ def cmd_sample(args) -> None:
     model = args.model_path or args.model
     if not model:
         raise CLIError("no model given: bitdance sample MODEL [--classes ID ... | --prompt TEXT]")
+    if args.whole_flow and args.compile == "off":
+        raise CLIError("--whole-flow compiles the head's flow loop: give --compile too")
     from bitdance.formats.hub import resolve
 
     found = resolve(model, **hub_kwargs(args))  # a released name or repository id: fetched (or found cached)
@@ -219,7 +221,7 @@ def cmd_sample(args) -> None:
     pipe = BitDancePipeline.from_pretrained(model, tokenizer=tokenizer, device=device, dtype=dtype,
                                             weights=args.weights)
     if args.compile != "off":
-        pipe.compile(None if args.compile == "default" else args.compile)
+        pipe.compile(None if args.compile == "default" else args.compile, whole_flow=args.whole_flow)
     gen = validation.seeded(args.seed, pipe.device, name="--seed")
     common = {"height": args.height, "width": args.width, "num_inference_steps": args.steps,
               "sampler": args.sampler, "generator": gen, "output_type": "np", "use_kv_cache": not args.no_kv_cache}
@@ -358,6 +360,8 @@ def cmd_bench(args) -> None:
     if args.weights or args.random_weights:
         raise CLIError("--weights and --random-weights go with --memory")
 
+    if args.whole_flow and args.compile == "off":
+        raise CLIError("--whole-flow compiles the head's flow loop: give --compile too")
     validation.flow_steps(args.steps, "--steps")
     validation.guidance_scale(args.cfg, "--cfg")
     validation.integer(args.batch, "--batch", 1, validation.MAX_BATCH)
@@ -367,6 +371,7 @@ def cmd_bench(args) -> None:
     r = run_bench(args.preset, batch=args.batch, steps=args.steps, guidance_scale=args.cfg, image_size=args.image_size,
                   dtype=args.dtype, device=args.device, warmup=args.warmup, repeats=args.repeats,
                   decode=not args.no_decode, tokenizer=args.tokenizer, seed=args.seed, compile=args.compile,
+                  whole_flow=args.whole_flow,
                   compare_fp32=args.compare_fp32, model=args.model, profile=args.profile, roofline=args.roofline,
                   log=None if args.json else (lambda m: print(m, file=sys.stderr)))
     for note in r.notes:

@@ -364,7 +364,7 @@ class BitDance(nn.Module):
         return self.norm(x) + self.pos_for_diff.weight[positions - (self.prefix_len - P)]
 
     def compile_sampling(self, *, mode: str | None = None, dynamic: bool = False,
-                         transformer: bool | None = None) -> None:
+                         transformer: bool | None = None, whole_flow: bool = False) -> None:
         """``torch.compile`` what :meth:`generate` repeats: the diffusion head's sampler update
         (:meth:`~bitdance.models.head.DiffusionHead.compile_sampling`; on CPUs with the weights frozen into the
         graph, inductor's C++ GEMM templates for few-row products and oneDNN's for fp32 calls of 32 rows or more,
@@ -372,9 +372,11 @@ class BitDance(nn.Module):
         default on CPUs, where it measured 1.5-4x faster than eager for B-16x..B-1x, and not on GPUs, where it
         is not measured yet). Compiled once per batch size (once for all fp32 batches of 32 rows or more), at
         the first ``generate``; the tokens stay those of the eager code up to float rounding.
+        ``whole_flow``: the head's whole flow loop of an AR step as one graph (faster sampling, much longer
+        first compilation; see :meth:`~bitdance.models.head.DiffusionHead.compile_sampling`).
         ``mode="off"`` undoes it."""
         if hasattr(self.head, "compile_sampling"):
-            self.head.compile_sampling(mode=mode, dynamic=dynamic)
+            self.head.compile_sampling(mode=mode, dynamic=dynamic, whole_flow=whole_flow)
         if transformer is None:
             transformer = self.norm.weight.device.type == "cpu"
         self._compiled_decode = None if mode == "off" or not transformer else \

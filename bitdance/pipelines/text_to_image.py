@@ -31,10 +31,10 @@ if TYPE_CHECKING:  # Unpack is in typing from Python 3.11 (the annotation is nev
     from typing_extensions import Unpack
 
 
-def _compile_head(head, mode: str | None) -> None:
+def _compile_head(head, mode: str | None, whole_flow: bool) -> None:
     if not hasattr(head, "compile_sampling"):
         raise ValueError(f"compile applies to the diffusion head, not to a {type(head).__name__}")
-    head.compile_sampling(mode=mode)
+    head.compile_sampling(mode=mode, whole_flow=whole_flow)
 
 
 class BitDanceT2IPipeline(Pipeline):
@@ -129,9 +129,9 @@ class BitDanceT2IPipeline(Pipeline):
         self.model.to(device=device, dtype=dtype)
         return self
 
-    def compile(self, mode: str | None = None) -> "BitDanceT2IPipeline":
+    def compile(self, mode: str | None = None, *, whole_flow: bool = False) -> "BitDanceT2IPipeline":
         """``torch.compile`` the vision head's inner loop (see :meth:`BitDancePipeline.compile`)."""
-        _compile_head(self.model.vision_head, mode)
+        _compile_head(self.model.vision_head, mode, whole_flow)
         return self
 
     @property

@@ -16,7 +16,7 @@ import torch
 
 from bitdance import rng, validation
 
-__all__ = ["FlowSampler", "time_shift", "guidance_at", "guided_velocity", "flow_update"]
+__all__ = ["FlowSampler", "time_shift", "guidance_at", "guided_velocity", "flow_update", "integrate"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -94,23 +94,49 @@ class FlowSampler:
         t, guidance_scale), t, dt, noise)`` by an equivalent one (e.g. compiled as a whole); its ``noise`` is
         None for deterministic steps and its ``t``, ``dt`` are 0-d float32 tensors.
         """
+        x, noises = self.draws(shape, generator=generator, device=device)
+        times, dts = self.flow_times(x.device), self.step_sizes(x.device)
         if step is None:
             guided = guidance_scale > 1.0
-
-            def step(x, t, dt, noise):
-                return flow_update(x, guided_velocity(denoise, x, t, guidance_scale, guided), t, dt, noise)
-
-        x = rng.randn(shape, generator=generator, device=device, dtype=torch.float32)
-        dts = self.timesteps(x.device).diff()
-        times = self.flow_times(x.device)
-        stochastic = self.method == "euler_maruyama"
+            return integrate(lambda z, i: guided_velocity(denoise, z, times[i], guidance_scale, guided),
+                             x, noises, times, dts)
         for i in range(self.num_steps):
-            # drawn before the update (the network draws nothing, so the stream is that of the reference)
-            noise = rng.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if stochastic else None
-            x = step(x, times[i], dts[i], noise)
-        # a last deterministic Euler step to t = 1
-        t_last = times[-1]
-        return step(x, t_last, torch.full_like(t_last, self.last_step_size), None)
+            x = step(x, times[i], dts[i], None if noises is None else noises[i])
+        return step(x, times[-1], dts[-1], None)  # the last, deterministic Euler step to t = 1
+
+    def draws(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
+              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Everything :meth:`sample` draws, in its order: the starting noise of ``shape`` (float32) and, for
+        Euler-Maruyama, the noise of each stochastic step stacked to (num_steps, *shape) (None for Euler).
+        Each is drawn on its own, as the reference code draws them step by step: the network draws nothing, so
+        a seed gives the same numbers drawn up front (and a sampler loop compiled as a whole can take them)."""
+        x = rng.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        if self.method != "euler_maruyama":
+            return x, None
+        noise = [rng.randn(shape, generator=generator, device=x.device, dtype=x.dtype) for _ in range(self.num_steps)]
+        return x, torch.stack(noise)
+
+    def step_sizes(self, device=None) -> torch.Tensor:
+        """The num_steps + 1 step sizes that go with :meth:`flow_times`: the grid's, then ``last_step_size``."""
+        return _step_sizes(self, str(torch.device(device) if device is not None else "cpu")).clone()
+
+
+def integrate(velocity: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, noises: torch.Tensor | None,
+              times: torch.Tensor, dts: torch.Tensor) -> torch.Tensor:
+    """:meth:`FlowSampler.sample`'s loop on its draws (:meth:`FlowSampler.draws`), with no state outside its
+    arguments, so that ``torch.compile`` can trace it whole. ``velocity(x, i)`` is the (guided) velocity at
+    ``times[i]``. Every time but the last takes an Euler-Maruyama step of ``dts[i]`` with ``noises[i]`` (plain
+    Euler where ``noises`` is None); the last a deterministic Euler step of ``dts[-1]`` to t = 1."""
+    last = times.shape[0] - 1
+    for i in range(last):
+        x = flow_update(x, velocity(x, i), times[i], dts[i], None if noises is None else noises[i])
+    return flow_update(x, velocity(x, last), times[last], dts[last])
+
+
+@functools.lru_cache(maxsize=32)
+def _step_sizes(sampler: FlowSampler, device: str) -> torch.Tensor:
+    last = torch.full((1,), sampler.last_step_size, device=device, dtype=torch.float32)
+    return torch.cat([sampler.timesteps(device).diff(), last])
 
 
 @functools.lru_cache(maxsize=32)
