@@ -313,10 +313,11 @@ class DiffusionHead(nn.Module):
 
         ``whole_flow=True`` compiles the whole flow loop of an AR step (all steps + 1 updates, unrolled, on noise
         drawn up front in the same order) as one graph instead: one call per AR step instead of steps + 1, and
-        inductor fuses across the updates. The head of B-1x then took 13% less time per AR step, B-4x 7% (25
-        steps, AVX2 forced, 2-core Xeon), but the graph is steps + 1 times larger and takes as much longer to
-        compile the first time: 2 minutes for B-1x and 6 for B-4x there, against 10 seconds (inductor's cache
-        keeps most of it for later processes: 20 seconds for B-1x). Worth it for long sampling runs.
+        inductor fuses across the updates. The head's time per AR step fell 13% for B-1x and 7% for B-4x, a
+        whole image's 8.5% and 5.9% (25 steps, 2 images, AVX2 forced, 2-core Xeon), but the graph is steps + 1
+        times larger and compiles about as much longer the first time: 4 and 11 minutes for the whole model
+        there, against 40 seconds (inductor's disk cache keeps most of it for later processes). Worth it for
+        long sampling runs.
         """
         if mode == "off":
             self._compiled_step = self._compiled_prepare = self._compiled_flow = None
