@@ -163,6 +163,12 @@ def cmd_info(args) -> None:
         print(f"{k}: {v}")
 
 
+def _check_whole_flow(args) -> None:
+    """``--whole-flow`` without ``--compile`` (sample, bench): refused before any model is loaded."""
+    if args.whole_flow and args.compile == "off":
+        raise CLIError("--whole-flow compiles the head's flow loop: give --compile too")
+
+
 def cmd_sample(args) -> None:
     import numpy as np
     import torch
@@ -176,8 +182,7 @@ def cmd_sample(args) -> None:
     model = args.model_path or args.model
     if not model:
         raise CLIError("no model given: bitdance sample MODEL [--classes ID ... | --prompt TEXT]")
-    if args.whole_flow and args.compile == "off":
-        raise CLIError("--whole-flow compiles the head's flow loop: give --compile too")
+    _check_whole_flow(args)
     from bitdance.formats.hub import resolve
 
     found = resolve(model, **hub_kwargs(args))  # a released name or repository id: fetched (or found cached)
@@ -360,8 +365,7 @@ def cmd_bench(args) -> None:
     if args.weights or args.random_weights:
         raise CLIError("--weights and --random-weights go with --memory")
 
-    if args.whole_flow and args.compile == "off":
-        raise CLIError("--whole-flow compiles the head's flow loop: give --compile too")
+    _check_whole_flow(args)
     validation.flow_steps(args.steps, "--steps")
     validation.guidance_scale(args.cfg, "--cfg")
     validation.integer(args.batch, "--batch", 1, validation.MAX_BATCH)

@@ -386,7 +386,7 @@ class DiffusionHead(nn.Module):
         else:
             c, all_mods = _prepare(net, cond, times if hoist else None)
         if self._compiled_flow is not None:
-            return self._sample_whole_flow(c, all_mods, shape, sampler, guidance_scale, generator)
+            return self._sample_whole_flow(c, all_mods, shape, sampler, times, guidance_scale, generator)
         if all_mods is not None:
             per_step = iter([tuple(m[k] for m in all_mods) for k in range(times.numel())])
 
@@ -414,14 +414,13 @@ class DiffusionHead(nn.Module):
             return sampler.sample(lambda x, t: net.denoise(x, t, c, mods_now()), shape,
                                   guidance_scale=guidance_scale, generator=generator, device=cond.device, step=step)
 
-    def _sample_whole_flow(self, c, all_mods, shape, sampler, guidance_scale, generator) -> torch.Tensor:
+    def _sample_whole_flow(self, c, all_mods, shape, sampler, times, guidance_scale, generator) -> torch.Tensor:
         fn = self._compiled_flow
         fn.refresh()
         x, noises = sampler.draws(shape, generator=generator, device=c.device)
         scale = torch.full((), float(guidance_scale), device=c.device)  # a tensor, as in the per-update graph
         with fn.active():
-            return fn(c, all_mods, scale, guidance_scale > 1.0, x, noises, sampler.flow_times(c.device),
-                      sampler.step_sizes(c.device))
+            return fn(c, all_mods, scale, guidance_scale > 1.0, x, noises, times, sampler.step_sizes(c.device))
 
 
 def _prepare(net: nn.Module, cond: torch.Tensor, times: torch.Tensor | None
