@@ -36,9 +36,11 @@ every call: 140-240 us a call, 4% of a B-1x image, before; 60-100 us after (AVX2
 With AVX2 kernels the graphs of few rows are traced under :class:`PaddedProducts`, which gives the templates'
 widest micro-kernel products whose width it would not divide. Where :func:`few_row_products` says "panel" (by
 default on Intel CPUs running AVX2 kernels, where MKL's packed GEMM would take them), fp32 products of fewer
-than :data:`~bitdance.kernels.PANEL_MAX_ROWS` rows are traced under :class:`PanelProducts` instead and run the
+than :data:`~bitdance.kernels.PANEL_MAX_ROWS` rows (with static rows: where oneDNN takes the graph of many rows,
+only those under :data:`ONEDNN_MIN_ROWS`) are traced under :class:`PanelProducts` instead and run the
 hand-written kernel of :mod:`bitdance.kernels`, each weight packed for it at compile time (a B-4x image 4-13%
-less time than with MKL, B-1x 6-17%: paired runs, 2-core Xeon, AVX2 forced). The transformer's compiled decode
+less time than with MKL, B-1x 6-17%, B-16x 13%: paired runs, 2-core Xeon, AVX2 forced). Only the hoisted adaLN
+product of B-4x and B-16x (16 or 64 rows times 26 flow times) stays with MKL. The transformer's compiled decode
 step attends over its KV cache with the kernel of :mod:`bitdance.kernels` where :func:`kv_attention_fits` and
 :func:`kv_attention_kernel` say so (fp32, no mask to apply, up to four queries per sequence: B-1x and B-4x),
 with torch's fused kernel otherwise. On GPUs the weights stay inputs of the graph, and ``mode`` selects the

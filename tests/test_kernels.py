@@ -33,6 +33,26 @@ def test_panel_linear_matches_the_product(out_features, in_features):
 
 
 @needs_kernel
+@pytest.mark.parametrize("out_features, in_features", [(37, 40), (48, 600), (1, 300), (16, 7)])
+def test_panel_linear_in_chunks_matches_the_product(out_features, in_features):
+    """From 32 rows the kernel goes through each panel in chunks of 256 inputs (accumulating in the output):
+    inputs that 256 or the prefetch group of 8 do not divide, a last panel 16 does not divide, row counts
+    around the switch and tiles of every height: the product of torch, to fp32 rounding, and at 31 and 32 rows
+    the same values as the row-at-a-time way (one sum per output, in the same order)."""
+    from bitdance.kernels import panel_linear, panel_pack
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=g)
+    packed = panel_pack(weight)
+    for rows in (32, 33, 37, 64, 101):
+        x = torch.randn(rows, in_features, generator=g)
+        torch.testing.assert_close(panel_linear(x, packed, out_features), x @ weight.T, rtol=1e-5, atol=1e-4)
+    x = torch.randn(32, in_features, generator=g)
+    chunked = panel_linear(x, packed, out_features)
+    assert torch.equal(chunked[:31], panel_linear(x[:31], packed, out_features))
+
+
+@needs_kernel
 def test_panel_kernel_rejects_what_it_cannot_multiply():
     from bitdance.kernels import panel_linear, panel_pack
 
@@ -179,9 +199,10 @@ def test_bench_names_the_kernels_of_the_compiled_products(monkeypatch):
     from bitdance.apps.bench import compiled_products_note
 
     for wide, few, kv, expected in (
-            ("mkl", "panel", True, "bitdance's panel kernel below 32 rows, MKL's packed GEMM from"),
+            ("mkl", "panel", True, "bitdance's panel kernel below 256 rows, MKL's packed GEMM from 256 rows"),
             ("mkl", "library", True, "MKL's packed GEMM at every row count"),
             ("onednn", "library", False, "inductor's C++ GEMM templates below 32 rows, oneDNN from"),
+            ("onednn", "panel", False, "bitdance's panel kernel below 32 rows, oneDNN from 32 rows"),
             ("mkl", "panel", True, "KV-cache attention of up to 4 queries per sequence: bitdance's kernel"),
             ("mkl", "panel", False, "KV-cache attention of up to 4 queries per sequence: torch's fused kernel")):
         monkeypatch.setattr(compiling, "wide_products", lambda wide=wide: wide)

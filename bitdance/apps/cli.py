@@ -47,7 +47,7 @@ def _eval_command(esub, name: str, fn) -> argparse.ArgumentParser:
 COMPILE_HELP = ("torch.compile the diffusion head's inner loop and, on CPUs, the transformer's cached step "
                 "(weights frozen; C++ GEMM templates for few rows, oneDNN for fp32 products of 32 rows or more, "
                 "MKL's packed GEMM for every fp32 product on Intel CPUs running AVX2 kernels, there with "
-                "bitdance's own kernel for products of fewer than 32 rows; "
+                "bitdance's own kernel for products of fewer than 256 rows; "
                 "reduce-overhead = CUDA graphs on GPU)")
 WHOLE_FLOW_HELP = ("with --compile: the head's whole flow loop of an AR step as one graph, not one per flow step "
                    "(B-1x / B-4x sampling 8%% / 6%% faster on a 2-core AVX2 CPU; the first compilation takes minutes)")

@@ -1,17 +1,21 @@
 """Hand-written CPU kernels, compiled from C++ at their first use in a process.
 
-``panel_gemm.cpp``: fp32 products ``x @ W.T`` of few rows (fewer than :data:`PANEL_MAX_ROWS`) for x86 CPUs
-with AVX2 and FMA, with ``W`` packed once (:func:`panel_pack`) into panels of 16 output columns that stream
-from memory one after the other, the next one prefetched while the current one is multiplied. The compiled
-sampler runs them in its frozen CPU graphs (see :mod:`bitdance.compiling`): there ``panel_pack`` of a frozen
-weight is folded into a constant at compile time, so a sampling step only calls :func:`panel_linear`.
+``panel_gemm.cpp``: fp32 products ``x @ W.T`` of up to a few hundred rows (fewer than :data:`PANEL_MAX_ROWS`)
+for x86 CPUs with AVX2 and FMA, with ``W`` packed once (:func:`panel_pack`) into panels of 16 output columns
+that stream from memory one after the other, the lines ahead prefetched while the current ones are multiplied
+(below 32 rows a panel at a time; from 32 rows in chunks of 256 inputs that every row tile multiplies while they
+sit in the L1). The compiled sampler runs them in its frozen CPU graphs (see :mod:`bitdance.compiling`): there
+``panel_pack`` of a frozen weight is folded into a constant at compile time, so a sampling step only calls
+:func:`panel_linear`.
 
-Why: a sampler step multiplies 4-16 rows by every weight of the head or the transformer, few enough that the
-product's speed is that of the weights streaming in from memory. MKL's packed GEMM, which inductor calls for
-frozen fp32 weights, left the cores waiting on them: single products with cold weights ran at 38-43 GFLOP/s
-(4 rows) and 96-106 (16 rows) against 46-51 and 109-111 here, and a whole B-4x image took 4-13% less time with
-this kernel, B-1x 6-17% (2-core Xeon with AVX2 kernels forced, paired runs; ``benchmarks/cold_weights.py``,
-``docs/benchmarks.md``). From 64 rows on MKL is faster, hence the row limit.
+Why: a sampler step multiplies 4-64 rows by every weight of the head or the transformer, weights that come
+from memory at every call (the head's are read 26 times per AR step, but do not stay in the cache in between).
+MKL's packed GEMM, which inductor calls for frozen fp32 weights, left the cores waiting on them. Single
+products with cold weights ran at 38-43 GFLOP/s (4 rows), 96-106 (16), 125-141 (32) and 159-168 (64) against
+46-51, 109-111, 163-168 and 195-201 here, the last at the matmul peak measured the same minute. A whole B-4x
+image took 4-13% less time with this kernel, B-1x 6-17%, B-16x 13% (2-core Xeon with AVX2 kernels forced,
+paired runs; ``benchmarks/cold_weights.py``, ``docs/benchmarks.md``). At 256 rows MKL is as fast, hence the
+row limit.
 
 ``kv_attention.cpp``: fp32 attention of the few queries of a decode step (up to :data:`KV_MAX_QUERIES`) over
 a KV cache, with no mask, writing the step's keys and values into the cache in the same call
@@ -39,8 +43,8 @@ from bitdance.precision import cpu_flags
 __all__ = ["KV_HEAD_DIMS", "KV_MAX_QUERIES", "PANEL_MAX_ROWS", "PANEL_WIDTH", "KernelError", "kernels_unsupported",
            "kv_attention", "load_kernels", "panel_linear", "panel_pack"]
 
-# Products of fewer rows go to the kernel; at 64 rows MKL's packed GEMM ran 163-166 GFLOP/s against 147-153.
-PANEL_MAX_ROWS = 32
+# Products of fewer rows go to the kernel; at 256 rows MKL's packed GEMM, cold, ran as fast (195-205 GFLOP/s).
+PANEL_MAX_ROWS = 256
 PANEL_WIDTH = 16  # output columns per panel (two AVX2 vectors)
 
 # Queries per sequence up to which the KV-cache kernel runs (B-1x: 1, B-4x: 4; B-16x's 16 stay with torch).

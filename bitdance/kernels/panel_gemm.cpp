@@ -1,11 +1,18 @@
-// fp32 products of few rows for AVX2 + FMA CPUs: y = x W^T, with W packed once into panels of 16 output
-// columns, [ceil(N/16), K, 16], so that the weight of each panel is one contiguous stream from memory.
+// fp32 products for AVX2 + FMA CPUs: y = x W^T, with W packed once into panels of 16 output columns,
+// [ceil(N/16), K, 16], so that the weight of each panel is one contiguous stream from memory.
 //
-// Why not the BLAS: at 4-16 rows a product does 8-32 FLOPs per weight element, so its speed is that of the
-// weight streaming in from memory, and MKL's packed GEMM left the core waiting on it. Here each 6 x 16 block
-// of the output stays in 12 ymm accumulators over the whole K loop, and the first row tile of a panel asks
-// for the next panel's lines into the L2 (_MM_HINT_T1) while it multiplies the current one. Only that tile
-// prefetches: choosing the prefetching tile inside the inner loop cost a third of the speed.
+// Why not the BLAS: sampling multiplies 4-64 rows by weights that come from memory at every call (a head's
+// weights are read again 26 times per AR step but do not stay in the cache in between), and MKL's packed GEMM
+// left the core waiting on them. Two ways through a panel, by the number of rows:
+// - few rows (under kBlockedMinRows): 8-32 FLOPs per weight element, so the weight's streaming sets the speed.
+//   Each 6 x 16 block of the output stays in 12 ymm accumulators over the whole K loop, and the first row tile
+//   of a panel asks for the next panel's lines into the L2 (_MM_HINT_T1) while it multiplies the current one.
+//   Only that tile prefetches: choosing the prefetching tile inside the inner loop cost a third of the speed.
+// - more rows: the panel is cut into chunks of kChunk inputs (16 KiB of weight) that stay in the L1 while every
+//   row tile multiplies them, and the lines of the chunk after are prefetched a few per row tile, one every
+//   kGroup inputs: the whole chunk in one tile's loop asked for more lines at once than the core has buffers
+//   for, and stalled it. With the weights cold this ran 64-row products at 96-99% of the measured matmul peak
+//   against 80-84% for MKL (2-core Xeon, AVX2 forced; benchmarks/cold_weights.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -14,12 +21,16 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kPanel = 16;
 constexpr int64_t kRowTile = 6;
+constexpr int64_t kBlockedMinRows = 32;
+constexpr int64_t kChunk = 256;
+constexpr int64_t kGroup = 8;
 
 at::Tensor panel_pack(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(),
@@ -37,6 +48,32 @@ at::Tensor panel_pack(const at::Tensor& w) {
   return p;
 }
 
+// One input k of a row tile: acc[r] += x[r, k] * W[k, panel] for the tile's RB rows.
+template <int RB>
+__attribute__((always_inline)) inline void fma_step(const float* x, int64_t ldx, const float* wk, __m256* lo, __m256* hi) {
+  const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+    const __m256 xv = _mm256_broadcast_ss(x + r * ldx);
+    lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
+    hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
+  }
+}
+
+// fn(std::integral_constant<int, RB>) for a row tile of `rows` (1..kRowTile) rows: the tile's height is a
+// compile-time constant, so its accumulators stay in registers.
+template <typename Fn>
+inline void by_height(int64_t rows, Fn&& fn) {
+  switch (rows) {
+    case 6: fn(std::integral_constant<int, 6>()); break;
+    case 5: fn(std::integral_constant<int, 5>()); break;
+    case 4: fn(std::integral_constant<int, 4>()); break;
+    case 3: fn(std::integral_constant<int, 3>()); break;
+    case 2: fn(std::integral_constant<int, 2>()); break;
+    default: fn(std::integral_constant<int, 1>()); break;
+  }
+}
+
 template <int RB, bool PF>
 inline void tile(const float* x, int64_t K, const float* w, const float* next, float* out, int64_t ldo,
                  int64_t cols) {
@@ -45,13 +82,7 @@ inline void tile(const float* x, int64_t K, const float* w, const float* next, f
   for (int r = 0; r < RB; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     if (PF) _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanel), _MM_HINT_T1);
-    const __m256 w0 = _mm256_loadu_ps(w + k * kPanel), w1 = _mm256_loadu_ps(w + k * kPanel + 8);
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(x + r * K + k);
-      lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
-      hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
-    }
+    fma_step<RB>(x + k, K, w + k * kPanel, lo, hi);
   }
   if (cols == kPanel) {
 #pragma GCC unroll 8
@@ -71,16 +102,63 @@ inline void tile(const float* x, int64_t K, const float* w, const float* next, f
     for (int64_t j = 0; j < cols; ++j) out[r * ldo + j] = buf[r][j];
 }
 
-template <bool PF>
-void row_tile(int64_t rows, const float* x, int64_t K, const float* w, const float* next, float* out,
-              int64_t ldo, int64_t cols) {
-  switch (rows) {
-    case 6: tile<6, PF>(x, K, w, next, out, ldo, cols); break;
-    case 5: tile<5, PF>(x, K, w, next, out, ldo, cols); break;
-    case 4: tile<4, PF>(x, K, w, next, out, ldo, cols); break;
-    case 3: tile<3, PF>(x, K, w, next, out, ldo, cols); break;
-    case 2: tile<2, PF>(x, K, w, next, out, ldo, cols); break;
-    default: tile<1, PF>(x, K, w, next, out, ldo, cols); break;
+// One row tile's share of a chunk: out (+)= x[:, chunk] W[chunk, panel], prefetching `lines` lines from `pf`,
+// one every kGroup inputs.
+template <int RB>
+inline void chunk_tile(const float* x, int64_t ldx, int64_t kc, const float* w, const float* pf, int64_t lines,
+                       float* out, int64_t ldo, bool accumulate) {
+  __m256 lo[RB], hi[RB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+    lo[r] = accumulate ? _mm256_loadu_ps(out + r * ldo) : _mm256_setzero_ps();
+    hi[r] = accumulate ? _mm256_loadu_ps(out + r * ldo + 8) : _mm256_setzero_ps();
+  }
+  int64_t k = 0;
+  for (int64_t g = 0; k + kGroup <= kc; ++g) {
+    if (g < lines) _mm_prefetch(reinterpret_cast<const char*>(pf + g * kPanel), _MM_HINT_T1);
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < kGroup; ++j, ++k) fma_step<RB>(x + k, ldx, w + k * kPanel, lo, hi);
+  }
+  for (; k < kc; ++k) fma_step<RB>(x + k, ldx, w + k * kPanel, lo, hi);
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+    _mm256_storeu_ps(out + r * ldo, lo[r]);
+    _mm256_storeu_ps(out + r * ldo + 8, hi[r]);
+  }
+}
+
+// Panels [b0, b1) of the product of R >= kBlockedMinRows rows, chunk by chunk (see the top of the file).
+void blocked_panels(const float* xp, int64_t R, int64_t K, const float* wp, float* op, int64_t n, int64_t b0,
+                    int64_t b1) {
+  const float* end = wp + b1 * K * kPanel;  // what this thread multiplies lies before it, contiguously
+  const int64_t tiles = (R + kRowTile - 1) / kRowTile;
+  std::vector<float> partial;  // the last panel of a width that 16 does not divide is written here first
+  for (int64_t nb = b0; nb < b1; ++nb) {
+    const float* w = wp + nb * K * kPanel;
+    const int64_t cols = std::min(kPanel, n - nb * kPanel);
+    float* out = op + nb * kPanel;
+    int64_t ldo = n;
+    if (cols < kPanel) {
+      partial.assign(R * kPanel, 0.f);
+      out = partial.data();
+      ldo = kPanel;
+    }
+    for (int64_t kb = 0; kb < K; kb += kChunk) {
+      const int64_t kc = std::min(kChunk, K - kb);
+      const float* ahead = w + (kb + kc) * kPanel;  // the next chunk, in this panel or the next one
+      const int64_t lines = ahead < end ? std::min<int64_t>(kChunk, (end - ahead) / kPanel) : 0;
+      const int64_t per_tile = (lines + tiles - 1) / tiles;
+      for (int64_t t = 0, r = 0; r < R; r += kRowTile, ++t) {
+        const int64_t first = std::min(lines, t * per_tile);
+        by_height(std::min(kRowTile, R - r), [&](auto rb) {
+          chunk_tile<decltype(rb)::value>(xp + r * K + kb, K, kc, w + kb * kPanel, ahead + first * kPanel,
+                                          std::min(per_tile, lines - first), out + r * ldo, ldo, kb > 0);
+        });
+      }
+    }
+    if (cols < kPanel)
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < cols; ++j) op[r * n + nb * kPanel + j] = partial[r * kPanel + j];
   }
 }
 
@@ -100,14 +178,17 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n
   const float* wp = packed.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
+    if (R >= kBlockedMinRows) return blocked_panels(xp, R, K, wp, op, n, b0, b1);
     for (int64_t nb = b0; nb < b1; ++nb) {
       const float* w = wp + nb * K * kPanel;
       const float* next = wp + std::min(nb + 1, b1 - 1) * K * kPanel;
       const int64_t cols = std::min(kPanel, n - nb * kPanel);
       for (int64_t r = 0; r < R; r += kRowTile) {
         const int64_t rows = std::min(kRowTile, R - r);
-        (r == 0 ? row_tile<true> : row_tile<false>)(rows, xp + r * K, K, w, next, op + r * n + nb * kPanel, n,
-                                                     cols);
+        by_height(rows, [&](auto rb) {
+          constexpr int RB = decltype(rb)::value;
+          (r == 0 ? tile<RB, true> : tile<RB, false>)(xp + r * K, K, w, next, op + r * n + nb * kPanel, n, cols);
+        });
       }
     }
   });
