@@ -131,6 +131,29 @@ def test_frozen_graphs_run_the_kernel_on_few_rows(monkeypatch):
 
 
 @needs_kernel
+def test_with_mkl_the_kernel_takes_every_product_below_its_row_limit(monkeypatch):
+    """Where MKL runs the graph of many rows (static rows), its products of 32 to PANEL_MAX_ROWS - 1 rows (B-16x's
+    64) run the kernel's chunked path too, and those of PANEL_MAX_ROWS rows stay with MKL."""
+    from torch._inductor.utils import run_and_get_code
+
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this torch build has no MKL")
+    monkeypatch.setenv(compiling.WIDE_PRODUCTS_ENV, "mkl")
+    monkeypatch.setenv(compiling.FEW_ROW_PRODUCTS_ENV, "panel")
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(300, 40), torch.nn.GELU(), torch.nn.Linear(40, 24))
+    frozen = compiling.FrozenCompiled(lambda m, x: m(x), net)
+    with torch.no_grad():
+        for rows, kernel in ((64, True), (PANEL_MAX_ROWS, False)):
+            x = torch.randn(rows, 300, generator=g)
+            assert frozen.graph_for(x) == "wide"
+            out, code = run_and_get_code(frozen, x)
+            torch.testing.assert_close(out, net(x), rtol=1e-5, atol=1e-5)
+            assert ("panel_linear" in "\n".join(code)) is kernel, rows
+
+
+@needs_kernel
 @pytest.mark.parametrize("dims", [32, 64, 128])
 def test_kv_attention_writes_the_cache_and_attends_over_it(dims):
     """The block's keys and values land in the layer's cache at its positions and nowhere else, and the output

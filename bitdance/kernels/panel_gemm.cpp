@@ -50,7 +50,8 @@ at::Tensor panel_pack(const at::Tensor& w) {
 
 // One input k of a row tile: acc[r] += x[r, k] * W[k, panel] for the tile's RB rows.
 template <int RB>
-__attribute__((always_inline)) inline void fma_step(const float* x, int64_t ldx, const float* wk, __m256* lo, __m256* hi) {
+__attribute__((always_inline)) inline void fma_step(const float* x, int64_t ldx, const float* wk, __m256* lo,
+                                                     __m256* hi) {
   const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r) {
@@ -139,7 +140,7 @@ void blocked_panels(const float* xp, int64_t R, int64_t K, const float* wp, floa
     float* out = op + nb * kPanel;
     int64_t ldo = n;
     if (cols < kPanel) {
-      partial.assign(R * kPanel, 0.f);
+      partial.resize(R * kPanel);  // its first chunk writes every value
       out = partial.data();
       ldo = kPanel;
     }
