@@ -39,7 +39,8 @@ default on Intel CPUs running AVX2 kernels, where MKL's packed GEMM would take t
 than :data:`~bitdance.kernels.PANEL_MAX_ROWS` rows (with static rows: where oneDNN takes the graph of many rows,
 only those under :data:`ONEDNN_MIN_ROWS`) are traced under :class:`PanelProducts` instead and run the
 hand-written kernel of :mod:`bitdance.kernels`, each weight packed for it at compile time (a B-4x image 4-13%
-less time than with MKL, B-1x 6-17%, B-16x 13%: paired runs, 2-core Xeon, AVX2 forced). Only the hoisted adaLN
+less time than with MKL and 15% less again since the kernel takes 16 rows and more in chunks, B-1x 6-17%, B-16x
+13%: paired runs, 2-core Xeon, AVX2 forced). Only the hoisted adaLN
 product of B-4x and B-16x (16 or 64 rows times 26 flow times) stays with MKL. The transformer's compiled decode
 step attends over its KV cache with the kernel of :mod:`bitdance.kernels` where :func:`kv_attention_fits` and
 :func:`kv_attention_kernel` say so (fp32, no mask to apply, up to four queries per sequence: B-1x and B-4x),

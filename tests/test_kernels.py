@@ -35,21 +35,21 @@ def test_panel_linear_matches_the_product(out_features, in_features):
 @needs_kernel
 @pytest.mark.parametrize("out_features, in_features", [(37, 40), (48, 600), (1, 300), (16, 7)])
 def test_panel_linear_in_chunks_matches_the_product(out_features, in_features):
-    """From 32 rows the kernel goes through each panel in chunks of 256 inputs (accumulating in the output):
-    inputs that 256 or the prefetch group of 8 do not divide, a last panel 16 does not divide, row counts
-    around the switch and tiles of every height: the product of torch, to fp32 rounding, and at 31 and 32 rows
-    the same values as the row-at-a-time way (one sum per output, in the same order)."""
+    """From 16 rows the kernel goes through each panel in chunks of 256 inputs (accumulating in the output):
+    inputs that 256 or the prefetch groups (2, 4, 8 inputs) do not divide, a last panel 16 does not divide, row
+    counts around the switch and tiles of every height: the product of torch, to fp32 rounding, and at 15 and
+    16 rows the same values as the row-at-a-time way (one sum per output, in the same order)."""
     from bitdance.kernels import panel_linear, panel_pack
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=g)
     packed = panel_pack(weight)
-    for rows in (32, 33, 37, 64, 101):
+    for rows in (16, 17, 32, 33, 37, 64, 101):
         x = torch.randn(rows, in_features, generator=g)
         torch.testing.assert_close(panel_linear(x, packed, out_features), x @ weight.T, rtol=1e-5, atol=1e-4)
-    x = torch.randn(32, in_features, generator=g)
+    x = torch.randn(16, in_features, generator=g)
     chunked = panel_linear(x, packed, out_features)
-    assert torch.equal(chunked[:31], panel_linear(x[:31], packed, out_features))
+    assert torch.equal(chunked[:15], panel_linear(x[:15], packed, out_features))
 
 
 @needs_kernel
@@ -132,8 +132,8 @@ def test_frozen_graphs_run_the_kernel_on_few_rows(monkeypatch):
 
 @needs_kernel
 def test_with_mkl_the_kernel_takes_every_product_below_its_row_limit(monkeypatch):
-    """Where MKL runs the graph of many rows (static rows), its products of 32 to PANEL_MAX_ROWS - 1 rows (B-16x's
-    64) run the kernel's chunked path too, and those of PANEL_MAX_ROWS rows stay with MKL."""
+    """Where MKL runs the graph of many rows (static rows), its products of up to PANEL_MAX_ROWS - 1 rows (B-16x's
+    64) run the kernel, and those of PANEL_MAX_ROWS rows stay with MKL."""
     from torch._inductor.utils import run_and_get_code
 
     if not torch.backends.mkl.is_available():

@@ -3,19 +3,19 @@
 ``panel_gemm.cpp``: fp32 products ``x @ W.T`` of up to a few hundred rows (fewer than :data:`PANEL_MAX_ROWS`)
 for x86 CPUs with AVX2 and FMA, with ``W`` packed once (:func:`panel_pack`) into panels of 16 output columns
 that stream from memory one after the other, the lines ahead prefetched while the current ones are multiplied
-(below 32 rows a panel at a time; from 32 rows in chunks of 256 inputs that every row tile multiplies while they
-sit in the L1). The compiled sampler runs them in its frozen CPU graphs (see :mod:`bitdance.compiling`): there
+(below 16 rows a panel at a time; from 16 rows in chunks of 256 inputs that every row tile multiplies while they
+sit in the L1, the next chunk's lines prefetched a few per row tile). The compiled sampler runs them in its frozen CPU graphs (see :mod:`bitdance.compiling`): there
 ``panel_pack`` of a frozen weight is folded into a constant at compile time, so a sampling step only calls
 :func:`panel_linear`.
 
 Why: a sampler step multiplies 4-64 rows by every weight of the head or the transformer, weights that come
 from memory at every call (the head's are read 26 times per AR step, but do not stay in the cache in between).
 MKL's packed GEMM, which inductor calls for frozen fp32 weights, left the cores waiting on them. Single
-products with cold weights ran at 38-43 GFLOP/s (4 rows), 96-106 (16), 125-141 (32) and 159-168 (64) against
-46-51, 109-111, 163-168 and 195-201 here, the last at the matmul peak measured the same minute. A whole B-4x
-image took 4-13% less time with this kernel, B-1x 6-17%, B-16x 13% (2-core Xeon with AVX2 kernels forced,
-paired runs; ``benchmarks/cold_weights.py``, ``docs/benchmarks.md``). At 256 rows MKL is as fast, hence the
-row limit.
+products with cold weights ran at 38-43 GFLOP/s (4 rows), 93-102 (16), 123-139 (32) and 159-168 (64) against
+46-51, 116-124, 149-158 and 195-201 here, the last at the matmul peak measured the same minute. A whole B-4x
+image took 4-13% less time with the kernel's first way than with MKL and 15% less again with the chunks, B-1x
+6-17%, B-16x 13% (2-core Xeon with AVX2 kernels forced, paired runs; ``benchmarks/cold_weights.py``,
+``docs/benchmarks.md``). At 256 rows MKL is as fast, hence the row limit.
 
 ``kv_attention.cpp``: fp32 attention of the few queries of a decode step (up to :data:`KV_MAX_QUERIES`) over
 a KV cache, with no mask, writing the step's keys and values into the cache in the same call

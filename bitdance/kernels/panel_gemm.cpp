@@ -4,15 +4,16 @@
 // Why not the BLAS: sampling multiplies 4-64 rows by weights that come from memory at every call (a head's
 // weights are read again 26 times per AR step but do not stay in the cache in between), and MKL's packed GEMM
 // left the core waiting on them. Two ways through a panel, by the number of rows:
-// - few rows (under kBlockedMinRows): 8-32 FLOPs per weight element, so the weight's streaming sets the speed.
+// - fewer than kBlockedMinRows rows (1x models: 4): 2-30 FLOPs per weight element, so streaming sets the speed.
 //   Each 6 x 16 block of the output stays in 12 ymm accumulators over the whole K loop, and the first row tile
 //   of a panel asks for the next panel's lines into the L2 (_MM_HINT_T1) while it multiplies the current one.
 //   Only that tile prefetches: choosing the prefetching tile inside the inner loop cost a third of the speed.
 // - more rows: the panel is cut into chunks of kChunk inputs (16 KiB of weight) that stay in the L1 while every
 //   row tile multiplies them, and the lines of the chunk after are prefetched a few per row tile, one every
-//   kGroup inputs: the whole chunk in one tile's loop asked for more lines at once than the core has buffers
-//   for, and stalled it. With the weights cold this ran 64-row products at 96-99% of the measured matmul peak
-//   against 80-84% for MKL (2-core Xeon, AVX2 forced; benchmarks/cold_weights.py).
+//   G inputs (G as large as still reaches a tile's share): the whole chunk in one tile's loop asked for more
+//   lines at once than the core has buffers for, and stalled it. With the weights cold this ran 64-row
+//   products at 96-99% of the measured matmul peak against 80-84% for MKL, and 16-row ones at 60-64% against
+//   the 50-53% of the first way (2-core Xeon, AVX2 forced; benchmarks/cold_weights.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -28,9 +29,8 @@ namespace {
 
 constexpr int64_t kPanel = 16;
 constexpr int64_t kRowTile = 6;
-constexpr int64_t kBlockedMinRows = 32;
+constexpr int64_t kBlockedMinRows = 16;
 constexpr int64_t kChunk = 256;
-constexpr int64_t kGroup = 8;
 
 at::Tensor panel_pack(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(),
@@ -104,8 +104,8 @@ inline void tile(const float* x, int64_t K, const float* w, const float* next, f
 }
 
 // One row tile's share of a chunk: out (+)= x[:, chunk] W[chunk, panel], prefetching `lines` lines from `pf`,
-// one every kGroup inputs.
-template <int RB>
+// one every G inputs.
+template <int RB, int G>
 inline void chunk_tile(const float* x, int64_t ldx, int64_t kc, const float* w, const float* pf, int64_t lines,
                        float* out, int64_t ldo, bool accumulate) {
   __m256 lo[RB], hi[RB];
@@ -115,10 +115,10 @@ inline void chunk_tile(const float* x, int64_t ldx, int64_t kc, const float* w, 
     hi[r] = accumulate ? _mm256_loadu_ps(out + r * ldo + 8) : _mm256_setzero_ps();
   }
   int64_t k = 0;
-  for (int64_t g = 0; k + kGroup <= kc; ++g) {
+  for (int64_t g = 0; k + G <= kc; ++g) {
     if (g < lines) _mm_prefetch(reinterpret_cast<const char*>(pf + g * kPanel), _MM_HINT_T1);
 #pragma GCC unroll 8
-    for (int64_t j = 0; j < kGroup; ++j, ++k) fma_step<RB>(x + k, ldx, w + k * kPanel, lo, hi);
+    for (int64_t j = 0; j < G; ++j, ++k) fma_step<RB>(x + k, ldx, w + k * kPanel, lo, hi);
   }
   for (; k < kc; ++k) fma_step<RB>(x + k, ldx, w + k * kPanel, lo, hi);
 #pragma GCC unroll 8
@@ -151,9 +151,14 @@ void blocked_panels(const float* xp, int64_t R, int64_t K, const float* wp, floa
       const int64_t per_tile = (lines + tiles - 1) / tiles;
       for (int64_t t = 0, r = 0; r < R; r += kRowTile, ++t) {
         const int64_t first = std::min(lines, t * per_tile);
+        const float* pf = ahead + first * kPanel;
+        const int64_t share = std::min(per_tile, lines - first);
         by_height(std::min(kRowTile, R - r), [&](auto rb) {
-          chunk_tile<decltype(rb)::value>(xp + r * K + kb, K, kc, w + kb * kPanel, ahead + first * kPanel,
-                                          std::min(per_tile, lines - first), out + r * ldo, ldo, kb > 0);
+          constexpr int RB = decltype(rb)::value;
+          // one line every 8 inputs where that reaches the tile's share (64 rows: 11 tiles share the chunk's
+          // 256 lines), else every 4 (32 rows: 6 tiles) or 2 (16 rows: 3 tiles)
+          auto fn = kc / 8 >= share ? chunk_tile<RB, 8> : kc / 4 >= share ? chunk_tile<RB, 4> : chunk_tile<RB, 2>;
+          fn(xp + r * K + kb, K, kc, w + kb * kPanel, pf, share, out + r * ldo, ldo, kb > 0);
         });
       }
     }
