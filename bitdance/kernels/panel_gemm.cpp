@@ -76,8 +76,7 @@ inline void by_height(int64_t rows, Fn&& fn) {
 }
 
 template <int RB, bool PF>
-inline void tile(const float* x, int64_t K, const float* w, const float* next, float* out, int64_t ldo,
-                 int64_t cols) {
+inline void tile(const float* x, int64_t K, const float* w, const float* next, float* out, int64_t ldo) {
   __m256 lo[RB], hi[RB];
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
@@ -85,22 +84,11 @@ inline void tile(const float* x, int64_t K, const float* w, const float* next, f
     if (PF) _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanel), _MM_HINT_T1);
     fma_step<RB>(x + k, K, w + k * kPanel, lo, hi);
   }
-  if (cols == kPanel) {
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) {
-      _mm256_storeu_ps(out + r * ldo, lo[r]);
-      _mm256_storeu_ps(out + r * ldo + 8, hi[r]);
-    }
-    return;
-  }
-  alignas(32) float buf[RB][kPanel];  // the last panel of a width that 16 does not divide
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r) {
-    _mm256_store_ps(buf[r], lo[r]);
-    _mm256_store_ps(buf[r] + 8, hi[r]);
+    _mm256_storeu_ps(out + r * ldo, lo[r]);
+    _mm256_storeu_ps(out + r * ldo + 8, hi[r]);
   }
-  for (int r = 0; r < RB; ++r)
-    for (int64_t j = 0; j < cols; ++j) out[r * ldo + j] = buf[r][j];
 }
 
 // One row tile's share of a chunk: out (+)= x[:, chunk] W[chunk, panel], prefetching `lines` lines from `pf`,
@@ -128,44 +116,38 @@ inline void chunk_tile(const float* x, int64_t ldx, int64_t kc, const float* w, 
   }
 }
 
-// Panels [b0, b1) of the product of R >= kBlockedMinRows rows, chunk by chunk (see the top of the file).
-void blocked_panels(const float* xp, int64_t R, int64_t K, const float* wp, float* op, int64_t n, int64_t b0,
-                    int64_t b1) {
-  const float* end = wp + b1 * K * kPanel;  // what this thread multiplies lies before it, contiguously
+// Panel w (K x 16) of the product of R >= kBlockedMinRows rows into out (leading dimension ldo), chunk by chunk
+// (see the top of the file); `end`: where the weights this thread multiplies end.
+void chunked_panel(const float* xp, int64_t R, int64_t K, const float* w, const float* end, float* out, int64_t ldo) {
   const int64_t tiles = (R + kRowTile - 1) / kRowTile;
-  std::vector<float> partial;  // the last panel of a width that 16 does not divide is written here first
-  for (int64_t nb = b0; nb < b1; ++nb) {
-    const float* w = wp + nb * K * kPanel;
-    const int64_t cols = std::min(kPanel, n - nb * kPanel);
-    float* out = op + nb * kPanel;
-    int64_t ldo = n;
-    if (cols < kPanel) {
-      partial.resize(R * kPanel);  // its first chunk writes every value
-      out = partial.data();
-      ldo = kPanel;
+  for (int64_t kb = 0; kb < K; kb += kChunk) {
+    const int64_t kc = std::min(kChunk, K - kb);
+    const float* ahead = w + (kb + kc) * kPanel;  // the next chunk, in this panel or the next one
+    const int64_t lines = ahead < end ? std::min<int64_t>(kChunk, (end - ahead) / kPanel) : 0;
+    const int64_t per_tile = (lines + tiles - 1) / tiles;
+    for (int64_t t = 0, r = 0; r < R; r += kRowTile, ++t) {
+      const int64_t first = std::min(lines, t * per_tile);
+      const float* pf = ahead + first * kPanel;
+      const int64_t share = std::min(per_tile, lines - first);
+      by_height(std::min(kRowTile, R - r), [&](auto rb) {
+        constexpr int RB = decltype(rb)::value;
+        // one line every 8 inputs where that reaches the tile's share (64 rows: 11 tiles share the chunk's
+        // 256 lines), else every 4 (32 rows: 6 tiles) or 2 (16 rows: 3 tiles)
+        auto fn = kc / 8 >= share ? chunk_tile<RB, 8> : kc / 4 >= share ? chunk_tile<RB, 4> : chunk_tile<RB, 2>;
+        fn(xp + r * K + kb, K, kc, w + kb * kPanel, pf, share, out + r * ldo, ldo, kb > 0);
+      });
     }
-    for (int64_t kb = 0; kb < K; kb += kChunk) {
-      const int64_t kc = std::min(kChunk, K - kb);
-      const float* ahead = w + (kb + kc) * kPanel;  // the next chunk, in this panel or the next one
-      const int64_t lines = ahead < end ? std::min<int64_t>(kChunk, (end - ahead) / kPanel) : 0;
-      const int64_t per_tile = (lines + tiles - 1) / tiles;
-      for (int64_t t = 0, r = 0; r < R; r += kRowTile, ++t) {
-        const int64_t first = std::min(lines, t * per_tile);
-        const float* pf = ahead + first * kPanel;
-        const int64_t share = std::min(per_tile, lines - first);
-        by_height(std::min(kRowTile, R - r), [&](auto rb) {
-          constexpr int RB = decltype(rb)::value;
-          // one line every 8 inputs where that reaches the tile's share (64 rows: 11 tiles share the chunk's
-          // 256 lines), else every 4 (32 rows: 6 tiles) or 2 (16 rows: 3 tiles)
-          auto fn = kc / 8 >= share ? chunk_tile<RB, 8> : kc / 4 >= share ? chunk_tile<RB, 4> : chunk_tile<RB, 2>;
-          fn(xp + r * K + kb, K, kc, w + kb * kPanel, pf, share, out + r * ldo, ldo, kb > 0);
-        });
-      }
-    }
-    if (cols < kPanel)
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = 0; j < cols; ++j) op[r * n + nb * kPanel + j] = partial[r * kPanel + j];
   }
+}
+
+// Panel w of the product of fewer rows, a row tile at a time over the whole K; the first tile prefetches `next`.
+void streamed_panel(const float* xp, int64_t R, int64_t K, const float* w, const float* next, float* out,
+                    int64_t ldo) {
+  for (int64_t r = 0; r < R; r += kRowTile)
+    by_height(std::min(kRowTile, R - r), [&](auto rb) {
+      constexpr int RB = decltype(rb)::value;
+      (r == 0 ? tile<RB, true> : tile<RB, false>)(xp + r * K, K, w, next, out + r * ldo, ldo);
+    });
 }
 
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n) {
@@ -184,18 +166,24 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n
   const float* wp = packed.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    if (R >= kBlockedMinRows) return blocked_panels(xp, R, K, wp, op, n, b0, b1);
+    std::vector<float> partial;  // the last panel of a width that 16 does not divide is written here first
     for (int64_t nb = b0; nb < b1; ++nb) {
       const float* w = wp + nb * K * kPanel;
-      const float* next = wp + std::min(nb + 1, b1 - 1) * K * kPanel;
       const int64_t cols = std::min(kPanel, n - nb * kPanel);
-      for (int64_t r = 0; r < R; r += kRowTile) {
-        const int64_t rows = std::min(kRowTile, R - r);
-        by_height(rows, [&](auto rb) {
-          constexpr int RB = decltype(rb)::value;
-          (r == 0 ? tile<RB, true> : tile<RB, false>)(xp + r * K, K, w, next, op + r * n + nb * kPanel, n, cols);
-        });
+      float* o = op + nb * kPanel;
+      int64_t ldo = n;
+      if (cols < kPanel) {
+        partial.resize(R * kPanel);  // every value is written before it is read
+        o = partial.data();
+        ldo = kPanel;
       }
+      if (R >= kBlockedMinRows)
+        chunked_panel(xp, R, K, w, wp + b1 * K * kPanel, o, ldo);
+      else
+        streamed_panel(xp, R, K, w, wp + std::min(nb + 1, b1 - 1) * K * kPanel, o, ldo);
+      if (cols < kPanel)
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t j = 0; j < cols; ++j) op[r * n + nb * kPanel + j] = partial[r * kPanel + j];
     }
   });
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
