@@ -16,7 +16,7 @@ cold is far below hot, the kernel waits for its weights instead of computing whi
 what a product costs beyond the ceiling of ``bitdance bench --roofline``, which takes each product at the
 slower of the two, not their sum. ``--libraries mkl panel`` compares MKL with the prefetching kernel that
 compiled sampling runs instead of MKL for the few-row products where it takes MKL's (:mod:`bitdance.kernels`;
-it needs a C++ compiler and AVX2).
+it needs a C++ compiler and AVX2), ``panel-avx512`` the kernel's AVX-512 build (CPUs with AVX-512).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import time
 import torch
 
 from bitdance.apps.bench import measure_matmul_peak
-from bitdance.kernels import KernelError, load_kernels
+from bitdance.kernels import KernelError, load_kernels, panel_ops
 
 K = 768
 SHAPES = (768, 2304, 3072)  # output widths of the B head's products (attention out, q/k/v, MLP)
 COLD_WEIGHTS = 60
-LIBRARIES = ("mkl", "onednn", "panel")
+LIBRARIES = ("mkl", "onednn", "panel", "panel-avx512")
 
 
 def _gflops(weights: list[torch.Tensor], rows: int, library: str, repeat: int) -> float:
@@ -42,10 +42,10 @@ def _gflops(weights: list[torch.Tensor], rows: int, library: str, repeat: int) -
         packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in weights]
         calls = [lambda x=x, p=p, w=w: torch.ops.mkl._mkl_linear(x, p, w, None, rows)
                  for x, p, w in zip(xs, packed, weights)]
-    elif library == "panel":
-        packed = [torch.ops.bitdance.panel_pack(w) for w in weights]  # the ops, as the other libraries'
-        calls = [lambda x=x, p=p, n=w.shape[0]: torch.ops.bitdance.panel_linear(x, p, n)
-                 for x, p, w in zip(xs, packed, weights)]
+    elif library.startswith("panel"):
+        pack, linear = panel_ops("avx512" if library == "panel-avx512" else "avx2")  # the ops, as the others'
+        packed = [pack(w) for w in weights]
+        calls = [lambda x=x, p=p, n=w.shape[0]: linear(x, p, n) for x, p, w in zip(xs, packed, weights)]
     else:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
         calls = [lambda x=x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
@@ -69,7 +69,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[4, 16, 64], help="rows of each product")
     ap.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=["mkl", "onednn"],
-                    help="panel: bitdance's kernel for few rows (bitdance.kernels)")
+                    help="panel: bitdance's kernel for few rows (bitdance.kernels), its AVX2 build; "
+                         "panel-avx512: its AVX-512 build")
     args = ap.parse_args()
     if any(r < 1 for r in args.rows):
         ap.error(f"--rows must be positive, got {args.rows}")
@@ -77,9 +78,11 @@ def main() -> None:
     missing = [lib for lib in args.libraries if not available.get(lib, True)]
     if missing:
         sys.exit(f"cold_weights.py: this torch build has no {' or '.join(missing)}")
-    if "panel" in args.libraries:
+    for lib, isa in (("panel", "avx2"), ("panel-avx512", "avx512")):
+        if lib not in args.libraries:
+            continue
         try:
-            load_kernels()
+            load_kernels(isa)
         except KernelError as err:
             sys.exit(f"cold_weights.py: {err}")
     torch.manual_seed(0)

@@ -19,11 +19,11 @@ sizes their autotuning picked on a busy machine). So calls with at least :data:`
 go to a second graph, compiled without the templates and with inductor's C++ wrapper. Which library packs
 its weights depends on the CPU (:func:`wide_products`): inductor hands a frozen fp32 product to MKL's packed
 GEMM when the row count is static and to oneDNN's when it is symbolic. On Intel CPUs the second graph is
-compiled with static shapes, for MKL, where torch runs its AVX2 kernels: a B-16x image took 10.7% less time
-than with oneDNN and dynamic rows, and 6.7% less than with oneDNN and static rows (2-core Xeon, AVX2 forced,
-MKL included; one run each). It then compiles once per row count, each graph holding its own packed weights.
-Elsewhere it is compiled with dynamic shapes, for oneDNN, and one graph serves every batch size: with AVX-512
-on the same Xeon the two libraries took the same time (oneDNN 1-3% faster, two rounds), and on an AMD EPYC
+compiled with static shapes, for MKL, where torch runs its AVX2 or AVX-512 kernels: a B-16x image took 10.7%
+less time than with oneDNN and dynamic rows, and 6.7% less than with oneDNN and static rows (2-core Xeon, AVX2
+forced, MKL included; one run each); with AVX-512 it is what lets bitdance's kernel take the products below
+256 rows (see below). It then compiles once per row count, each graph holding its own packed weights.
+Elsewhere it is compiled with dynamic shapes, for oneDNN, and one graph serves every batch size: on an AMD EPYC
 MKL's packed GEMM ran 64-row products at 100-140 GFLOP/s against oneDNN's 170 (AVX2). Either way a process
 that runs both graphs holds two packed copies of the weights.
 
@@ -35,12 +35,12 @@ every call: 140-240 us a call, 4% of a B-1x image, before; 60-100 us after (AVX2
 
 With AVX2 kernels the graphs of few rows are traced under :class:`PaddedProducts`, which gives the templates'
 widest micro-kernel products whose width it would not divide. Where :func:`few_row_products` says "panel" (by
-default on Intel CPUs running AVX2 kernels, where MKL's packed GEMM would take them), fp32 products of fewer
-than :data:`~bitdance.kernels.PANEL_MAX_ROWS` rows (with static rows: where oneDNN takes the graph of many rows,
-only those under :data:`ONEDNN_MIN_ROWS`) are traced under :class:`PanelProducts` instead and run the
-hand-written kernel of :mod:`bitdance.kernels`, each weight packed for it at compile time (a B-4x image 4-13%
-less time than with MKL and 15% less again since the kernel takes 16 rows and more in chunks, B-1x 6-17%, B-16x
-13%: paired runs, 2-core Xeon, AVX2 forced). Only the hoisted adaLN
+default on Intel CPUs running AVX2 or AVX-512 kernels, where MKL's packed GEMM would take them), fp32 products of
+fewer than :data:`~bitdance.kernels.PANEL_MAX_ROWS` rows (with static rows: where oneDNN takes the graph of many
+rows, only those under :data:`ONEDNN_MIN_ROWS`) are traced under :class:`PanelProducts` instead and run the
+hand-written kernel of :mod:`bitdance.kernels` in the build for torch's kernels (AVX2 or AVX-512), each weight
+packed for it at compile time (a B-4x image 4-13% less time than with MKL and 15% less again since the kernel
+takes 16 rows and more in chunks, B-1x 6-17%, B-16x 13%: paired runs, 2-core Xeon, AVX2 forced). Only the hoisted adaLN
 product of B-4x and B-16x (16 or 64 rows times 26 flow times) stays with MKL. The transformer's compiled decode
 step attends over its KV cache with the kernel of :mod:`bitdance.kernels` where :func:`kv_attention_fits` and
 :func:`kv_attention_kernel` say so (fp32, no mask to apply, up to four queries per sequence: B-1x and B-4x),
@@ -66,10 +66,12 @@ from torch.overrides import TorchFunctionMode
 from bitdance.kernels import (
     KV_HEAD_DIMS,
     KV_MAX_QUERIES,
+    PANEL_ISA,
     PANEL_MAX_ROWS,
     KernelError,
     kernels_unsupported,
     load_kernels,
+    panel_ops,
 )
 from bitdance.precision import cpu_vendor, separate_compile_cache
 
@@ -102,8 +104,8 @@ WIDE_PRODUCTS_ENV = "BITDANCE_WIDE_PRODUCTS"
 
 def wide_products() -> str:
     """The library that runs the fp32 products of the graph of many rows on CPUs: ``"mkl"`` (its packed GEMM;
-    the graph is then compiled with static rows) on Intel CPUs running torch's AVX2 kernels where torch has MKL,
-    else ``"onednn"`` (dynamic rows). ``$BITDANCE_WIDE_PRODUCTS`` overrides the choice."""
+    the graph is then compiled with static rows) on Intel CPUs running torch's AVX2 or AVX-512 kernels where
+    torch has MKL, else ``"onednn"`` (dynamic rows). ``$BITDANCE_WIDE_PRODUCTS`` overrides the choice."""
     forced = os.environ.get(WIDE_PRODUCTS_ENV, "").strip().lower()
     if forced:
         if forced not in ("mkl", "onednn"):
@@ -112,11 +114,16 @@ def wide_products() -> str:
             raise ValueError(f"{WIDE_PRODUCTS_ENV}=mkl: this torch build has no MKL")
         return forced
     intel_mkl = cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available()
-    return "mkl" if _runs_avx2_kernels() and intel_mkl else "onednn"
+    return "mkl" if _runs_x86_vector_kernels() and intel_mkl else "onednn"
 
 
 def _runs_avx2_kernels() -> bool:
     return torch.backends.cpu.get_cpu_capability().upper() == "AVX2"
+
+
+def _runs_x86_vector_kernels() -> bool:
+    """torch runs its AVX2 or its AVX-512 kernels (x86; not forced below AVX2)."""
+    return torch.backends.cpu.get_cpu_capability().upper() in ("AVX2", "AVX512")
 
 
 # Overrides :func:`few_row_products` for the whole process ("panel" or "library").
@@ -125,30 +132,32 @@ FEW_ROW_PRODUCTS_ENV = "BITDANCE_FEW_ROW_PRODUCTS"
 
 def few_row_products() -> str:
     """What runs the fp32 products of fewer than :data:`~bitdance.kernels.PANEL_MAX_ROWS` rows in the compiled
-    CPU graphs: ``"panel"`` (the kernel of :mod:`bitdance.kernels`) where torch runs its AVX2 kernels,
-    :func:`wide_products` is MKL and the kernel builds, else ``"library"`` (MKL or inductor's C++ GEMM
-    templates, as the graph has it). The kernel was measured against MKL only (on an Intel CPU), so by default
-    it replaces MKL only; ``$BITDANCE_FEW_ROW_PRODUCTS`` forces either (``panel`` raises
-    :class:`~bitdance.kernels.KernelError` where the kernel cannot run)."""
+    CPU graphs: ``"panel"`` (the kernel of :mod:`bitdance.kernels`, in the build for torch's kernels: AVX2 or
+    AVX-512) where torch runs its AVX2 or AVX-512 kernels, :func:`wide_products` is MKL and the kernel builds,
+    else ``"library"`` (MKL or inductor's C++ GEMM templates, as the graph has it). The kernel was measured
+    against MKL only (on Intel CPUs), so by default it replaces MKL only; ``$BITDANCE_FEW_ROW_PRODUCTS`` forces
+    either (``panel`` raises :class:`~bitdance.kernels.KernelError` where the kernel cannot run)."""
 
     def wanted() -> bool:
-        return _runs_avx2_kernels() and wide_products() == "mkl" and not kernels_unsupported()
+        return _runs_x86_vector_kernels() and wide_products() == "mkl" and not kernels_unsupported(PANEL_ISA)
 
-    chosen = _kernel_choice(FEW_ROW_PRODUCTS_ENV, "panel", "library", wanted, "few-row products stay with MKL")
+    chosen = _kernel_choice(FEW_ROW_PRODUCTS_ENV, "panel", "library", wanted, "few-row products stay with MKL",
+                            PANEL_ISA)
     return "panel" if chosen else "library"
 
 
-def _kernel_choice(env: str, on: str, off: str, wanted: Callable[[], bool], fallback: str) -> bool:
-    """Whether a kernel of :mod:`bitdance.kernels` runs: ``$env`` = ``on`` / ``off`` forces it, else ``wanted()``
-    decides, and a kernel that fails to build leaves the library with a warning (``fallback``: what stays).
-    A value the switch does not know, or a forced kernel that cannot run, is a one-line error."""
+def _kernel_choice(env: str, on: str, off: str, wanted: Callable[[], bool], fallback: str, isa: str) -> bool:
+    """Whether a kernel of :mod:`bitdance.kernels` (its ``isa`` build) runs: ``$env`` = ``on`` / ``off`` forces
+    it, else ``wanted()`` decides, and a kernel that fails to build leaves the library with a warning
+    (``fallback``: what stays). A value the switch does not know, or a forced kernel that cannot run, is a
+    one-line error."""
     forced = os.environ.get(env, "").strip().lower()
     if forced not in ("", on, off):
         raise ValueError(f"{env}={os.environ[env]!r}: use {on} or {off}")
     if forced == off or (not forced and not wanted()):
         return False
     try:
-        load_kernels()
+        load_kernels(isa)
     except KernelError as err:
         if forced:
             raise KernelError(f"{env}={on}: {err}") from err
@@ -169,8 +178,8 @@ def kv_attention_kernel() -> bool:
     it read the cache faster than torch's kernel with AVX2 and with AVX-512 (``bitdance.kernels``).
     ``$BITDANCE_KV_ATTENTION`` = ``kernel`` / ``library`` forces either (``kernel`` raises
     :class:`~bitdance.kernels.KernelError` where the kernel cannot run)."""
-    return _kernel_choice(KV_ATTENTION_ENV, "kernel", "library", lambda: not kernels_unsupported(),
-                          "the KV-cache attention stays with torch's kernel")
+    return _kernel_choice(KV_ATTENTION_ENV, "kernel", "library", lambda: not kernels_unsupported("avx2"),
+                          "the KV-cache attention stays with torch's kernel", "avx2")
 
 
 def kv_attention_fits(q: torch.Tensor, dense: bool) -> bool:
@@ -223,8 +232,9 @@ class PaddedProducts(TorchFunctionMode):
 class PanelProducts(TorchFunctionMode):
     """While active: an fp32 ``F.linear`` of a 2-D weight with fewer than
     :data:`~bitdance.kernels.PANEL_MAX_ROWS` rows (static ones: a symbolic row count is left alone) runs
-    ``bitdance::panel_linear`` on ``bitdance::panel_pack(weight)``. Traced into a frozen graph, the packing of
-    each weight is folded into a constant. Needs :func:`~bitdance.kernels.load_kernels` to have run."""
+    ``bitdance::panel_linear`` on ``bitdance::panel_pack(weight)``, those of the build for the kernels torch runs
+    (:data:`~bitdance.kernels.PANEL_ISA`). Traced into a frozen graph, the packing of each weight is folded into
+    a constant. Needs :func:`~bitdance.kernels.load_kernels` to have run."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -232,8 +242,8 @@ class PanelProducts(TorchFunctionMode):
             x, weight, bias = _linear_operands(args, kwargs)
             if (weight.dim() == 2 and weight.dtype == x.dtype == torch.float32 and x.device.type == "cpu"
                     and all(isinstance(d, int) for d in x.shape) and rows_of(x) < PANEL_MAX_ROWS):
-                packed = torch.ops.bitdance.panel_pack(weight)
-                out = torch.ops.bitdance.panel_linear(x, packed, weight.shape[0])
+                pack, linear = panel_ops(PANEL_ISA)
+                out = linear(x, pack(weight), weight.shape[0])
                 return out if bias is None else out + bias
         return func(*args, **kwargs)
 

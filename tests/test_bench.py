@@ -289,3 +289,23 @@ def test_cold_weights_rejects_bad_rows():
 def test_kv_attention_benchmark_rejects_what_the_cache_cannot_hold():
     code, err = _script_error("kv_attention.py", "--queries", "4", "--filled", "317")
     assert code == 2 and "--filled 317: the cache holds 320 positions, so at most 316" in err
+
+
+def test_compare_routings_checks_its_arguments(capsys):
+    """benchmarks/compare_routings.py: a routing it does not know, or one named twice, is a one-line error before
+    anything is built; each routing's copy of a preset gets the same weights."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_routings.py"
+    spec = importlib.util.spec_from_file_location("compare_routings", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_routing("MKL:Panel") == ("mkl", "panel")
+    for bad in (["mkl"], ["blas:panel"], ["mkl:asm"], ["mkl:panel", "mkl:panel"]):
+        with pytest.raises(SystemExit):
+            mod.main(["--preset", "BitDance-T-4x", "--routings", *bad])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "routing" in err and ("WIDE:FEW" in err or "twice" in err), err
+    a, b = mod.build("BitDance-T-4x", 0), mod.build("BitDance-T-4x", 0)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert a.head.net.final_layer.linear.weight.abs().sum() > 0  # the flow does real work

@@ -109,13 +109,13 @@ def _route_products(graph: str, few: str, kv: str, monkeypatch) -> tuple[str, st
     KV-cache attention that will run and the wide products' library ("" = the CPU's choice)."""
     import bitdance.compiling
     import bitdance.models.head
-    from bitdance.kernels import kernels_unsupported
+    from bitdance.kernels import PANEL_ISA, kernels_unsupported
 
     graph, _, products = graph.partition("-")
     if products == "mkl" and not torch.backends.mkl.is_available():
         pytest.skip("this torch build has no MKL")
-    if few == "panel" and kernels_unsupported():
-        pytest.skip(f"the panel kernel cannot run here: {kernels_unsupported()}")
+    if few == "panel" and kernels_unsupported(PANEL_ISA):
+        pytest.skip(f"the panel kernel cannot run here: {kernels_unsupported(PANEL_ISA)}")
     if kernels_unsupported():
         kv = "library"  # torch's kernel then, and the rest is tested all the same
     monkeypatch.setenv(bitdance.compiling.KV_ATTENTION_ENV, kv)
@@ -244,9 +244,9 @@ def test_compiled_sampling_runs_in_bf16():
 
 
 def test_wide_products_follow_the_cpu_vendor_and_the_override(monkeypatch):
-    """MKL's packed GEMM (static rows) for the graph of many rows on Intel CPUs running AVX2 kernels, oneDNN
-    (dynamic rows) elsewhere; $BITDANCE_WIDE_PRODUCTS overrides it and a value it does not know is an error
-    naming it."""
+    """MKL's packed GEMM (static rows) for the graph of many rows on Intel CPUs running AVX2 or AVX-512 kernels,
+    oneDNN (dynamic rows) elsewhere; $BITDANCE_WIDE_PRODUCTS overrides it and a value it does not know is an
+    error naming it."""
     import bitdance.compiling as compiling
 
     monkeypatch.delenv(compiling.WIDE_PRODUCTS_ENV, raising=False)
@@ -255,6 +255,8 @@ def test_wide_products_follow_the_cpu_vendor_and_the_override(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert compiling.wide_products() == "mkl"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert compiling.wide_products() == "mkl"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert compiling.wide_products() == "onednn"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setattr(compiling, "cpu_vendor", lambda: "AuthenticAMD")

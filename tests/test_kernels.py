@@ -6,76 +6,89 @@ import torch
 import torch.nn.functional as F
 
 import bitdance.compiling as compiling
-from bitdance.kernels import PANEL_MAX_ROWS, KernelError, kernels_unsupported
+from bitdance.kernels import PANEL_ISAS, PANEL_MAX_ROWS, KernelError, kernels_unsupported
 
 needs_kernel = pytest.mark.skipif(kernels_unsupported() is not None,
                                   reason=f"bitdance's kernels cannot run here: {kernels_unsupported()}")
+# Each build of the panel kernel this CPU can run, whichever kernels torch runs in this process.
+each_isa = pytest.mark.parametrize("isa", [
+    pytest.param(isa, marks=pytest.mark.skipif(kernels_unsupported(isa) is not None,
+                                                reason=f"the {isa} build cannot run here: {kernels_unsupported(isa)}"))
+    for isa in PANEL_ISAS])
 
 
-@needs_kernel
-@pytest.mark.parametrize("out_features, in_features", [(37, 40), (16, 8), (1, 3), (48, 256)])
-def test_panel_linear_matches_the_product(out_features, in_features):
-    """Every row-tile height (1-6 rows, and more tiles after them), output widths that 16 divides or not,
-    inputs with leading dimensions or transposed: the product of torch, to fp32 rounding."""
-    from bitdance.kernels import panel_linear, panel_pack
+@each_isa
+@pytest.mark.parametrize("out_features, in_features", [(37, 40), (16, 8), (1, 3), (48, 256), (32, 5)])
+def test_panel_linear_matches_the_product(out_features, in_features, isa):
+    """Every row-tile height (1-6 rows with AVX2, 1-12 with AVX-512, and more tiles after them), output widths
+    that the panel width (16 or 32) divides or not, inputs with leading dimensions or transposed: the product of
+    torch, to fp32 rounding."""
+    from bitdance.kernels import panel_linear, panel_pack, panel_width
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=g)
-    packed = panel_pack(weight)
-    assert packed.shape == ((out_features + 15) // 16, in_features, 16)
-    for rows in range(1, 14):
+    packed = panel_pack(weight, isa)
+    width = panel_width(isa)
+    assert packed.shape == ((out_features + width - 1) // width, in_features, width)
+    for rows in range(1, 16):
         x = torch.randn(2, rows, in_features, generator=g)
-        got = panel_linear(x, packed, out_features)
+        got = panel_linear(x, packed, out_features, isa)
         assert got.shape == (2, rows, out_features)
         torch.testing.assert_close(got, x @ weight.T, rtol=1e-5, atol=1e-4)
     x = torch.randn(in_features, 5, generator=g).T  # not contiguous
-    torch.testing.assert_close(panel_linear(x, packed, out_features), x @ weight.T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(panel_linear(x, packed, out_features, isa), x @ weight.T, rtol=1e-5, atol=1e-4)
 
 
-@needs_kernel
-@pytest.mark.parametrize("out_features, in_features", [(37, 40), (48, 600), (1, 300), (16, 7)])
-def test_panel_linear_in_chunks_matches_the_product(out_features, in_features):
-    """From 16 rows the kernel goes through each panel in chunks of 256 inputs (accumulating in the output):
-    inputs that 256 or the prefetch groups (2, 4, 8 inputs) do not divide, a last panel 16 does not divide, row
-    counts around the switch and tiles of every height: the product of torch, to fp32 rounding, and at 15 and
-    16 rows the same values as the row-at-a-time way (one sum per output, in the same order)."""
+@each_isa
+@pytest.mark.parametrize("out_features, in_features", [(37, 40), (48, 600), (1, 300), (16, 7), (70, 260)])
+def test_panel_linear_in_chunks_matches_the_product(out_features, in_features, isa):
+    """From 16 rows the kernel goes through each panel in chunks of 16 KiB (256 inputs with AVX2, 128 with
+    AVX-512; accumulating in the output): inputs that the chunk or the prefetch groups (2, 4, 8 inputs) do not
+    divide, a last panel the panel width does not divide, row counts around the switch and tiles of every
+    height: the product of torch, to fp32 rounding, and at 15 and 16 rows the same values as the row-at-a-time
+    way (one sum per output, in the same order)."""
     from bitdance.kernels import panel_linear, panel_pack
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=g)
-    packed = panel_pack(weight)
-    for rows in (16, 17, 32, 33, 37, 64, 101):
+    packed = panel_pack(weight, isa)
+    for rows in (16, 17, 22, 23, 32, 33, 35, 37, 64, 101):
         x = torch.randn(rows, in_features, generator=g)
-        torch.testing.assert_close(panel_linear(x, packed, out_features), x @ weight.T, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(panel_linear(x, packed, out_features, isa), x @ weight.T, rtol=1e-5, atol=1e-4)
     x = torch.randn(16, in_features, generator=g)
-    chunked = panel_linear(x, packed, out_features)
-    assert torch.equal(chunked[:15], panel_linear(x[:15], packed, out_features))
+    chunked = panel_linear(x, packed, out_features, isa)
+    assert torch.equal(chunked[:15], panel_linear(x[:15], packed, out_features, isa))
 
 
-@needs_kernel
-def test_panel_kernel_rejects_what_it_cannot_multiply():
+@each_isa
+def test_panel_kernel_rejects_what_it_cannot_multiply(isa):
     from bitdance.kernels import panel_linear, panel_pack
 
-    packed = panel_pack(torch.randn(20, 8))
+    packed = panel_pack(torch.randn(20, 8), isa)
     with pytest.raises(RuntimeError, match="does not fit a packed weight"):
-        panel_linear(torch.randn(3, 9), packed, 20)
+        panel_linear(torch.randn(3, 9), packed, 20, isa)
     with pytest.raises(RuntimeError, match="does not fit a packed weight"):
-        panel_linear(torch.randn(3, 8), packed, 40)  # more outputs than the panels hold
+        panel_linear(torch.randn(3, 8), packed, 80, isa)  # more outputs than the panels hold
     with pytest.raises(RuntimeError, match="expected an fp32 CPU input"):
-        panel_linear(torch.randn(3, 8).bfloat16(), packed, 20)
+        panel_linear(torch.randn(3, 8).bfloat16(), packed, 20, isa)
     with pytest.raises(RuntimeError, match="must come from panel_pack"):
-        panel_linear(torch.randn(3, 8), torch.randn(20, 8), 20)
+        panel_linear(torch.randn(3, 8), torch.randn(20, 8), 20, isa)
     with pytest.raises(RuntimeError, match="expected a 2-D fp32 CPU weight"):
-        panel_pack(torch.randn(2, 20, 8))
+        panel_pack(torch.randn(2, 20, 8), isa)
+    other = "avx2" if isa == "avx512" else "avx512"
+    if kernels_unsupported(other) is None:  # the other build's layout (another panel width) is refused
+        with pytest.raises(RuntimeError, match="must come from panel_pack"):
+            panel_linear(torch.randn(3, 8), panel_pack(torch.randn(20, 8), other), 20, isa)
 
 
 def test_few_row_products_choice_and_override(monkeypatch):
-    """The kernel by default only where MKL would run the products with AVX2 kernels; the override either way,
-    a value it does not know or a kernel that cannot run named in one line."""
-    monkeypatch.setattr(compiling, "load_kernels", lambda: None)
-    monkeypatch.setattr(compiling, "kernels_unsupported", lambda: None)
+    """The kernel by default only where MKL would run the products with AVX2 or AVX-512 kernels; the override
+    either way, a value it does not know or a kernel that cannot run named in one line."""
+    monkeypatch.setattr(compiling, "load_kernels", lambda isa: None)
+    monkeypatch.setattr(compiling, "kernels_unsupported", lambda isa: None)
     cases = [  # torch's kernels, the library of many rows, $BITDANCE_FEW_ROW_PRODUCTS -> the choice
-        ("AVX2", "mkl", "", "panel"), ("AVX512", "mkl", "", "library"), ("AVX2", "onednn", "", "library"),
+        ("AVX2", "mkl", "", "panel"), ("AVX512", "mkl", "", "panel"), ("DEFAULT", "mkl", "", "library"),
+        ("AVX2", "onednn", "", "library"), ("AVX512", "onednn", "", "library"),
         ("AVX2", "onednn", "Panel", "panel"), ("AVX2", "mkl", "library", "library")]
     for capability, wide, forced, expected in cases:
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
@@ -93,11 +106,11 @@ def _check_bad_values_and_builds(monkeypatch, choice, env, on, fallback, off_res
     with pytest.raises(ValueError, match=f"{env}='asm'"):
         choice()
 
-    def no_compiler():
+    def no_compiler(isa):
         raise KernelError("could not build kv_attention.cpp: no compiler")
 
     monkeypatch.setattr(compiling, "load_kernels", no_compiler)
-    monkeypatch.setattr(compiling, "kernels_unsupported", lambda: None)
+    monkeypatch.setattr(compiling, "kernels_unsupported", lambda isa: None)
     monkeypatch.setenv(env, on)
     with pytest.raises(KernelError, match=f"{env}={on}: could not build"):
         choice()
@@ -202,10 +215,10 @@ def test_kv_attention_rejects_what_it_cannot_attend():
 def test_kv_attention_choice_and_override(monkeypatch):
     """The kernel by default wherever it builds, for fp32 CPU decode steps with every cached position visible
     and few queries; the override either way; a bad value or a kernel that cannot run named in one line."""
-    monkeypatch.setattr(compiling, "load_kernels", lambda: None)
+    monkeypatch.setattr(compiling, "load_kernels", lambda isa: None)
     for unsupported, forced, expected in ((None, "", True), ("the CPU lacks avx2", "", False),
                                           (None, "Library", False), (None, "kernel", True)):
-        monkeypatch.setattr(compiling, "kernels_unsupported", lambda u=unsupported: u)
+        monkeypatch.setattr(compiling, "kernels_unsupported", lambda isa, u=unsupported: u)
         monkeypatch.setenv(compiling.KV_ATTENTION_ENV, forced)
         assert compiling.kv_attention_kernel() is expected, (unsupported, forced)
     q = torch.zeros(2, 12, 4, 64)
@@ -220,12 +233,15 @@ def test_kv_attention_choice_and_override(monkeypatch):
 
 def test_bench_names_the_kernels_of_the_compiled_products(monkeypatch):
     from bitdance.apps.bench import compiled_products_note
+    from bitdance.kernels import PANEL_ISA
+
+    isa = {"avx2": "AVX2", "avx512": "AVX-512"}[PANEL_ISA]
 
     for wide, few, kv, expected in (
-            ("mkl", "panel", True, "bitdance's panel kernel below 256 rows, MKL's packed GEMM from 256 rows"),
+            ("mkl", "panel", True, f"bitdance's panel kernel ({isa}) below 256 rows, MKL's packed GEMM from 256 rows"),
             ("mkl", "library", True, "MKL's packed GEMM at every row count"),
             ("onednn", "library", False, "inductor's C++ GEMM templates below 32 rows, oneDNN from"),
-            ("onednn", "panel", False, "bitdance's panel kernel below 32 rows, oneDNN from 32 rows"),
+            ("onednn", "panel", False, f"bitdance's panel kernel ({isa}) below 32 rows, oneDNN from 32 rows"),
             ("mkl", "panel", True, "KV-cache attention of up to 4 queries per sequence: bitdance's kernel"),
             ("mkl", "panel", False, "KV-cache attention of up to 4 queries per sequence: torch's fused kernel")):
         monkeypatch.setattr(compiling, "wide_products", lambda wide=wide: wide)

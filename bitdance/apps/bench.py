@@ -557,14 +557,14 @@ def compiled_products_note() -> str:
     """Which kernels run the fp32 products and the KV-cache attention of the compiled CPU sampler, in one line
     for the report."""
     from bitdance.compiling import ONEDNN_MIN_ROWS, few_row_products, kv_attention_kernel, wide_products
-    from bitdance.kernels import KV_MAX_QUERIES, PANEL_MAX_ROWS
+    from bitdance.kernels import KV_MAX_QUERIES, PANEL_ISA, PANEL_MAX_ROWS
 
     if wide_products() == "onednn":  # rows from ONEDNN_MIN_ROWS on take the graph of symbolic rows: oneDNN
         few, wide, rows = "inductor's C++ GEMM templates", "oneDNN", ONEDNN_MIN_ROWS
     else:
         few, wide, rows = "MKL's packed GEMM", "MKL's packed GEMM", PANEL_MAX_ROWS
     if few_row_products() == "panel":
-        few = "bitdance's panel kernel"
+        few = f"bitdance's panel kernel ({'AVX-512' if PANEL_ISA == 'avx512' else 'AVX2'})"
     products = (f"{wide} at every row count" if few == wide else f"{few} below {rows} rows, {wide} from {rows} rows")
     attention = "bitdance's kernel" if kv_attention_kernel() else "torch's fused kernel"
     return (f"compiled fp32 products: {products}; KV-cache attention of up to {KV_MAX_QUERIES} queries per "

@@ -1,19 +1,22 @@
-// fp32 products for AVX2 + FMA CPUs: y = x W^T, with W packed once into panels of 16 output columns,
-// [ceil(N/16), K, 16], so that the weight of each panel is one contiguous stream from memory.
+// fp32 products for x86 CPUs: y = x W^T, with W packed once into panels of two vectors of output columns (16
+// with AVX2 + FMA, 32 with AVX-512), [ceil(N/panel), K, panel], so that the weight of each panel is one
+// contiguous stream from memory. The file is built twice (bitdance/kernels/__init__.py), once for each
+// instruction set, and a process loads the build for the kernels torch runs: BITDANCE_AVX512 selects 512-bit
+// vectors and row tiles of 12 rows (24 of the 32 registers accumulate) instead of 6 (12 of 16).
 //
 // Why not the BLAS: sampling multiplies 4-64 rows by weights that come from memory at every call (a head's
 // weights are read again 26 times per AR step but do not stay in the cache in between), and MKL's packed GEMM
 // left the core waiting on them. Two ways through a panel, by the number of rows:
 // - fewer than kBlockedMinRows rows (1x models: 4): 2-30 FLOPs per weight element, so streaming sets the speed.
-//   Each 6 x 16 block of the output stays in 12 ymm accumulators over the whole K loop, and the first row tile
-//   of a panel asks for the next panel's lines into the L2 (_MM_HINT_T1) while it multiplies the current one.
-//   Only that tile prefetches: choosing the prefetching tile inside the inner loop cost a third of the speed.
+//   Each row tile of the output stays in registers over the whole K loop, and the first row tile of a panel
+//   asks for the next panel's lines into the L2 (_MM_HINT_T1) while it multiplies the current one. Only that
+//   tile prefetches: choosing the prefetching tile inside the inner loop cost a third of the speed.
 // - more rows: the panel is cut into chunks of kChunk inputs (16 KiB of weight) that stay in the L1 while every
-//   row tile multiplies them, and the lines of the chunk after are prefetched a few per row tile, one every
-//   G inputs (G as large as still reaches a tile's share): the whole chunk in one tile's loop asked for more
-//   lines at once than the core has buffers for, and stalled it. With the weights cold this ran 64-row
-//   products at 96-99% of the measured matmul peak against 80-84% for MKL, and 16-row ones at 60-64% against
-//   the 50-53% of the first way (2-core Xeon, AVX2 forced; benchmarks/cold_weights.py).
+//   row tile multiplies them, and the lines of the chunk after are prefetched a few per row tile, one input's
+//   lines every G inputs (G as large as still reaches a tile's share): the whole chunk in one tile's loop asked
+//   for more lines at once than the core has buffers for, and stalled it. With the weights cold this ran
+//   64-row products at 96-99% of the measured matmul peak against 80-84% for MKL, and 16-row ones at 60-64%
+//   against the 50-53% of the first way (2-core Xeon, AVX2 forced; benchmarks/cold_weights.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,10 +30,37 @@
 
 namespace {
 
-constexpr int64_t kPanel = 16;
+#ifdef BITDANCE_AVX512
+using Vec = __m512;
+constexpr int64_t kRowTile = 12;
+#define PANEL_OP(name) name "_avx512"
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+#else
+using Vec = __m256;
 constexpr int64_t kRowTile = 6;
+#define PANEL_OP(name) name
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+#endif
+
+constexpr int64_t kLanes = sizeof(Vec) / sizeof(float);
+constexpr int64_t kPanel = 2 * kLanes;
 constexpr int64_t kBlockedMinRows = 16;
-constexpr int64_t kChunk = 256;
+constexpr int64_t kChunk = 16384 / (kPanel * sizeof(float));  // inputs per chunk: 16 KiB of one panel
+constexpr int64_t kLineFloats = 64 / sizeof(float);
+
+// The cache lines of one input's row of a panel (one with AVX2, two with AVX-512).
+inline void prefetch_input(const float* p) {
+#pragma GCC unroll 2
+  for (int64_t j = 0; j < kPanel; j += kLineFloats) _mm_prefetch(reinterpret_cast<const char*>(p + j), _MM_HINT_T1);
+}
 
 at::Tensor panel_pack(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.device().is_cpu(),
@@ -50,69 +80,68 @@ at::Tensor panel_pack(const at::Tensor& w) {
 
 // One input k of a row tile: acc[r] += x[r, k] * W[k, panel] for the tile's RB rows.
 template <int RB>
-__attribute__((always_inline)) inline void fma_step(const float* x, int64_t ldx, const float* wk, __m256* lo,
-                                                     __m256* hi) {
-  const __m256 w0 = _mm256_loadu_ps(wk), w1 = _mm256_loadu_ps(wk + 8);
-#pragma GCC unroll 8
+__attribute__((always_inline)) inline void fma_step(const float* x, int64_t ldx, const float* wk, Vec* lo, Vec* hi) {
+  const Vec w0 = vload(wk), w1 = vload(wk + kLanes);
+#pragma GCC unroll 16
   for (int r = 0; r < RB; ++r) {
-    const __m256 xv = _mm256_broadcast_ss(x + r * ldx);
-    lo[r] = _mm256_fmadd_ps(xv, w0, lo[r]);
-    hi[r] = _mm256_fmadd_ps(xv, w1, hi[r]);
+    const Vec xv = vbroadcast(x + r * ldx);
+    lo[r] = vfma(xv, w0, lo[r]);
+    hi[r] = vfma(xv, w1, hi[r]);
   }
 }
 
 // fn(std::integral_constant<int, RB>) for a row tile of `rows` (1..kRowTile) rows: the tile's height is a
 // compile-time constant, so its accumulators stay in registers.
-template <typename Fn>
+template <int RB = static_cast<int>(kRowTile), typename Fn>
 inline void by_height(int64_t rows, Fn&& fn) {
-  switch (rows) {
-    case 6: fn(std::integral_constant<int, 6>()); break;
-    case 5: fn(std::integral_constant<int, 5>()); break;
-    case 4: fn(std::integral_constant<int, 4>()); break;
-    case 3: fn(std::integral_constant<int, 3>()); break;
-    case 2: fn(std::integral_constant<int, 2>()); break;
-    default: fn(std::integral_constant<int, 1>()); break;
+  if constexpr (RB == 1) {
+    fn(std::integral_constant<int, 1>());
+  } else {
+    if (rows >= RB)
+      fn(std::integral_constant<int, RB>());
+    else
+      by_height<RB - 1>(rows, fn);
   }
 }
 
 template <int RB, bool PF>
 inline void tile(const float* x, int64_t K, const float* w, const float* next, float* out, int64_t ldo) {
-  __m256 lo[RB], hi[RB];
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  Vec lo[RB], hi[RB];
+#pragma GCC unroll 16
+  for (int r = 0; r < RB; ++r) lo[r] = hi[r] = vzero();
   for (int64_t k = 0; k < K; ++k) {
-    if (PF) _mm_prefetch(reinterpret_cast<const char*>(next + k * kPanel), _MM_HINT_T1);
+    if (PF) prefetch_input(next + k * kPanel);
     fma_step<RB>(x + k, K, w + k * kPanel, lo, hi);
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < RB; ++r) {
-    _mm256_storeu_ps(out + r * ldo, lo[r]);
-    _mm256_storeu_ps(out + r * ldo + 8, hi[r]);
+    vstore(out + r * ldo, lo[r]);
+    vstore(out + r * ldo + kLanes, hi[r]);
   }
 }
 
-// One row tile's share of a chunk: out (+)= x[:, chunk] W[chunk, panel], prefetching `lines` lines from `pf`,
-// one every G inputs.
+// One row tile's share of a chunk: out (+)= x[:, chunk] W[chunk, panel], prefetching the lines of `lines`
+// inputs' rows from `pf`, one input's every G inputs.
 template <int RB, int G>
 inline void chunk_tile(const float* x, int64_t ldx, int64_t kc, const float* w, const float* pf, int64_t lines,
                        float* out, int64_t ldo, bool accumulate) {
-  __m256 lo[RB], hi[RB];
-#pragma GCC unroll 8
+  Vec lo[RB], hi[RB];
+#pragma GCC unroll 16
   for (int r = 0; r < RB; ++r) {
-    lo[r] = accumulate ? _mm256_loadu_ps(out + r * ldo) : _mm256_setzero_ps();
-    hi[r] = accumulate ? _mm256_loadu_ps(out + r * ldo + 8) : _mm256_setzero_ps();
+    lo[r] = accumulate ? vload(out + r * ldo) : vzero();
+    hi[r] = accumulate ? vload(out + r * ldo + kLanes) : vzero();
   }
   int64_t k = 0;
   for (int64_t g = 0; k + G <= kc; ++g) {
-    if (g < lines) _mm_prefetch(reinterpret_cast<const char*>(pf + g * kPanel), _MM_HINT_T1);
+    if (g < lines) prefetch_input(pf + g * kPanel);
 #pragma GCC unroll 8
     for (int64_t j = 0; j < G; ++j, ++k) fma_step<RB>(x + k, ldx, w + k * kPanel, lo, hi);
   }
   for (; k < kc; ++k) fma_step<RB>(x + k, ldx, w + k * kPanel, lo, hi);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < RB; ++r) {
-    _mm256_storeu_ps(out + r * ldo, lo[r]);
-    _mm256_storeu_ps(out + r * ldo + 8, hi[r]);
+    vstore(out + r * ldo, lo[r]);
+    vstore(out + r * ldo + kLanes, hi[r]);
   }
 }
 
@@ -131,8 +160,8 @@ void chunked_panel(const float* xp, int64_t R, int64_t K, const float* w, const 
       const int64_t share = std::min(per_tile, lines - first);
       by_height(std::min(kRowTile, R - r), [&](auto rb) {
         constexpr int RB = decltype(rb)::value;
-        // one line every 8 inputs where that reaches the tile's share (64 rows: 11 tiles share the chunk's
-        // 256 lines), else every 4 (32 rows: 6 tiles) or 2 (16 rows: 3 tiles)
+        // one input's lines every 8 inputs where that reaches the tile's share (AVX2, 64 rows: 11 tiles share
+        // the chunk's 256 inputs), else every 4 (32 rows: 6 tiles) or 2 (16 rows: 3 tiles)
         auto fn = kc / 8 >= share ? chunk_tile<RB, 8> : kc / 4 >= share ? chunk_tile<RB, 4> : chunk_tile<RB, 2>;
         fn(xp + r * K + kb, K, kc, w + kb * kPanel, pf, share, out + r * ldo, ldo, kb > 0);
       });
@@ -194,10 +223,10 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bitdance, m) {  // the namespace also holds ops defined in Python
-  m.def("panel_pack(Tensor w) -> Tensor");
-  m.def("panel_linear(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def(PANEL_OP("panel_pack") "(Tensor w) -> Tensor");
+  m.def(PANEL_OP("panel_linear") "(Tensor x, Tensor packed, int n) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(bitdance, CPU, m) {
-  m.impl("panel_pack", &panel_pack);
-  m.impl("panel_linear", &panel_linear);
+  m.impl(PANEL_OP("panel_pack"), &panel_pack);
+  m.impl(PANEL_OP("panel_linear"), &panel_linear);
 }

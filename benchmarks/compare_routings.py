@@ -1,0 +1,123 @@
+"""The compiled fp32 sampler under several routings of its products, in one process, alternating (issue 13).
+
+    python benchmarks/compare_routings.py --preset BitDance-B-1x --routings onednn:library mkl:panel
+    python benchmarks/compare_routings.py --preset BitDance-B-4x --routings onednn:library mkl:panel mkl:library \
+        --json out.json
+
+A routing is ``WIDE:FEW``: the library of the graph of many rows (``$BITDANCE_WIDE_PRODUCTS``: ``mkl`` or
+``onednn``) and what runs the products of few rows (``$BITDANCE_FEW_ROW_PRODUCTS``: ``panel``, bitdance's
+kernel in the build for torch's kernels, or ``library``); see :mod:`bitdance.compiling`. Each routing gets its
+own copy of the preset (random weights, one seed, so the same weights), compiled under it. One untimed run of
+each compiles; the tokens of each routing's run are compared with the first routing's (the routings must not
+change what is sampled). Then ``--rounds`` rounds time one run of each, in alternating order, with the fp32
+matmul peak measured at the start of each round: on a shared machine, runs minutes apart in separate processes
+measure the neighbours as much as the code, and alternating in one process cancels most of that.
+
+2 images, 25 head steps, guidance 4, generator only, as ``benchmarks/side_by_side.py``. Memory: one copy of the
+weights per routing plus its packed copies (B-4x with three routings: about 12 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from torch import nn
+
+from bitdance.apps.bench import measure_matmul_peak
+from bitdance.compiling import FEW_ROW_PRODUCTS_ENV, WIDE_PRODUCTS_ENV
+from bitdance.models.presets import bitdance_preset, list_presets
+from bitdance.models.transformer import BitDance
+from bitdance.precision import cpu_description
+from bitdance.sampling.flow import FlowSampler
+
+ROUTING_CHOICES = ({"mkl", "onednn"}, {"panel", "library"})
+
+
+def parse_routing(text: str) -> tuple[str, str]:
+    wide, _, few = text.lower().partition(":")
+    if wide not in ROUTING_CHOICES[0] or few not in ROUTING_CHOICES[1]:
+        raise argparse.ArgumentTypeError(f"routing {text!r}: use WIDE:FEW with WIDE mkl or onednn and FEW panel "
+                                         "or library (e.g. mkl:panel)")
+    return wide, few
+
+
+def build(preset: str, seed: int) -> BitDance:
+    """The preset's generator with random weights; the head's zero-initialised output layers get small random
+    weights so that the flow does real work (as ``bitdance bench``)."""
+    torch.manual_seed(seed)
+    gen = BitDance(bitdance_preset(preset))
+    net = getattr(gen.head, "net", None)
+    if net is not None and hasattr(net, "ada_ln_blocks"):
+        for lin in [*net.ada_ln_blocks, net.final_layer.ada_ln_modulation, net.final_layer.linear]:
+            nn.init.normal_(lin.weight, std=0.02)
+    return gen.float().eval()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="BitDance-B-1x", choices=list_presets(), metavar="PRESET")
+    ap.add_argument("--routings", type=parse_routing, nargs="+", required=True, metavar="WIDE:FEW")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the results to this file")
+    args = ap.parse_args(argv)
+    if args.rounds < 1 or args.batch < 1 or args.steps < 1:
+        ap.error("--rounds, --batch and --steps must be at least 1")
+    if len(set(args.routings)) != len(args.routings):
+        ap.error(f"--routings names a routing twice: {args.routings}")
+
+    models = {}
+    for wide, few in args.routings:  # each routing is read when its model's graphs are built
+        os.environ[WIDE_PRODUCTS_ENV], os.environ[FEW_ROW_PRODUCTS_ENV] = wide, few
+        gen = build(args.preset, args.seed)
+        gen.compile_sampling()
+        models[f"{wide}:{few}"] = gen
+    labels = torch.arange(args.batch) % gen.config.num_classes
+    sampler = FlowSampler(num_steps=args.steps)
+
+    def run(gen: BitDance) -> torch.Tensor:
+        with torch.no_grad():
+            return gen.generate(labels, sampler=sampler, guidance_scale=args.cfg,
+                                generator=torch.Generator().manual_seed(args.seed))
+
+    names = list(models)
+    tokens = {}
+    for name in names:
+        t0 = time.perf_counter()
+        tokens[name] = run(models[name])
+        print(f"{name}: compiled and ran in {time.perf_counter() - t0:.0f} s", flush=True)
+    same = {name: bool(torch.equal(tokens[names[0]], tokens[name])) for name in names[1:]}
+    print(f"tokens equal to {names[0]}'s: {same}", flush=True)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    peaks = []
+    for r in range(args.rounds):
+        peaks.append(measure_matmul_peak(torch.device("cpu"), torch.float32))
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            run(models[name])
+            seconds[name].append(time.perf_counter() - t0)
+        print(f"round {r}: " + ", ".join(f"{n} {seconds[n][-1]:.2f} s" for n in names)
+              + f"; peak {peaks[-1] / 1e9:.0f} GFLOP/s", flush=True)
+    for name in names:
+        best = min(seconds[name]) / args.batch
+        print(f"{args.preset} {name}: fastest {best:.2f} s/img, "
+              f"{min(seconds[names[0]]) / min(seconds[name]):.2f}x {names[0]}'s fastest")
+    result = {"preset": args.preset, "batch": args.batch, "steps": args.steps, "cfg": args.cfg,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": cpu_description(),
+              "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+              "peaks": peaks, "run_seconds": seconds, "tokens_equal_to_first": same}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
