@@ -20,7 +20,7 @@ each_isa = pytest.mark.parametrize("isa", [
 @each_isa
 @pytest.mark.parametrize("out_features, in_features", [(37, 40), (16, 8), (1, 3), (48, 256), (32, 5)])
 def test_panel_linear_matches_the_product(out_features, in_features, isa):
-    """Every row-tile height (1-6 rows with AVX2, 1-12 with AVX-512, and more tiles after them), output widths
+    """Every row-tile height (1-6 rows with AVX2, 1-8 with AVX-512, and more tiles after them), output widths
     that the panel width (16 or 32) divides or not, inputs with leading dimensions or transposed: the product of
     torch, to fp32 rounding."""
     from bitdance.kernels import panel_linear, panel_pack, panel_width

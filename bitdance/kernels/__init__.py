@@ -6,7 +6,7 @@ columns that stream from memory one after the other, the lines ahead prefetched 
 multiplied (below 16 rows a panel at a time; from 16 rows in chunks of 16 KiB that every row tile multiplies
 while they sit in the L1, the next chunk's lines prefetched a few per row tile). It is built for two instruction
 sets (:data:`PANEL_ISAS`): AVX2 (panels of 16 columns, row tiles of 6) and, on CPUs with AVX-512, AVX-512
-(panels of 32, row tiles of 12); :data:`PANEL_ISA` is the one that matches the kernels torch runs in this
+(panels of 32, row tiles of 8); :data:`PANEL_ISA` is the one that matches the kernels torch runs in this
 process, so forcing torch down to AVX2 (``ATEN_CPU_CAPABILITY=avx2``) forces the kernel down too. The compiled
 sampler runs them in its frozen CPU graphs (see :mod:`bitdance.compiling`): there ``panel_pack`` of a frozen
 weight is folded into a constant at compile time, so a sampling step only calls :func:`panel_linear`.
