@@ -33,7 +33,8 @@ from bitdance.kernels import KernelError, load_kernels, panel_ops
 K = 768
 SHAPES = (768, 2304, 3072)  # output widths of the B head's products (attention out, q/k/v, MLP)
 COLD_WEIGHTS = 60
-LIBRARIES = ("mkl", "onednn", "panel", "panel-avx512")
+PANEL_LIBRARIES = {"panel": "avx2", "panel-avx512": "avx512"}  # the kernel's builds (bitdance.kernels.PANEL_ISAS)
+LIBRARIES = ("mkl", "onednn", *PANEL_LIBRARIES)
 
 
 def _gflops(weights: list[torch.Tensor], rows: int, library: str, repeat: int) -> float:
@@ -42,8 +43,8 @@ def _gflops(weights: list[torch.Tensor], rows: int, library: str, repeat: int) -
         packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in weights]
         calls = [lambda x=x, p=p, w=w: torch.ops.mkl._mkl_linear(x, p, w, None, rows)
                  for x, p, w in zip(xs, packed, weights)]
-    elif library.startswith("panel"):
-        pack, linear = panel_ops("avx512" if library == "panel-avx512" else "avx2")  # the ops, as the others'
+    elif library in PANEL_LIBRARIES:
+        pack, linear = panel_ops(PANEL_LIBRARIES[library])  # the ops, as the others'
         packed = [pack(w) for w in weights]
         calls = [lambda x=x, p=p, n=w.shape[0]: linear(x, p, n) for x, p, w in zip(xs, packed, weights)]
     else:
@@ -78,9 +79,7 @@ def main() -> None:
     missing = [lib for lib in args.libraries if not available.get(lib, True)]
     if missing:
         sys.exit(f"cold_weights.py: this torch build has no {' or '.join(missing)}")
-    for lib, isa in (("panel", "avx2"), ("panel-avx512", "avx512")):
-        if lib not in args.libraries:
-            continue
+    for isa in {PANEL_LIBRARIES[lib] for lib in args.libraries if lib in PANEL_LIBRARIES}:
         try:
             load_kernels(isa)
         except KernelError as err:

@@ -25,9 +25,8 @@ import os
 import time
 
 import torch
-from torch import nn
 
-from bitdance.apps.bench import measure_matmul_peak
+from bitdance.apps.bench import measure_matmul_peak, random_generator
 from bitdance.compiling import FEW_ROW_PRODUCTS_ENV, WIDE_PRODUCTS_ENV
 from bitdance.models.presets import bitdance_preset, list_presets
 from bitdance.models.transformer import BitDance
@@ -46,15 +45,9 @@ def parse_routing(text: str) -> tuple[str, str]:
 
 
 def build(preset: str, seed: int) -> BitDance:
-    """The preset's generator with random weights; the head's zero-initialised output layers get small random
-    weights so that the flow does real work (as ``bitdance bench``)."""
+    """The preset's generator with ``bitdance bench``'s random weights (one seed: the same for every routing)."""
     torch.manual_seed(seed)
-    gen = BitDance(bitdance_preset(preset))
-    net = getattr(gen.head, "net", None)
-    if net is not None and hasattr(net, "ada_ln_blocks"):
-        for lin in [*net.ada_ln_blocks, net.final_layer.ada_ln_modulation, net.final_layer.linear]:
-            nn.init.normal_(lin.weight, std=0.02)
-    return gen.float().eval()
+    return random_generator(bitdance_preset(preset)).float().eval()
 
 
 def main(argv=None) -> int:

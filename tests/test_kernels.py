@@ -235,7 +235,7 @@ def test_bench_names_the_kernels_of_the_compiled_products(monkeypatch):
     from bitdance.apps.bench import compiled_products_note
     from bitdance.kernels import PANEL_ISA
 
-    isa = {"avx2": "AVX2", "avx512": "AVX-512"}[PANEL_ISA]
+    isa = PANEL_ISAS[PANEL_ISA]["name"]
 
     for wide, few, kv, expected in (
             ("mkl", "panel", True, f"bitdance's panel kernel ({isa}) below 256 rows, MKL's packed GEMM from 256 rows"),

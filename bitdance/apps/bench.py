@@ -43,7 +43,7 @@ from torch.utils.flop_counter import flop_registry, shape_wrapper
 
 __all__ = ["COMPILE_MODES", "FLOP_MAPPING", "READ_MIN_BYTES", "BenchResult", "ProductLog",
            "compiled_products_note", "count_flops", "measure_matmul_peak", "proc_memory_bytes", "read_floor",
-           "record_products", "reset_peak_memory", "run_bench"]
+           "random_generator", "record_products", "reset_peak_memory", "run_bench"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,8 +347,23 @@ def _resolve(device: str, dtype: str, notes: list[str]) -> tuple[torch.device, t
     return dev, (torch.bfloat16 if name == "bf16" else torch.float32), name
 
 
-def _build(preset: str, image_size: int, tokenizer: str | None, seed: int, device, dtype, model: str | None = None):
+def random_generator(cfg) -> torch.nn.Module:
+    """A :class:`~bitdance.models.transformer.BitDance` of ``cfg`` with torch's random initialisation, except that
+    the diffusion head's zero-initialised adaLN and output layers get small random weights, so that the flow does
+    real work (what the benchmarks time). Seed torch's generator first for reproducible weights."""
     from torch import nn
+
+    from bitdance.models.transformer import BitDance
+
+    gen = BitDance(cfg)
+    net = getattr(gen.head, "net", None)
+    if cfg.head_type == "diffusion" and net is not None:
+        for lin in [*net.ada_ln_blocks, net.final_layer.ada_ln_modulation, net.final_layer.linear]:
+            nn.init.normal_(lin.weight, std=0.02)
+    return gen
+
+
+def _build(preset: str, image_size: int, tokenizer: str | None, seed: int, device, dtype, model: str | None = None):
 
     if model is not None:  # trained weights: what the bf16-vs-fp32 check is meaningful on
         from bitdance.pipelines.class_conditional import BitDancePipeline
@@ -361,7 +376,6 @@ def _build(preset: str, image_size: int, tokenizer: str | None, seed: int, devic
 
     from bitdance.models.presets import bitdance_preset, tokenizer_preset
     from bitdance.models.tokenizer import BinaryTokenizer
-    from bitdance.models.transformer import BitDance
 
     overrides: dict[str, Any] = {"image_size": image_size}
     if tokenizer:
@@ -371,11 +385,7 @@ def _build(preset: str, image_size: int, tokenizer: str | None, seed: int, devic
     gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=gpus), device:  # built where they run: fast random init on a GPU
         torch.manual_seed(seed)
-        gen = BitDance(cfg)
-        net = getattr(gen.head, "net", None)
-        if cfg.head_type == "diffusion" and net is not None:  # non-zero output so the flow does real work
-            for lin in [*net.ada_ln_blocks, net.final_layer.ada_ln_modulation, net.final_layer.linear]:
-                nn.init.normal_(lin.weight, std=0.02)
+        gen = random_generator(cfg)
         tok = BinaryTokenizer(cfg.tokenizer)
     gen = gen.to(device=device, dtype=dtype).eval()
     tok = tok.to(device=device, dtype=dtype).eval()
@@ -557,14 +567,14 @@ def compiled_products_note() -> str:
     """Which kernels run the fp32 products and the KV-cache attention of the compiled CPU sampler, in one line
     for the report."""
     from bitdance.compiling import ONEDNN_MIN_ROWS, few_row_products, kv_attention_kernel, wide_products
-    from bitdance.kernels import KV_MAX_QUERIES, PANEL_ISA, PANEL_MAX_ROWS
+    from bitdance.kernels import KV_MAX_QUERIES, PANEL_ISA, PANEL_ISAS, PANEL_MAX_ROWS
 
     if wide_products() == "onednn":  # rows from ONEDNN_MIN_ROWS on take the graph of symbolic rows: oneDNN
         few, wide, rows = "inductor's C++ GEMM templates", "oneDNN", ONEDNN_MIN_ROWS
     else:
         few, wide, rows = "MKL's packed GEMM", "MKL's packed GEMM", PANEL_MAX_ROWS
     if few_row_products() == "panel":
-        few = f"bitdance's panel kernel ({'AVX-512' if PANEL_ISA == 'avx512' else 'AVX2'})"
+        few = f"bitdance's panel kernel ({PANEL_ISAS[PANEL_ISA]['name']})"
     products = (f"{wide} at every row count" if few == wide else f"{few} below {rows} rows, {wide} from {rows} rows")
     attention = "bitdance's kernel" if kv_attention_kernel() else "torch's fused kernel"
     return (f"compiled fp32 products: {products}; KV-cache attention of up to {KV_MAX_QUERIES} queries per "

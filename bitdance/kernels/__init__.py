@@ -53,12 +53,12 @@ __all__ = ["KV_HEAD_DIMS", "KV_MAX_QUERIES", "PANEL_ISA", "PANEL_ISAS", "PANEL_M
 # Products of fewer rows go to the kernel; at 256 rows MKL's packed GEMM, cold, ran as fast (195-205 GFLOP/s).
 PANEL_MAX_ROWS = 256
 
-# The panel kernel's builds: output columns per panel (two vectors), the CPU flags it needs, its compiler flags
-# and the suffix of its ops' names (the AVX2 build also holds the KV-cache attention).
+# The panel kernel's builds: its instruction set's name, output columns per panel (two vectors), the CPU flags
+# it needs, its compiler flags and the suffix of its ops' names (the AVX2 build also holds the KV-cache attention).
 PANEL_ISAS: dict[str, dict] = {
-    "avx2": dict(width=16, flags=("avx2", "fma"), cflags=("-mavx2", "-mfma"), suffix=""),
-    "avx512": dict(width=32, flags=("avx2", "fma", "avx512f"), cflags=("-mavx2", "-mfma", "-mavx512f",
-                                                                       "-DBITDANCE_AVX512"), suffix="_avx512"),
+    "avx2": dict(name="AVX2", width=16, flags=("avx2", "fma"), cflags=("-mavx2", "-mfma"), suffix=""),
+    "avx512": dict(name="AVX-512", width=32, flags=("avx2", "fma", "avx512f"),
+                   cflags=("-mavx2", "-mfma", "-mavx512f", "-DBITDANCE_AVX512"), suffix="_avx512"),
 }
 # The build that matches the vector kernels torch runs in this process (fixed at its start: ATEN_CPU_CAPABILITY).
 PANEL_ISA = "avx512" if torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512") else "avx2"
@@ -106,7 +106,7 @@ def load_kernels(isa: str = PANEL_ISA) -> None:
 def _load_kernels(isa: str) -> str | None:
     reason = kernels_unsupported(isa)
     if reason:
-        return f"bitdance's CPU kernels{' for AVX-512' if isa == 'avx512' else ''} cannot run here: {reason}"
+        return f"bitdance's CPU kernels ({PANEL_ISAS[isa]['name']}) cannot run here: {reason}"
     from torch.utils.cpp_extension import load
 
     build = PANEL_ISAS[isa]
