@@ -24,6 +24,12 @@ shared machine a slower run measures what the neighbours took, and that goes bot
 they are busy would flatter every MFU). The mean of the runs is shown next to it, and every run's seconds
 are in the results file (``run_seconds``).
 
+``--paired`` runs both sides of a preset in one process instead, alternating: each of ``--repeats`` rounds
+measures the fp32 matmul peak and then runs every side once (bitdance's compiled and/or eager sampler, on
+``bitdance bench``'s random weights, and the authors'), in reverse order every other round, so that the
+neighbours' load falls on both sides alike. MFU is then taken against the fastest of the rounds' peaks, and
+the table adds the median over the rounds of the authors' seconds over bitdance's in the same round.
+
 The last bitdance run of each preset also measures the MFU ceiling (``bitdance bench --roofline``): the MFU
 this machine's memory allows the preset at this batch, every product taken at the slower of reading its
 operands once and computing at the peak. A target above the ceiling cannot be met on that machine.
@@ -35,6 +41,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -52,14 +59,14 @@ def _checkout_problem(official: str) -> str | None:
     return None
 
 
-def _official(args) -> None:
-    """Time the authors' sampler (runs in its own process: their modules install global state)."""
+def _official_runner(args):
+    """The authors' sampler for ``args.preset`` with random weights, as a function that samples once and returns
+    its seconds. Installs a stand-in ``flash_attn`` module and puts their ``imagenet_gen`` on ``sys.path``."""
     import types
 
     import torch
     import torch.nn.functional as F
 
-    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")  # their forward_model is decorated with torch.compile
     src = Path(args.official) / "imagenet_gen"
     if problem := _checkout_problem(args.official):
         sys.exit(problem)
@@ -81,8 +88,9 @@ def _official(args) -> None:
         argv = ["--model", f"BitDance-{size}", "--parallel-num", str(P), "--patch-size", "1",
                 "--cls-token-num", "64"]
     model_args = get_model_args().parse_args(argv)
-    torch.manual_seed(0)
-    model = create_model(model_args, "cpu").eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = create_model(model_args, "cpu").eval()
     with torch.no_grad():  # zero-initialised adaLN / output layers get values, so the flow does real work
         for p in model.parameters():
             if p.dim() > 0 and p.abs().sum() == 0:
@@ -91,17 +99,97 @@ def _official(args) -> None:
     labels = torch.arange(args.batch) % 1000
 
     def run() -> float:
+        # eager, as their README runs it: their forward_model's @torch.compile recompiles at every AR step on a
+        # CPU (force_eager keeps it off without turning off bitdance's graphs in the same process)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             model.sample(labels, sample_steps=args.steps, cfg_scale=args.cfg, cfg_schedule="linear")
         return time.perf_counter() - t0
 
+    return run
+
+
+def _official(args) -> None:
+    """Time the authors' sampler in a process of its own."""
+    import torch
+
+    run = _official_runner(args)
     warm = run() if args.official_warmup else None
     runs = [run() for _ in range(args.repeats)]
     seconds = sum(runs) / len(runs)
     print(json.dumps({"impl": "official", "preset": args.preset, "batch": args.batch, "steps": args.steps,
                       "cfg": args.cfg, "threads": torch.get_num_threads(), "seconds": seconds,
                       "warmup_seconds": warm, "seconds_per_image": seconds / args.batch, "run_seconds": runs}))
+
+
+def _paired(args) -> None:
+    """Both sides in one process, alternating: each round measures the fp32 matmul peak, then runs every side
+    once (bitdance eager and/or compiled, the authors' code), in reverse order every other round. Prints the
+    results row."""
+    import torch
+
+    from bitdance.apps.bench import count_flops, measure_matmul_peak, random_generator, read_floor, record_products
+    from bitdance.models.presets import bitdance_preset
+    from bitdance.sampling.flow import FlowSampler
+
+    theirs = _official_runner(args)
+    whole = args.preset in args.whole_flow
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # bitdance bench's weights (its seed 0)
+        gen = random_generator(bitdance_preset(args.preset)).float().eval()
+    if "default" in args.compile:
+        gen.compile_sampling(whole_flow=whole)
+    labels = torch.arange(args.batch) % gen.config.num_classes
+    sampler = FlowSampler(num_steps=args.steps)
+
+    def generate():
+        g = torch.Generator().manual_seed(0)
+        return gen.generate(labels, sampler=sampler, guidance_scale=args.cfg, generator=g)
+
+    def ours(eager: bool):
+        def run() -> float:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                if eager:
+                    with gen.eager_sampling():
+                        generate()
+                else:
+                    generate()
+            return time.perf_counter() - t0
+        return run
+
+    sides = {f"bitdance_{mode}": ours(mode == "off") for mode in args.compile}
+    sides["official"] = theirs
+    if "default" in args.compile:
+        print(f"compiling bitdance's sampler: {sides['bitdance_default']():.0f} s", file=sys.stderr, flush=True)
+    if args.official_warmup:
+        theirs()
+    with torch.inference_mode(), gen.eager_sampling():  # counted on the eager code, as bitdance bench counts
+        flops, (log, _) = count_flops(lambda: record_products(generate, gen))
+    runs: dict[str, list[float]] = {name: [] for name in sides}
+    peaks, orders = [], []
+    for r in range(args.repeats):
+        peaks.append(measure_matmul_peak(torch.device("cpu"), torch.float32))
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
+        for name in order:
+            runs[name].append(sides[name]())
+        orders.append(order)
+        print(f"round {r}: " + ", ".join(f"{n} {runs[n][-1]:.2f} s" for n in order)
+              + f"; peak {peaks[-1] / 1e9:.0f} GFLOP/s", file=sys.stderr, flush=True)
+    peak = max(peaks)  # the fastest of the rounds' peaks: the MFU it gives is the lowest
+    row = {"preset": args.preset, "batch": args.batch, "steps": args.steps, "cfg": args.cfg,
+           "paired": {"round_peaks": peaks, "orders": orders, "threads": torch.get_num_threads()}}
+    for mode in args.compile:
+        mean = sum(runs[f"bitdance_{mode}"]) / args.repeats
+        row[f"bitdance_{mode}"] = {"seconds_per_image": mean / args.batch, "flops_per_image": flops / args.batch,
+                                   "peak_flops": peak, "mfu": flops / mean / peak, "achieved_flops": flops / mean,
+                                   "run_seconds": runs[f"bitdance_{mode}"], "whole_flow": whole and mode != "off"}
+    row["mfu_ceiling"] = flops / read_floor(log, peak) / peak
+    mean = sum(runs["official"]) / args.repeats
+    row["official"] = {"impl": "official", "preset": args.preset, "batch": args.batch, "steps": args.steps,
+                       "cfg": args.cfg, "threads": torch.get_num_threads(), "seconds": mean,
+                       "seconds_per_image": mean / args.batch, "run_seconds": runs["official"]}
+    print(json.dumps(row))
 
 
 def _json_tail(out: str) -> dict:
@@ -111,11 +199,13 @@ def _json_tail(out: str) -> dict:
     raise RuntimeError(f"no JSON line in:\n{out[-2000:]}")
 
 
-def _run(cmd: list[str]) -> dict:
+def _run(cmd: list[str], progress: bool = False) -> dict:
+    """The JSON line a child process prints; ``progress``: its stderr goes to ours as it comes."""
     print("$", " ".join(cmd), flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE, text=True)
     if p.returncode:
-        raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+        raise RuntimeError(f"{cmd[:4]} failed ({p.returncode})" + (" (its errors are above)" if progress else
+                                                                   f":\n{p.stderr[-3000:]}"))
     return _json_tail(p.stdout)
 
 
@@ -149,6 +239,15 @@ def measure(args) -> None:
         common = ["--preset", preset, "--batch", str(args.batch), "--steps", str(args.steps), "--cfg", str(args.cfg)]
         row = {"preset": preset, "batch": args.batch, "steps": args.steps, "cfg": args.cfg, "date": stamp,
                "machine": machine}
+        if args.paired:
+            row.update(_run([sys.executable, __file__, "--_paired", "--official", args.official, "--preset", preset,
+                             *common[2:], "--repeats", str(args.repeats), "--compile", *args.compile,
+                             *(["--whole-flow", preset] if preset in args.whole_flow else []),
+                             *(["--official-warmup"] if args.official_warmup else [])], progress=True))
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+            continue
         for compile_mode in args.compile:
             last = compile_mode == args.compile[-1]  # the ceiling depends on the machine, not on compilation
             whole = compile_mode != "off" and preset in args.whole_flow
@@ -199,6 +298,9 @@ def render(path: str) -> str:
             ours, cell = _cell(r[key], r.get("batch", 1), flops, r[key]["peak_flops"])
             cells.append(cell + (", whole flow" if r[key].get("whole_flow") else ""))
             ratios.append(f"{off / ours:.2f}x")
+            if "paired" in r:  # run i of each side was in round i, next to each other
+                pairs = sorted(a / b for a, b in zip(r["official"]["run_seconds"], r[key]["run_seconds"]))
+                ratios[-1] += f" (paired: median {statistics.median(pairs):.2f}x)"
         lines.append(f"| {m['model']} {kind} | {r['preset']} | {cells[0]} | {cells[1]} | {off_cell} "
                      f"| {ratios[0]} / {ratios[1]} | {peak / 1e9:.0f} "
                      f"| {'—' if r.get('mfu_ceiling') is None else format(r['mfu_ceiling'], '.1%')} |")
@@ -223,7 +325,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side (the table takes the fastest)")
     ap.add_argument("--out", default="side_by_side.jsonl")
     ap.add_argument("--render", metavar="JSONL", help="print the markdown table of a results file and exit")
+    ap.add_argument("--paired", action="store_true",
+                    help="both sides in one process per preset, alternating run by run, the peak measured before each "
+                         "round (the table adds the median of the rounds' speed-ups); for shared, noisy machines")
     ap.add_argument("--_official", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_paired", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.render:
         if not Path(args.render).is_file():
@@ -231,6 +337,8 @@ def main() -> None:
         print(render(args.render))
     elif args._official:
         _official(args)
+    elif args._paired:
+        _paired(args)
     else:
         if not args.official:
             ap.error("--official PATH (a checkout of github.com/shallowdream204/BitDance) is needed")

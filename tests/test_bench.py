@@ -167,6 +167,12 @@ def test_side_by_side_table_and_missing_checkout(tmp_path):
     whole = {**row, "bitdance_default": {**ours(10.0, 1.0), "whole_flow": True}}  # side_by_side.py --whole-flow
     results.write_text(json.dumps(whole) + "\n")
     assert "| 10.00 (100.0%), whole flow |" in mod.render(str(results))
+    # --paired: run i of each side ran in round i, next to each other; the median of those rounds' ratios is added
+    paired = {"preset": "BitDance-B-4x", "machine": machine, "batch": 2, "paired": {"round_peaks": [1e11] * 3},
+              "bitdance_default": {**ours(12.0, 0.8), "run_seconds": [20.0, 30.0, 24.0]},
+              "official": {"seconds_per_image": 30.0, "run_seconds": [60.0, 60.0, 66.0]}}
+    results.write_text(json.dumps(paired) + "\n")
+    assert "| — / 3.00x (paired: median 2.75x) |" in mod.render(str(results))  # 3.0, 2.0, 2.75
     p = subprocess.run([sys.executable, str(path), "--_official", "--official", str(tmp_path), "--preset",
                         "BitDance-B-4x"], capture_output=True, text=True)
     assert p.returncode != 0 and "no imagenet_gen/src/model_parallel.py there" in p.stderr
@@ -201,6 +207,33 @@ def test_side_by_side_checks_before_measuring(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         mod.main()
     assert "none.jsonl: no such results file" in capsys.readouterr().err
+
+
+def test_side_by_side_paired_rows(tmp_path, monkeypatch):
+    """--paired: one child process per preset runs both sides (--_paired), with the compile modes, the warm-up and
+    --whole-flow only for the presets named; its row is written with the run's date and machine, row by row."""
+    mod, _ = _side_by_side()
+    calls = []
+
+    def child(cmd, progress=False):
+        calls.append(cmd)
+        preset = cmd[cmd.index("--preset") + 1]
+        return {"preset": preset, "paired": {"round_peaks": [1e11]}, "official": {"run_seconds": [1.0]}}
+
+    monkeypatch.setattr(mod, "_run", child)
+    out = tmp_path / "p.jsonl"
+    monkeypatch.setattr("sys.argv", ["side_by_side.py", "--official", str(tmp_path), "--paired", "--compile", "default",
+                                     "--presets", "BitDance-B-4x", "BitDance-B-1x", "--whole-flow", "BitDance-B-1x",
+                                     "--repeats", "5", "--out", str(out)])
+    monkeypatch.setattr(mod, "_checkout_problem", lambda official: None)
+    monkeypatch.setattr(mod, "OFFICIAL_NEEDS", ())
+    mod.main()
+    assert all("--_paired" in c and c[c.index("--repeats") + 1] == "5" and c[c.index("--compile") + 1] == "default"
+               for c in calls)
+    assert "--whole-flow" not in calls[0] and calls[1][calls[1].index("--whole-flow") + 1] == "BitDance-B-1x"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["preset"] for r in rows] == ["BitDance-B-4x", "BitDance-B-1x"]
+    assert all("paired" in r and "machine" in r and "date" in r for r in rows)
 
 
 def test_side_by_side_forcing_reaches_mkl(monkeypatch):
