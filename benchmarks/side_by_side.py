@@ -88,11 +88,10 @@ def _official_runner(args):
         argv = ["--model", f"BitDance-{size}", "--parallel-num", str(P), "--patch-size", "1",
                 "--cls-token-num", "64"]
     model_args = get_model_args().parse_args(argv)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), torch.no_grad():  # the same weights whatever ran before in the process
         torch.manual_seed(0)
         model = create_model(model_args, "cpu").eval()
-    with torch.no_grad():  # zero-initialised adaLN / output layers get values, so the flow does real work
-        for p in model.parameters():
+        for p in model.parameters():  # zero-initialised adaLN / output layers get values: the flow does real work
             if p.dim() > 0 and p.abs().sum() == 0:
                 p.normal_(0, 0.02)
     model.vae.decode = lambda x: x  # generator only
