@@ -23,10 +23,11 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 
 import torch
 
-from bitdance.apps.bench import measure_matmul_peak, random_generator
+from bitdance.apps.bench import alternating_rounds, random_generator
 from bitdance.compiling import FEW_ROW_PRODUCTS_ENV, WIDE_PRODUCTS_ENV
 from bitdance.models.presets import bitdance_preset, list_presets
 from bitdance.models.transformer import BitDance
@@ -88,16 +89,8 @@ def main(argv=None) -> int:
         print(f"{name}: compiled and ran in {time.perf_counter() - t0:.0f} s", flush=True)
     same = {name: bool(torch.equal(tokens[names[0]], tokens[name])) for name in names[1:]}
     print(f"tokens equal to {names[0]}'s: {same}", flush=True)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    peaks = []
-    for r in range(args.rounds):
-        peaks.append(measure_matmul_peak(torch.device("cpu"), torch.float32))
-        for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            run(models[name])
-            seconds[name].append(time.perf_counter() - t0)
-        print(f"round {r}: " + ", ".join(f"{n} {seconds[n][-1]:.2f} s" for n in names)
-              + f"; peak {peaks[-1] / 1e9:.0f} GFLOP/s", flush=True)
+    seconds, peaks = alternating_rounds({name: partial(run, models[name]) for name in names}, args.rounds,
+                                        log=lambda line: print(line, flush=True))
     for name in names:
         best = min(seconds[name]) / args.batch
         print(f"{args.preset} {name}: fastest {best:.2f} s/img, "

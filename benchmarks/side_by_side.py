@@ -127,7 +127,7 @@ def _paired(args) -> None:
     results row."""
     import torch
 
-    from bitdance.apps.bench import count_flops, measure_matmul_peak, random_generator, read_floor, record_products
+    from bitdance.apps.bench import alternating_rounds, count_flops, random_generator, read_floor, record_products
     from bitdance.models.presets import bitdance_preset
     from bitdance.sampling.flow import FlowSampler
 
@@ -146,38 +146,29 @@ def _paired(args) -> None:
         return gen.generate(labels, sampler=sampler, guidance_scale=args.cfg, generator=g)
 
     def ours(eager: bool):
-        def run() -> float:
-            t0 = time.perf_counter()
+        def run() -> None:
             with torch.inference_mode():
                 if eager:
                     with gen.eager_sampling():
                         generate()
                 else:
                     generate()
-            return time.perf_counter() - t0
         return run
 
     sides = {f"bitdance_{mode}": ours(mode == "off") for mode in args.compile}
-    sides["official"] = theirs
+    sides["official"] = theirs  # its seconds are timed again, alike
     if "default" in args.compile:
-        print(f"compiling bitdance's sampler: {sides['bitdance_default']():.0f} s", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        sides["bitdance_default"]()
+        print(f"compiling bitdance's sampler: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     if args.official_warmup:
         theirs()
     with torch.inference_mode(), gen.eager_sampling():  # counted on the eager code, as bitdance bench counts
         flops, (log, _) = count_flops(lambda: record_products(generate, gen))
-    runs: dict[str, list[float]] = {name: [] for name in sides}
-    peaks, orders = [], []
-    for r in range(args.repeats):
-        peaks.append(measure_matmul_peak(torch.device("cpu"), torch.float32))
-        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
-        for name in order:
-            runs[name].append(sides[name]())
-        orders.append(order)
-        print(f"round {r}: " + ", ".join(f"{n} {runs[n][-1]:.2f} s" for n in order)
-              + f"; peak {peaks[-1] / 1e9:.0f} GFLOP/s", file=sys.stderr, flush=True)
+    runs, peaks = alternating_rounds(sides, args.repeats, log=lambda line: print(line, file=sys.stderr, flush=True))
     peak = max(peaks)  # the fastest of the rounds' peaks: the MFU it gives is the lowest
     row = {"preset": args.preset, "batch": args.batch, "steps": args.steps, "cfg": args.cfg,
-           "paired": {"round_peaks": peaks, "orders": orders, "threads": torch.get_num_threads()}}
+           "paired": {"round_peaks": peaks, "threads": torch.get_num_threads()}}
     for mode in args.compile:
         mean = sum(runs[f"bitdance_{mode}"]) / args.repeats
         row[f"bitdance_{mode}"] = {"seconds_per_image": mean / args.batch, "flops_per_image": flops / args.batch,

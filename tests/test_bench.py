@@ -236,6 +236,20 @@ def test_side_by_side_paired_rows(tmp_path, monkeypatch):
     assert all("paired" in r and "machine" in r and "date" in r for r in rows)
 
 
+def test_alternating_rounds_order_and_peaks(monkeypatch):
+    """`alternating_rounds` measures the peak before each round and runs every side once a round, in reverse
+    order every other round; each side gets its own list of seconds."""
+    from bitdance.apps import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "measure_matmul_peak", lambda dev, dtype: calls.append("peak") or 1e9 * len(calls))
+    sides = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    lines = []
+    runs, peaks = bench.alternating_rounds(sides, 3, log=lines.append)
+    assert calls == ["peak", "a", "b", "peak", "b", "a", "peak", "a", "b"]
+    assert peaks == [1e9, 4e9, 7e9] and [len(v) for v in runs.values()] == [3, 3] and len(lines) == 3
+
+
 def test_side_by_side_forcing_reaches_mkl(monkeypatch):
     """Under ATEN_CPU_CAPABILITY=avx2 both sides' processes get MKL_ENABLE_INSTRUCTIONS=AVX2 (MKL ignores
     torch's variables: on an Intel CPU the peak and the authors' products ran AVX-512 without it); a value

@@ -207,6 +207,30 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, *, size: int |
     return best
 
 
+def alternating_rounds(sides: dict[str, Callable[[], Any]], rounds: int, *, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32, log: Callable[[str], None] | None = None,
+                       ) -> tuple[dict[str, list[float]], list[float]]:
+    """Seconds of each of ``sides`` (name -> function) over ``rounds`` rounds, and the matmul peak measured at the
+    start of each round. Every round runs each side once, in reverse order every other round: on a shared machine
+    runs minutes apart measure the neighbours as much as the code, and alternating in one process puts their
+    load on every side alike."""
+    dev = torch.device(device)
+    runs: dict[str, list[float]] = {name: [] for name in sides}
+    peaks = []
+    for r in range(rounds):
+        peaks.append(measure_matmul_peak(dev, dtype))
+        for name in list(sides) if r % 2 == 0 else list(sides)[::-1]:
+            _sync(dev)
+            t0 = time.perf_counter()
+            sides[name]()
+            _sync(dev)
+            runs[name].append(time.perf_counter() - t0)
+        if log:
+            log(f"round {r}: " + ", ".join(f"{n} {runs[n][-1]:.2f} s" for n in sides)
+                + f"; peak {peaks[-1] / 1e9:.0f} GFLOP/s")
+    return runs, peaks
+
+
 def proc_memory_bytes(field: str, source: str = "/proc/self/status") -> int | None:
     """A memory figure in bytes from a Linux /proc file: this process's ``VmRSS`` (now) or ``VmHWM`` (peak since
     :func:`reset_peak_memory`), or the machine's ``MemTotal`` with ``source="/proc/meminfo"``; None elsewhere."""
