@@ -17,6 +17,8 @@ what a product costs beyond the ceiling of ``bitdance bench --roofline``, which 
 slower of the two, not their sum. ``--libraries mkl panel`` compares MKL with the prefetching kernel that
 compiled sampling runs instead of MKL for the few-row products where it takes MKL's (:mod:`bitdance.kernels`;
 it needs a C++ compiler and AVX2), ``panel-avx512`` the kernel's AVX-512 build (CPUs with AVX-512).
+``--storage bf16 int8`` also runs the kernel with the weights stored in bf16 or int8 (as compiled sampling of a
+model loaded with ``weights="bf16"`` / ``"int8"`` does; the products stay fp32, 2 or 1 bytes a weight are read).
 """
 
 from __future__ import annotations
@@ -37,7 +39,17 @@ PANEL_LIBRARIES = {"panel": "avx2", "panel-avx512": "avx512"}  # the kernel's bu
 LIBRARIES = ("mkl", "onednn", *PANEL_LIBRARIES)
 
 
-def _gflops(weights: list[torch.Tensor], rows: int, library: str, repeat: int) -> float:
+STORAGES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+def _stored(w: torch.Tensor, storage: str) -> torch.Tensor:
+    """``w`` in ``storage`` (int8: rounded to the range a per-channel scale would map it to)."""
+    if storage == "int8":
+        return (w * 127 / w.abs().amax(1, keepdim=True)).round().to(torch.int8)
+    return w.to(STORAGES[storage])
+
+
+def _gflops(weights: list[torch.Tensor], rows: int, library: str, repeat: int, storage: str = "fp32") -> float:
     xs = [torch.randn(rows, w.shape[1]) for w in weights]
     if library == "mkl":
         packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in weights]
@@ -45,7 +57,7 @@ def _gflops(weights: list[torch.Tensor], rows: int, library: str, repeat: int) -
                  for x, p, w in zip(xs, packed, weights)]
     elif library in PANEL_LIBRARIES:
         pack, linear = panel_ops(PANEL_LIBRARIES[library])  # the ops, as the others'
-        packed = [pack(w) for w in weights]
+        packed = [pack(_stored(w, storage)) for w in weights]
         calls = [lambda x=x, p=p, n=w.shape[0]: linear(x, p, n) for x, p, w in zip(xs, packed, weights)]
     else:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
@@ -72,6 +84,8 @@ def main() -> None:
     ap.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=["mkl", "onednn"],
                     help="panel: bitdance's kernel for few rows (bitdance.kernels), its AVX2 build; "
                          "panel-avx512: its AVX-512 build")
+    ap.add_argument("--storage", nargs="+", choices=list(STORAGES), default=["fp32"],
+                    help="the weights' storage for the kernel's libraries (MKL and oneDNN: fp32 only)")
     args = ap.parse_args()
     if any(r < 1 for r in args.rows):
         ap.error(f"--rows must be positive, got {args.rows}")
@@ -88,18 +102,19 @@ def main() -> None:
     peak = measure_matmul_peak(torch.device("cpu"), torch.float32) / 1e9
     print(f"fp32 matmul peak {peak:.0f} GFLOP/s, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, kernels {torch.backends.cpu.get_cpu_capability()}")
-    print("| rows | weight | library | hot GFLOP/s | cold GFLOP/s | cold / hot |")
-    print("|---|---|---|---|---|---|")
+    print("| rows | weight | library | storage | hot GFLOP/s | cold GFLOP/s | cold / hot |")
+    print("|---|---|---|---|---|---|---|")
     with torch.inference_mode():
         hot = [torch.randn(256, K)]
         for rows in args.rows:
             for n in SHAPES:
                 cold = [torch.randn(n, K) for _ in range(COLD_WEIGHTS)]
                 for lib in args.libraries:
-                    h = _gflops(hot, rows, lib, repeat=200)
-                    c = _gflops(cold, rows, lib, repeat=1)
-                    print(f"| {rows} | {n} x {K} | {lib} | {h:.0f} ({h / peak:.0%}) | {c:.0f} ({c / peak:.0%}) "
-                          f"| {c / h:.2f} |", flush=True)
+                    for storage in args.storage if lib in PANEL_LIBRARIES else ["fp32"]:
+                        h = _gflops(hot, rows, lib, repeat=200, storage=storage)
+                        c = _gflops(cold, rows, lib, repeat=1, storage=storage)
+                        print(f"| {rows} | {n} x {K} | {lib} | {storage} | {h:.0f} ({h / peak:.0%}) | {c:.0f} "
+                              f"({c / peak:.0%}) | {c / h:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,10 @@ rows, only those under :data:`ONEDNN_MIN_ROWS`) are traced under :class:`PanelPr
 hand-written kernel of :mod:`bitdance.kernels` in the build for torch's kernels (AVX2 or AVX-512), each weight
 packed for it at compile time (a B-4x image 4-13% less time than with MKL and 15% less again since the kernel
 takes 16 rows and more in chunks, B-1x 6-17%, B-16x 13%: paired runs, 2-core Xeon, AVX2 forced). Only the hoisted adaLN
-product of B-4x and B-16x (16 or 64 rows times 26 flow times) stays with MKL. The transformer's compiled decode
+product of B-4x and B-16x (16 or 64 rows times 26 flow times) stays with MKL. Quantized layers with int8 or bf16
+weights computing in fp32 (:mod:`bitdance.models.quantized`) call :data:`weight_only_linear` in compiled code, which
+the kernel runs on the weight as stored at fewer than :data:`~bitdance.kernels.STORED_MAX_ROWS` rows (1 or 2 bytes a
+weight from memory instead of 4: B-1x 2.2-2.9x faster with int8). The transformer's compiled decode
 step attends over its KV cache with the kernel of :mod:`bitdance.kernels` where :func:`kv_attention_fits` and
 :func:`kv_attention_kernel` say so (fp32, no mask to apply, up to four queries per sequence: B-1x and B-4x),
 with torch's fused kernel otherwise. On GPUs the weights stay inputs of the graph, and ``mode`` selects the
@@ -68,6 +71,7 @@ from bitdance.kernels import (
     KV_MAX_QUERIES,
     PANEL_ISA,
     PANEL_MAX_ROWS,
+    STORED_MAX_ROWS,
     KernelError,
     kernels_unsupported,
     load_kernels,
@@ -78,7 +82,7 @@ from bitdance.precision import cpu_vendor, separate_compile_cache
 __all__ = ["AVX2_TEMPLATE_WIDTH", "CPU_INDUCTOR_OPTIONS", "CPU_TEMPLATE_OPTIONS", "CPU_WIDE_OPTIONS",
            "FEW_ROW_PRODUCTS_ENV", "KV_ATTENTION_ENV", "ONEDNN_MIN_ROWS", "WIDE_PRODUCTS_ENV", "FrozenCompiled",
            "PaddedProducts", "PanelProducts", "few_row_products", "kv_attention_fits", "kv_attention_kernel",
-           "rows_of", "wide_min_rows", "wide_products"]
+           "rows_of", "weight_only_linear", "wide_min_rows", "wide_products"]
 
 # What the CPU compilation switches on (inductor config names): freezing around every compiled call (it is
 # decided before per-function options apply, see FrozenCompiled.active), and for the graph of few rows the C++
@@ -206,6 +210,21 @@ def wide_min_rows() -> int:
 AVX2_TEMPLATE_WIDTH = 24
 
 
+# ``x @ weight.T`` with ``weight`` widened to x's dtype (int8 / bf16 storage, bitdance.models.quantized), as one
+# op: composite, so a graph traced without a mode that handles it holds the widening and the product as before
+# (under freezing inductor folds the widened weight into a constant), while PanelProducts sees the stored weight.
+_LIBRARY = torch.library.Library("bitdance", "FRAGMENT")
+_LIBRARY.define("weight_only_linear(Tensor x, Tensor weight) -> Tensor")
+_LIBRARY.impl("weight_only_linear", lambda x, weight: F.linear(x, weight.to(x.dtype)), "CompositeImplicitAutograd")
+weight_only_linear = torch.ops.bitdance.weight_only_linear
+
+
+def _panel_fits(x: torch.Tensor) -> bool:
+    """Whether PanelProducts takes a product with fp32 input ``x``: on a CPU, static rows, fewer than the limit."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and all(isinstance(d, int) for d in x.shape)
+            and rows_of(x) < PANEL_MAX_ROWS)
+
+
 def _linear_operands(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``F.linear``'s input, weight and bias, however the call passed them."""
     return args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
@@ -234,17 +253,25 @@ class PanelProducts(TorchFunctionMode):
     :data:`~bitdance.kernels.PANEL_MAX_ROWS` rows (static ones: a symbolic row count is left alone) runs
     ``bitdance::panel_linear`` on ``bitdance::panel_pack(weight)``, those of the build for the kernels torch runs
     (:data:`~bitdance.kernels.PANEL_ISA`). Traced into a frozen graph, the packing of each weight is folded into
-    a constant. Needs :func:`~bitdance.kernels.load_kernels` to have run."""
+    a constant. So does :data:`weight_only_linear` of an fp32 input: an int8 or bf16 weight with fewer than
+    :data:`~bitdance.kernels.STORED_MAX_ROWS` rows packed as stored (the kernel widens each weight as it loads it,
+    and the graph holds 1 or 2 bytes per weight instead of the 4 of a widened constant), any other packed widened.
+    Needs :func:`~bitdance.kernels.load_kernels` to have run."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             x, weight, bias = _linear_operands(args, kwargs)
-            if (weight.dim() == 2 and weight.dtype == x.dtype == torch.float32 and x.device.type == "cpu"
-                    and all(isinstance(d, int) for d in x.shape) and rows_of(x) < PANEL_MAX_ROWS):
+            if weight.dim() == 2 and weight.dtype == torch.float32 and _panel_fits(x):
                 pack, linear = panel_ops(PANEL_ISA)
                 out = linear(x, pack(weight), weight.shape[0])
                 return out if bias is None else out + bias
+        elif func is weight_only_linear or func is weight_only_linear.default:
+            x, weight = args
+            if weight.dim() == 2 and _panel_fits(x):  # fp8 as before: widened, then the kernel as for fp32
+                pack, linear = panel_ops(PANEL_ISA)
+                narrow = weight.dtype in (torch.int8, torch.bfloat16) and rows_of(x) < STORED_MAX_ROWS
+                return linear(x, pack(weight if narrow else weight.to(torch.float32)), weight.shape[0])
         return func(*args, **kwargs)
 
 

@@ -119,6 +119,24 @@ def test_bench_compile_needs_a_warmup(capsys):
     assert len(err) == 1 and "--whole-flow" in err[0] and "--compile" in err[0]
 
 
+def test_bench_with_stored_weights(capsys):
+    """--weights stores the generator's linear layers so (computing in fp32): named in the report and the JSON, the
+    FLOPs those of the unquantized model, the weights' bytes smaller; more than one storage, +offload or --roofline
+    with it are one-line errors."""
+    assert main(TINY + ["--dtype", "fp32", "--no-decode"]) == 0
+    full, _ = _last_json(capsys)
+    assert main(TINY + ["--dtype", "fp32", "--no-decode", "--weights", "int8"]) == 0
+    r, text = _last_json(capsys)
+    assert r["weights"] == "int8" and full["weights"] is None and ", int8 weights" in text
+    assert r["flops_per_image"] == pytest.approx(full["flops_per_image"], rel=1e-9)
+    assert r["weights_bytes"] < full["weights_bytes"]
+    for extra, words in ((["--weights", "int8", "fp8"], "one storage"), (["--weights", "int8+offload"], "one storage"),
+                         (["--weights", "bf16", "--roofline"], "--roofline")):
+        assert main(TINY + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+
+
 def test_cpu_peak_memory_survives_freed_heap_pages():
     """In a long-lived process the freed heap is reused by the models; the peak must still count them."""
     from bitdance.apps.bench import run_bench
@@ -347,8 +365,9 @@ def test_compare_routings_checks_its_arguments(capsys):
     spec = importlib.util.spec_from_file_location("compare_routings", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.parse_routing("MKL:Panel") == ("mkl", "panel")
-    for bad in (["mkl"], ["blas:panel"], ["mkl:asm"], ["mkl:panel", "mkl:panel"]):
+    assert mod.parse_routing("MKL:Panel") == ("mkl", "panel", None)
+    assert mod.parse_routing("mkl:panel+INT8") == ("mkl", "panel", "int8")
+    for bad in (["mkl"], ["blas:panel"], ["mkl:asm"], ["mkl:panel+int4"], ["mkl:panel", "mkl:panel"]):
         with pytest.raises(SystemExit):
             mod.main(["--preset", "BitDance-T-4x", "--routings", *bad])
         err = capsys.readouterr().err.strip().splitlines()[-1]

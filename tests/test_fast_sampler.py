@@ -1,6 +1,8 @@
 """The fast sampler (static KV cache, one guidance batch, hoisted condition embedding, optional
 torch.compile of the head) is the same algorithm as a straightforward one: same tokens for a seed in fp32."""
 
+import re
+
 import pytest
 import torch
 
@@ -181,6 +183,38 @@ def test_compiled_sampling_gives_the_same_tokens(P, attention, graph, few, kv, r
             expected = other.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
         assert not torch.equal(expected, eager)
         assert torch.equal(reloaded, expected)
+    finally:
+        model.compile_sampling(mode="off")
+
+
+def test_compiled_sampling_reads_int8_weights_as_stored(monkeypatch):
+    """A 1x model with int8 weights (computing in fp32), compiled where the panel kernel runs the few-row
+    products: its graphs hold the int8 weights (packed for the kernel, not widened to fp32 constants), and it
+    samples the tokens of the same model's eager code."""
+    from torch._inductor.utils import run_and_get_code
+
+    import bitdance.compiling
+    from bitdance.kernels import kernels_unsupported
+    from bitdance.models.quantized import quantize_
+
+    if kernels_unsupported() is not None:
+        pytest.skip(f"bitdance's kernels cannot run here: {kernels_unsupported()}")
+    monkeypatch.setenv(bitdance.compiling.FEW_ROW_PRODUCTS_ENV, "panel")
+    monkeypatch.setenv(bitdance.compiling.WIDE_PRODUCTS_ENV, "mkl")
+    model = _model(1)
+    assert quantize_(model, "int8") > 0
+    labels = torch.tensor([1, 2])
+    kw = dict(sampler=FlowSampler(num_steps=3), guidance_scale=2.5)
+    with torch.inference_mode():
+        eager = model.generate(labels, generator=torch.Generator().manual_seed(0), **kw)
+    model.compile_sampling()
+    try:
+        with torch.inference_mode():
+            compiled, code = run_and_get_code(model.generate, labels, generator=torch.Generator().manual_seed(0),
+                                              **kw)
+        assert torch.equal(eager, compiled), f"{(eager != compiled).float().mean().item():.4%} of bits differ"
+        code = "\n".join(code)
+        assert "panel_linear" in code and re.search(r"torch\.int8 \(\d+, \d+, (16|32)\)", code)
     finally:
         model.compile_sampling(mode="off")
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import bitdance.compiling as compiling
-from bitdance.kernels import PANEL_ISAS, PANEL_MAX_ROWS, KernelError, kernels_unsupported
+from bitdance.kernels import PANEL_ISAS, PANEL_MAX_ROWS, STORED_MAX_ROWS, KernelError, kernels_unsupported
 
 needs_kernel = pytest.mark.skipif(kernels_unsupported() is not None,
                                   reason=f"bitdance's kernels cannot run here: {kernels_unsupported()}")
@@ -61,6 +61,28 @@ def test_panel_linear_in_chunks_matches_the_product(out_features, in_features, i
 
 
 @each_isa
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.int8])
+def test_panel_linear_of_stored_weights_widens_them(storage, isa):
+    """int8 and bf16 weights packed as stored (1 and 2 bytes a weight) give the product with the weight widened
+    to fp32, to fp32 rounding: every tile height of the row-at-a-time way with inputs that a prefetch unit (2 or
+    4 inputs) does not divide, and the chunked way (chunks of 512 or 1024 inputs) with a last panel the panel
+    width does not divide."""
+    from bitdance.kernels import panel_linear, panel_pack
+
+    g = torch.Generator().manual_seed(0)
+    for out_features, in_features in ((37, 43), (70, 1030), (16, 3)):
+        weight = torch.randn(out_features, in_features, generator=g) * 50
+        weight = weight.round().clamp(-127, 127).to(storage)
+        packed = panel_pack(weight, isa)
+        assert packed.dtype == storage
+        for rows in (*range(1, 10), 15, 16, 17, 33, 64, 101):
+            x = torch.randn(rows, in_features, generator=g)
+            expected = x.double() @ weight.double().T
+            got = panel_linear(x, packed, out_features, isa)
+            assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max(), (out_features, rows)
+
+
+@each_isa
 def test_panel_kernel_rejects_what_it_cannot_multiply(isa):
     from bitdance.kernels import panel_linear, panel_pack
 
@@ -73,8 +95,10 @@ def test_panel_kernel_rejects_what_it_cannot_multiply(isa):
         panel_linear(torch.randn(3, 8).bfloat16(), packed, 20, isa)
     with pytest.raises(RuntimeError, match="must come from panel_pack"):
         panel_linear(torch.randn(3, 8), torch.randn(20, 8), 20, isa)
-    with pytest.raises(RuntimeError, match="expected a 2-D fp32 CPU weight"):
+    with pytest.raises(RuntimeError, match="expected a 2-D fp32, bf16 or int8 CPU weight"):
         panel_pack(torch.randn(2, 20, 8), isa)
+    with pytest.raises(RuntimeError, match="expected a 2-D fp32, bf16 or int8 CPU weight"):
+        panel_pack(torch.randn(20, 8).half(), isa)
     other = "avx2" if isa == "avx512" else "avx512"
     if kernels_unsupported(other) is None:  # the other build's layout (another panel width) is refused
         with pytest.raises(RuntimeError, match="must come from panel_pack"):
@@ -141,6 +165,40 @@ def test_frozen_graphs_run_the_kernel_on_few_rows(monkeypatch):
         out, code = run_and_get_code(frozen, many)
         torch.testing.assert_close(out, net(many), rtol=1e-5, atol=1e-5)
         assert "panel_linear" not in "\n".join(code)
+
+
+@needs_kernel
+@pytest.mark.parametrize("weights", ["int8", "bf16", "fp8"])
+def test_frozen_graphs_keep_quantized_weights_as_stored(monkeypatch, weights):
+    """Quantized layers (bitdance.models.quantized) in a frozen graph: below STORED_MAX_ROWS rows int8 and bf16
+    weights reach the kernel as stored, so the graph's constants are 1 or 2 bytes a weight (not the widened fp32
+    copy it held before); from there to PANEL_MAX_ROWS the kernel gets the widened weight, and from PANEL_MAX_ROWS
+    the library. fp8, which the kernel does not read, is widened at every row count (and runs the kernel below
+    PANEL_MAX_ROWS, as before). The outputs are the eager layers' throughout."""
+    from torch._inductor.utils import run_and_get_code
+
+    from bitdance.kernels import panel_width
+    from bitdance.models.quantized import quantize_
+
+    monkeypatch.setenv(compiling.FEW_ROW_PRODUCTS_ENV, "panel")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(96, 80), torch.nn.GELU(), torch.nn.Linear(80, 24))
+    assert quantize_(net, weights) == 2
+    frozen = compiling.FrozenCompiled(lambda m, x: m(x), net)
+    stored = {"int8": "torch.int8", "bf16": "torch.bfloat16", "fp8": None}[weights]
+    width = panel_width()  # of the build for the kernels torch runs here
+    first = f"({-(-80 // width)}, 96, {width})"  # the first layer's weight packed for the kernel
+    with torch.no_grad():
+        for rows in (4, STORED_MAX_ROWS - 1, STORED_MAX_ROWS, PANEL_MAX_ROWS):
+            x = torch.randn(rows, 96)
+            out, code = run_and_get_code(frozen, x)
+            torch.testing.assert_close(out, net(x), rtol=1e-5, atol=1e-5)
+            code = "\n".join(code)
+            as_stored = rows < STORED_MAX_ROWS and stored is not None
+            assert ("panel_linear" in code) is (rows < PANEL_MAX_ROWS), rows
+            assert (f"{stored} {first}" in code) is as_stored, rows  # the first weight, packed as stored
+            assert (f"torch.float32 {first}" in code) is (not as_stored and rows < PANEL_MAX_ROWS), rows
 
 
 @needs_kernel

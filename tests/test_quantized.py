@@ -65,6 +65,17 @@ def test_layer_computes_with_its_stored_weight_and_keeps_it_through_to(weights):
     assert keys == ({"weight", "bias"} if weights == "bf16" else {"weight", "weight_scale", "bias"})
 
 
+def test_layer_runs_under_no_grad_after_inference_mode():
+    """The reused widening buffer, first made under torch.inference_mode, is written again under no_grad (a
+    benchmark, then sampling, in one process)."""
+    q = QuantizedLinear.from_linear(nn.Linear(96, 8), torch.int8)
+    x = torch.randn(3, 96)
+    with torch.inference_mode():
+        first = q(x)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), first)
+
+
 def test_layer_loads_per_tensor_and_column_scales():
     q = QuantizedLinear(8, 4, storage=torch.int8, bias=False)
     w = torch.randint(-127, 128, (4, 8), dtype=torch.int8)
@@ -273,7 +284,10 @@ def test_memory_bench_planning_and_refusals(capsys):
     assert "give --model" in capsys.readouterr().err
     assert main(["bench", "--memory", "--random-weights", "--model", "BitDance-B-16x"]) == 2
     assert "--random-weights builds the shapes of" in capsys.readouterr().err
-    assert main(["bench", "--weights", "int8"]) == 2
+    assert main(["bench", "--random-weights"]) == 2  # the timing bench takes --weights (one storage), not this
+    assert "--random-weights goes with --memory" in capsys.readouterr().err
+    assert main(["bench", "--weights", "int4"]) == 2
+    assert "the timing bench takes one storage" in capsys.readouterr().err
     assert main(["bench", "--memory", "--model", "BitDance-14B-64x", "--weights", "int4"]) == 2
     assert "memory option 'int4'" in capsys.readouterr().err
     assert main(["bench", "--memory", "--model", "BitDance-14B-64x", "--weights", "int8+swap"]) == 2

@@ -334,6 +334,7 @@ class BenchResult:
     memory_budget_bytes: int | None = None
     compile_mode: str = "off"
     whole_flow: bool = False  # the head's flow loop compiled as one graph per AR step
+    weights: str | None = None  # the generator's linear layers stored in int8 / fp8 / bf16 (None: the dtype)
     # bf16 vs fp32 on the same seed (``compare_fp32``): fraction of equal bits, PSNR of the decoded images
     bf16_bit_agreement: float | None = None
     bf16_token_agreement: float | None = None
@@ -433,6 +434,7 @@ def run_bench(
     peak_size: int | None = None,
     compile: str = "off",
     whole_flow: bool = False,
+    weights: str | None = None,
     compare_fp32: bool = False,
     model: str | None = None,
     profile: str | Path | None = None,
@@ -446,6 +448,9 @@ def run_bench(
     transformer's cached step (:meth:`~bitdance.models.transformer.BitDance.compile_sampling`; "default",
     "reduce-overhead" = CUDA graphs on GPUs, "max-autotune"); compilation happens in the warm-up run.
     ``whole_flow``: with ``compile``, the head's whole flow loop of an AR step as one graph (longer compilation).
+    ``weights``: "int8", "fp8" or "bf16": the generator's linear layers store their weights so
+    (:func:`~bitdance.models.quantized.quantize_`, as ``from_pretrained(weights=...)`` does) and compute in
+    ``dtype``; the FLOPs and the peak are those of ``dtype``.
     ``compare_fp32``: also sample the same seed with the fp32 model and report how many bits/tokens agree
     and the PSNR between the decoded images (only meaningful when ``dtype`` is bf16; with random weights
     the flow is near-chaotic, so check quality on trained weights).
@@ -467,6 +472,12 @@ def run_bench(
         raise ValueError(f"unknown compile mode {compile!r}; use one of {', '.join(COMPILE_MODES)}")
     if whole_flow and compile == "off":
         raise ValueError("whole_flow compiles the head's flow loop: it needs compile")
+    if weights is not None:
+        from bitdance.models.quantized import check_weights
+
+        check_weights(weights)
+        if roofline:
+            raise ValueError("roofline reads every product's weight as fp32; it does not model weights storage")
     if compile != "off" and warmup < 1:
         raise ValueError("compile needs at least one warm-up run (compilation must not be timed)")
     say = log or (lambda s: None)
@@ -479,6 +490,10 @@ def run_bench(
     rss0 = proc_memory_bytes("VmRSS")
     maxrss0 = _maxrss_bytes()
     mcfg, gen, tok = _build(preset, image_size, tokenizer, seed, dev, tdtype, model)
+    if weights is not None:
+        from bitdance.models.quantized import quantize_
+
+        quantize_(gen, weights)
     if model is not None:
         from bitdance.models.presets import match_preset
 
@@ -565,9 +580,9 @@ def run_bench(
         floor = sum(read_floor(log, peak, dev) for log in logs)
 
     sec = sum(times) / len(times)
-    weights = _module_bytes(gen, tok)
+    weight_bytes = _module_bytes(gen, tok)
     kv = gen.kv_cache_bytes(batch * (2 if guidance_scale > 1.0 else 1))
-    budget = None if (decode and decode_mem is None) else weights + kv + (decode_mem or 0)
+    budget = None if (decode and decode_mem is None) else weight_bytes + kv + (decode_mem or 0)
     flops_per_image = (gen_flops + dec_flops) / batch
     ips = batch / sec
     achieved = flops_per_image * ips
@@ -577,8 +592,9 @@ def run_bench(
         images_per_s=ips, seconds_per_image=sec / batch, flops_per_image=flops_per_image,
         generator_flops_per_image=gen_flops / batch, decode_flops_per_image=dec_flops / batch,
         achieved_flops=achieved, peak_flops=peak, mfu=achieved / peak, peak_memory_bytes=peak_mem,
-        peak_memory_method=mem_method, weights_bytes=weights, kv_cache_bytes=kv, decode_chunk_bytes=decode_mem,
-        memory_budget_bytes=budget, compile_mode=compile, whole_flow=whole_flow, run_seconds=times, notes=notes,
+        peak_memory_method=mem_method, weights_bytes=weight_bytes, kv_cache_bytes=kv, decode_chunk_bytes=decode_mem,
+        memory_budget_bytes=budget, compile_mode=compile, whole_flow=whole_flow, weights=weights, run_seconds=times,
+        notes=notes,
         read_floor_seconds_per_image=None if floor is None else floor / batch,
         mfu_ceiling=None if floor is None else (gen_flops + dec_flops) / floor / peak, **agreement)
 

@@ -254,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "and of decoding one image, and seconds per AR step, for each --weights storage, each in a fresh "
                    "process (text-to-image --model: a released name, repository id or folder)")
     s.add_argument("--weights", nargs="+", metavar="OPTION",
-                   help="with --memory: the storages to measure, bf16 / int8 / fp8 / stored (as the files hold), each "
+                   help="the timing bench: one storage for the generator's linear layers, int8 / fp8 / bf16, "
+                   "computing in --dtype (compiled on CPUs, int8 and bf16 weights stay that small in the graphs). "
+                   "With --memory: the storages to measure, bf16 / int8 / fp8 / stored (as the files hold), each "
                    "optionally +offload (sequential offload, with --device cuda); default: bf16 int8 fp8")
     s.add_argument("--random-weights", action="store_true", help="with --memory: build --model's shapes "
                    "(BitDance-14B-16x / -64x) with random weights, quantized tensor by tensor, without downloading")

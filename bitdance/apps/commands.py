@@ -362,8 +362,18 @@ def cmd_bench(args) -> None:
         if args.roofline:
             raise CLIError("--roofline goes with the timing bench, not with --memory")
         return _bench_memory(args)
-    if args.weights or args.random_weights:
-        raise CLIError("--weights and --random-weights go with --memory")
+    if args.random_weights:
+        raise CLIError("--random-weights goes with --memory")
+    weights = None
+    if args.weights:
+        from bitdance.models.quantized import WEIGHT_FORMATS
+
+        if len(args.weights) > 1 or args.weights[0] not in WEIGHT_FORMATS:
+            raise CLIError(f"--weights {' '.join(args.weights)}: the timing bench takes one storage, "
+                           f"{' / '.join(WEIGHT_FORMATS)} (several, and +offload, go with --memory)")
+        if args.roofline:
+            raise CLIError("--roofline reads every product's weight as fp32; it does not model --weights")
+        weights = args.weights[0]
 
     _check_whole_flow(args)
     validation.flow_steps(args.steps, "--steps")
@@ -375,13 +385,14 @@ def cmd_bench(args) -> None:
     r = run_bench(args.preset, batch=args.batch, steps=args.steps, guidance_scale=args.cfg, image_size=args.image_size,
                   dtype=args.dtype, device=args.device, warmup=args.warmup, repeats=args.repeats,
                   decode=not args.no_decode, tokenizer=args.tokenizer, seed=args.seed, compile=args.compile,
-                  whole_flow=args.whole_flow,
+                  whole_flow=args.whole_flow, weights=weights,
                   compare_fp32=args.compare_fp32, model=args.model, profile=args.profile, roofline=args.roofline,
                   log=None if args.json else (lambda m: print(m, file=sys.stderr)))
     for note in r.notes:
         print(f"note: {note}")
     print(f"{r.preset} + {r.tokenizer} tokenizer, {r.image_size} px, batch {r.batch}, {r.ar_steps} AR steps x "
           f"{r.steps} flow steps, guidance {r.guidance_scale:g}, {r.dtype} on {r.device} ({r.threads} threads)"
+          f"{f', {r.weights} weights' if r.weights else ''}"
           f"{'' if r.decode else ', no decode'}")
     print(f"images/s:            {r.images_per_s:.4g}")
     print(f"seconds per image:   {r.seconds_per_image:.4g}")

@@ -7,7 +7,9 @@ multiplied (below 16 rows a panel at a time; from 16 rows in chunks of 16 KiB th
 while they sit in the L1, the next chunk's lines prefetched a few per row tile). It is built for two instruction
 sets (:data:`PANEL_ISAS`): AVX2 (panels of 16 columns, row tiles of 6) and, on CPUs with AVX-512, AVX-512
 (panels of 32, row tiles of 8); :data:`PANEL_ISA` is the one that matches the kernels torch runs in this
-process, so forcing torch down to AVX2 (``ATEN_CPU_CAPABILITY=avx2``) forces the kernel down too. The compiled
+process, so forcing torch down to AVX2 (``ATEN_CPU_CAPABILITY=avx2``) forces the kernel down too. ``W`` may also
+be int8 or bf16 (the storage of :mod:`bitdance.models.quantized`, packed as stored), widened to fp32 in registers
+as it is read: the products are fp32, the weights' bytes a half or a quarter. The compiled
 sampler runs them in its frozen CPU graphs (see :mod:`bitdance.compiling`): there ``panel_pack`` of a frozen
 weight is folded into a constant at compile time, so a sampling step only calls :func:`panel_linear`.
 
@@ -46,12 +48,17 @@ import torch
 
 from bitdance.precision import cpu_flags
 
-__all__ = ["KV_HEAD_DIMS", "KV_MAX_QUERIES", "PANEL_ISA", "PANEL_ISAS", "PANEL_MAX_ROWS", "KernelError",
-           "kernels_unsupported", "kv_attention", "load_kernels", "panel_linear", "panel_ops", "panel_pack",
-           "panel_width"]
+__all__ = ["KV_HEAD_DIMS", "KV_MAX_QUERIES", "PANEL_ISA", "PANEL_ISAS", "PANEL_MAX_ROWS", "STORED_MAX_ROWS",
+           "KernelError", "kernels_unsupported", "kv_attention", "load_kernels", "panel_linear", "panel_ops",
+           "panel_pack", "panel_width"]
 
 # Products of fewer rows go to the kernel; at 256 rows MKL's packed GEMM, cold, ran as fast (195-205 GFLOP/s).
 PANEL_MAX_ROWS = 256
+# Products of fewer rows (the kernel's row-at-a-time way) read int8 / bf16 weights as stored in compiled sampling;
+# from 16 rows, where the kernel computes as much as it reads, they get a widened fp32 copy as before. A B-1x image
+# (4 rows) took 2.2-2.9x less time with int8 weights read as stored, 1.5-1.9x with bf16; a B-4x image (16 rows)
+# 0.85-0.94x with AVX2 and 0.99-1.27x with AVX-512 (Ice Lake VM, 2 cores, alternating rounds, docs/benchmarks.md).
+STORED_MAX_ROWS = 16
 
 # The panel kernel's builds: its instruction set's name, output columns per panel (two vectors), the CPU flags
 # it needs, its compiler flags and the suffix of its ops' names (the AVX2 build also holds the KV-cache attention).
@@ -158,14 +165,15 @@ def panel_ops(isa: str = PANEL_ISA) -> tuple:
 
 
 def panel_pack(weight: torch.Tensor, isa: str = PANEL_ISA) -> torch.Tensor:
-    """``weight`` ([out, in], fp32) in the ``isa`` build's layout: [ceil(out / width), in, width], zero-padded
-    (width: :func:`panel_width`)."""
+    """``weight`` ([out, in], fp32, bf16 or int8: kept in its dtype) in the ``isa`` build's layout:
+    [ceil(out / width), in, width], zero-padded (width: :func:`panel_width`)."""
     load_kernels(isa)
     return panel_ops(isa)[0](weight)
 
 
 def panel_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, isa: str = PANEL_ISA) -> torch.Tensor:
-    """``x @ weight.T`` for fp32 ``x`` [..., in] and ``packed = panel_pack(weight, isa)``: [..., out_features]."""
+    """``x @ weight.T`` for fp32 ``x`` [..., in] and ``packed = panel_pack(weight, isa)``: [..., out_features], fp32
+    (an int8 or bf16 weight widened as it is read; a quantized layer's per-channel scale is the caller's)."""
     load_kernels(isa)
     return panel_ops(isa)[1](x, packed, out_features)
 

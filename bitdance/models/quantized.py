@@ -14,9 +14,15 @@ per-channel scale is the same product as scaling the weight rows, and it costs o
 instead of one per weight. With bf16 activations and int8 weights this is exactly the pattern inductor's
 CPU backend turns into its fused weight-only-int8 kernel.
 
-Compiled sampling on CPUs (``pipe.compile()``) freezes the weights into the graph, and inductor then folds the
-widening of fp32-computed int8 weights into wide constants: the compiled copy runs at the fp32 speed and holds
-fp32 weights (measured), so compile full-precision models, or keep quantized ones eager, where memory is short.
+Compiled sampling on CPUs (``pipe.compile()``) freezes the weights into the graph. Where bitdance's panel kernel
+runs the products of fewer than 256 rows (:func:`bitdance.compiling.few_row_products`: by default on Intel CPUs
+running AVX2 or AVX-512 kernels), an fp32-computed layer with int8 or bf16 weights reaches it as one op
+(:data:`bitdance.compiling.weight_only_linear`) and the graph keeps the weight as stored, packed for the kernel,
+which widens each weight in registers as it reads it: 1 or 2 bytes a weight come from memory instead of 4, and the
+memory-bound few-row products of 1x and 4x sampling run faster (figures in docs/benchmarks.md). Everywhere else
+(fp8 weights, other CPUs, 256 rows and more, bf16 computing) inductor folds the widening into a constant of the
+compute dtype: that copy runs at the unquantized speed and holds widened weights, so there compile
+full-precision models, or keep quantized ones eager, where memory is short.
 
 Only the weights shrink; activations, norms and embeddings stay in the compute dtype. Linear layers with
 fewer than ``min_features`` (64) inputs stay as they are: they are the ones that read the d bits of a token
@@ -34,6 +40,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bitdance.compiling import weight_only_linear
 
 __all__ = ["WEIGHT_FORMATS", "STORAGE_DTYPES", "QuantizedLinear", "quantize_", "quantize_weight", "channel_scales",
            "linear_dtype", "weights_format", "check_weights"]
@@ -127,7 +135,8 @@ class QuantizedLinear(nn.Module):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), w, scale.to(x.dtype))
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
-            y = F.linear(x, _widened(w, x.dtype))
+            # compiled: one op, which the frozen CPU graphs run on the stored weight (bitdance.compiling)
+            y = weight_only_linear(x, w) if torch.compiler.is_compiling() else F.linear(x, _widened(w, x.dtype))
             if scale is not None:
                 y = y * scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -181,7 +190,8 @@ def _widened(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     tensor of a large layer's size costs more in page faults than the conversion itself (measured: 67 ms
     against 7-9 ms for a 17408 x 5120 int8 weight into bf16 on a 2-core EPYC). Products consume the buffer
     before the next layer writes it (in stream order on a GPU); autograd and compiled graphs get a tensor of
-    their own."""
+    their own. The buffer is a normal tensor even when made under ``torch.inference_mode``: an inference tensor
+    could not be written again outside it (sampling under ``no_grad`` after a benchmark in the same process)."""
     if w.dtype == dtype:
         return w
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -189,7 +199,8 @@ def _widened(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     key = (dtype, w.device)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < w.numel():
-        buf = _workspaces[key] = torch.empty(w.numel(), dtype=dtype, device=w.device)
+        with torch.inference_mode(False):
+            buf = _workspaces[key] = torch.empty(w.numel(), dtype=dtype, device=w.device)
     return buf[: w.numel()].view(w.shape).copy_(w)
 
 
