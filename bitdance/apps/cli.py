@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "process (text-to-image --model: a released name, repository id or folder)")
     s.add_argument("--weights", nargs="+", metavar="OPTION",
                    help="the timing bench: one storage for the generator's linear layers, int8 / fp8 / bf16, "
-                   "computing in --dtype (compiled on CPUs, int8 and bf16 weights stay that small in the graphs). "
+                   "computing in --dtype (compiled fp32 on Intel CPUs, int8 and bf16 weights are read as stored in "
+                   "products of fewer than 16 rows). "
                    "With --memory: the storages to measure, bf16 / int8 / fp8 / stored (as the files hold), each "
                    "optionally +offload (sequential offload, with --device cuda); default: bf16 int8 fp8")
     s.add_argument("--random-weights", action="store_true", help="with --memory: build --model's shapes "

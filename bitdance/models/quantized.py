@@ -17,12 +17,13 @@ CPU backend turns into its fused weight-only-int8 kernel.
 Compiled sampling on CPUs (``pipe.compile()``) freezes the weights into the graph. Where bitdance's panel kernel
 runs the products of fewer than 256 rows (:func:`bitdance.compiling.few_row_products`: by default on Intel CPUs
 running AVX2 or AVX-512 kernels), an fp32-computed layer with int8 or bf16 weights reaches it as one op
-(:data:`bitdance.compiling.weight_only_linear`) and the graph keeps the weight as stored, packed for the kernel,
-which widens each weight in registers as it reads it: 1 or 2 bytes a weight come from memory instead of 4, and the
-memory-bound few-row products of 1x and 4x sampling run faster (figures in docs/benchmarks.md). Everywhere else
-(fp8 weights, other CPUs, 256 rows and more, bf16 computing) inductor folds the widening into a constant of the
-compute dtype: that copy runs at the unquantized speed and holds widened weights, so there compile
-full-precision models, or keep quantized ones eager, where memory is short.
+(:data:`bitdance.compiling.weight_only_linear`), and in its products of fewer than 16 rows
+(:data:`bitdance.kernels.STORED_MAX_ROWS`: 1x sampling at small batches) the graph keeps the weight as stored,
+packed for the kernel, which widens each weight in registers as it reads it: 1 or 2 bytes a weight come from
+memory instead of 4, and those memory-bound products run faster (B-1x 2.2-2.9x with int8; docs/benchmarks.md).
+Everywhere else (16 rows and more, fp8 weights, other CPUs, bf16 computing) the graph holds a copy widened to the
+compute dtype: it runs at the unquantized speed and holds widened weights, so there compile full-precision
+models, or keep quantized ones eager, where memory is short.
 
 Only the weights shrink; activations, norms and embeddings stay in the compute dtype. Linear layers with
 fewer than ``min_features`` (64) inputs stay as they are: they are the ones that read the d bits of a token
