@@ -31,6 +31,7 @@ import torch
 
 from bitdance.apps.bench import measure_matmul_peak
 from bitdance.kernels import KernelError, load_kernels, panel_ops
+from bitdance.models.quantized import STORAGE_DTYPES, quantize_weight
 
 K = 768
 SHAPES = (768, 2304, 3072)  # output widths of the B head's products (attention out, q/k/v, MLP)
@@ -39,14 +40,12 @@ PANEL_LIBRARIES = {"panel": "avx2", "panel-avx512": "avx512"}  # the kernel's bu
 LIBRARIES = ("mkl", "onednn", *PANEL_LIBRARIES)
 
 
-STORAGES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+STORAGES = ("fp32", "bf16", "int8")
 
 
 def _stored(w: torch.Tensor, storage: str) -> torch.Tensor:
-    """``w`` in ``storage`` (int8: rounded to the range a per-channel scale would map it to)."""
-    if storage == "int8":
-        return (w * 127 / w.abs().amax(1, keepdim=True)).round().to(torch.int8)
-    return w.to(STORAGES[storage])
+    """``w`` as a quantized layer stores it (its per-channel scale, which the caller applies, left out)."""
+    return w if storage == "fp32" else quantize_weight(w, STORAGE_DTYPES[storage])[0]
 
 
 def _gflops(weights: list[torch.Tensor], rows: int, library: str, repeat: int, storage: str = "fp32") -> float:
@@ -84,7 +83,7 @@ def main() -> None:
     ap.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=["mkl", "onednn"],
                     help="panel: bitdance's kernel for few rows (bitdance.kernels), its AVX2 build; "
                          "panel-avx512: its AVX-512 build")
-    ap.add_argument("--storage", nargs="+", choices=list(STORAGES), default=["fp32"],
+    ap.add_argument("--storage", nargs="+", choices=STORAGES, default=["fp32"],
                     help="the weights' storage for the kernel's libraries (MKL and oneDNN: fp32 only)")
     args = ap.parse_args()
     if any(r < 1 for r in args.rows):

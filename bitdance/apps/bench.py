@@ -473,7 +473,7 @@ def run_bench(
     if whole_flow and compile == "off":
         raise ValueError("whole_flow compiles the head's flow loop: it needs compile")
     if weights is not None:
-        from bitdance.models.quantized import check_weights
+        from bitdance.models.quantized import check_weights, quantize_
 
         check_weights(weights)
         if roofline:
@@ -491,8 +491,6 @@ def run_bench(
     maxrss0 = _maxrss_bytes()
     mcfg, gen, tok = _build(preset, image_size, tokenizer, seed, dev, tdtype, model)
     if weights is not None:
-        from bitdance.models.quantized import quantize_
-
         quantize_(gen, weights)
     if model is not None:
         from bitdance.models.presets import match_preset
